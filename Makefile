@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned here, before the requirements: on a CPU-only machine with a local wheel this takes the
+# CPU build; on a CUDA machine PyPI's torch==2.13.0 is the CUDA build. TORCH_SPEC overrides it.
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= THUDM/CogVideoX-2b
+
+.PHONY: demo test install install-dev lint browser-deps clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements.txt
+
+install-dev: $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements-dev.txt
+
+demo: install
+	$(PY) app.py --model $(MODEL)
+
+# Debian's chromium for the browser test; skipped (with a note) where apt-get is unavailable or not root.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null) ; } || \
+	  echo "note: chromium not installed; the browser test will be skipped"
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install-dev browser-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) outputs test-artifacts .pytest_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""Frozen configs read from a checkpoint's `config.json` files, plus the released presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def _from_dict(cls, data: dict[str, Any], ignore: frozenset[str] = frozenset()):
+    """Build `cls` from a config dict: private (`_`) keys and `ignore` are dropped, others must be fields."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key.startswith("_") or key in ignore:
+            continue
+        if key not in fields:
+            raise ValueError(f"{cls.__name__}: unsupported config key {key!r}")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"missing config file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt config file {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    time_embed_dim: int = 512
+    text_embed_dim: int = 4096
+    num_layers: int = 30
+    norm_eps: float = 1e-5
+    norm_elementwise_affine: bool = True
+    attention_bias: bool = True
+    sample_width: int = 90
+    sample_height: int = 60
+    sample_frames: int = 49
+    patch_size: int = 2
+    patch_size_t: int | None = None
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    activation_fn: str = "gelu-approximate"
+    timestep_activation_fn: str = "silu"
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = False
+    use_learned_positional_embeddings: bool = False
+    patch_bias: bool = True
+    ofs_embed_dim: int | None = None
+
+    def __post_init__(self):
+        if self.patch_size_t is not None or self.ofs_embed_dim is not None:
+            raise ValueError("CogVideoX 1.5 checkpoints (patch_size_t / ofs_embed_dim) are not supported")
+        if self.use_learned_positional_embeddings:
+            raise ValueError("image-to-video checkpoints (learned positional embeddings) are not supported")
+        if self.activation_fn != "gelu-approximate" or self.timestep_activation_fn != "silu":
+            raise ValueError("only activation_fn='gelu-approximate' and timestep_activation_fn='silu' are supported")
+        if not self.norm_elementwise_affine:
+            raise ValueError("norm_elementwise_affine=False is not supported")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def max_latent_frames(self) -> int:
+        return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
+        return _from_dict(cls, data, ignore=frozenset({"dropout"}))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TransformerConfig:
+        return cls.from_dict(read_json(path))
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("CogVideoXDownBlock3D",) * 4
+    up_block_types: tuple[str, ...] = ("CogVideoXUpBlock3D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    latent_channels: int = 16
+    layers_per_block: int = 3
+    act_fn: str = "silu"
+    norm_eps: float = 1e-6
+    norm_num_groups: int = 32
+    temporal_compression_ratio: float = 4
+    sample_height: int = 480
+    sample_width: int = 720
+    scaling_factor: float = 1.15258426
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+
+    def __post_init__(self):
+        if self.use_quant_conv or self.use_post_quant_conv:
+            raise ValueError("VAE quant convs are not supported (no released CogVideoX VAE uses them)")
+        if self.act_fn != "silu":
+            raise ValueError("only act_fn='silu' is supported")
+        if len(self.block_out_channels) != len(self.down_block_types):
+            raise ValueError("block_out_channels and down_block_types differ in length")
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
+        return _from_dict(cls, data, ignore=frozenset({"mid_block_add_attention", "sample_size"}))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> VAEConfig:
+        return cls.from_dict(read_json(path))
+
+
+SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    class_name: str = "CogVideoXDDIMScheduler"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple[float, ...] | None = None
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "v_prediction"
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "trailing"
+    rescale_betas_zero_snr: bool = True
+    snr_shift_scale: float = 3.0
+
+    def __post_init__(self):
+        if self.class_name not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.class_name!r}")
+        if self.prediction_type not in ("v_prediction", "epsilon"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        if self.timestep_spacing not in ("trailing", "leading", "linspace"):
+            raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SchedulerConfig:
+        data = dict(data)
+        if "_class_name" in data:
+            data["class_name"] = data["_class_name"]
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SchedulerConfig:
+        return cls.from_dict(read_json(path))
+
+
+# The released models, as their config.json files describe them (MODEL_NOTES 1.3-1.7).
+PRESETS: dict[str, dict[str, Any]] = {
+    "2b": {
+        "transformer": TransformerConfig(),
+        "vae": VAEConfig(),
+        "scheduler": SchedulerConfig(),
+    },
+    "5b": {
+        "transformer": TransformerConfig(
+            num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True
+        ),
+        "vae": VAEConfig(scaling_factor=0.7),
+        "scheduler": SchedulerConfig(snr_shift_scale=1.0),
+    },
+}
