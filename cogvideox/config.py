@@ -68,7 +68,9 @@ class TransformerConfig:
         if self.use_learned_positional_embeddings:
             raise ValueError("image-to-video checkpoints (learned positional embeddings) are not supported")
         if self.activation_fn != "gelu-approximate" or self.timestep_activation_fn != "silu":
-            raise ValueError("only activation_fn='gelu-approximate' and timestep_activation_fn='silu' are supported")
+            raise ValueError(
+                "only activation_fn='gelu-approximate' and timestep_activation_fn='silu' are supported"
+            )
         if not self.norm_elementwise_affine:
             raise ValueError("norm_elementwise_affine=False is not supported")
 

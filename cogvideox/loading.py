@@ -1,0 +1,100 @@
+"""Checkpoints in the released diffusers layout: a local folder or a Hub repo -> safetensors -> strict load."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# Small files: enough to build every config, count tokens and validate a request without any weights.
+CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*")
+WEIGHT_PATTERNS = tuple(
+    f"{c}/{p}"
+    for c in ("transformer", "vae", "text_encoder")
+    for p in ("*.safetensors", "*.safetensors.index.json")
+)
+ALL_PATTERNS = CONFIG_PATTERNS + WEIGHT_PATTERNS
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreachable, incomplete or corrupt; the message names the file."""
+
+
+def resolve_model(model: str | Path, patterns: Iterable[str] = CONFIG_PATTERNS) -> Path:
+    """A local folder as it is; a Hub repo id -> the local snapshot holding just the files matching `patterns`."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path} is not a CogVideoX checkpoint: model_index.json is missing")
+        return path
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise CheckpointError(
+            f"model {str(model)!r} is neither a checkpoint folder nor a Hub repo id (owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=list(patterns)))
+    except Exception as e:  # network errors, missing repo, gated repo: all end the same way for the user
+        raise CheckpointError(
+            f"could not get {model!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "Check the network, or pass a local checkpoint folder."
+        ) from e
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"corrupt shard index {indexes[0]}: {e}") from None
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {folder}")
+    if len(files) > 1:
+        raise CheckpointError(
+            f"several *.safetensors files and no index in {folder}: {[f.name for f in files]}"
+        )
+    return files
+
+
+def load_state_dict_from_dir(folder: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a component folder (single file or shards + index), cast to `dtype` if given."""
+    state = {}
+    for file in _safetensors_files(Path(folder)):
+        if not file.is_file():
+            raise CheckpointError(f"missing weights file {file}")
+        try:
+            tensors = load_file(file)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"corrupt weights file {file}: {e}") from None
+        state.update(tensors)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return state
+
+
+def load_module(module: nn.Module, folder: str | Path, dtype: torch.dtype) -> nn.Module:
+    """Load a (meta-device) module from a component folder, strictly; tensors stay on the CPU."""
+    state = load_state_dict_from_dir(folder, dtype)
+    missing = sorted(set(module.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(module.state_dict()))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {folder} do not match {type(module).__name__}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+        )
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"weights in {folder} do not fit {type(module).__name__}: {e}") from None
+    return module.eval().requires_grad_(False)

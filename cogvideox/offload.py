@@ -1,0 +1,180 @@
+"""Where weights live while each stage runs: one mechanism for the three memory modes.
+
+- resident:   every weight on the device all the time.
+- model:      each component (T5, transformer, VAE) on the device only inside its stage.
+- sequential: weights stay in (pinned) CPU memory; repeated blocks stream to the device one at a time, the next
+              block copied on a side stream while the current one computes.
+
+Off-device parameters hold an empty tensor, so a stage that forgot `use()` fails loudly instead of running slowly
+on the CPU; their home copies live in `Offloader._home`.
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+GiB = 2**30
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free
+
+
+def pick_memory_mode(free: int | None, sizes: dict[str, int]) -> str:
+    """The fastest mode whose weights plus working memory (activations, VAE decode) fit in `free` bytes."""
+    if free is None:
+        return "resident"
+    if free >= sum(sizes.values()) + 10 * GiB:
+        return "resident"
+    if free >= max(sizes.values()) + 8 * GiB:
+        return "model"
+    return "sequential"
+
+
+def _tensors(module: nn.Module):
+    """(owner, name, tensor) for every parameter and buffer, owners being the submodules that hold them."""
+    for owner in module.modules():
+        for name, t in list(owner._parameters.items()) + list(owner._buffers.items()):
+            if t is not None:
+                yield owner, name, t
+
+
+def _block_lists(module: nn.Module) -> list[nn.ModuleList]:
+    """The repeated blocks worth streaming: transformer_blocks, T5's encoder.block, ..."""
+    return [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+
+
+class Offloader:
+    MODES = ("resident", "model", "sequential")
+
+    def __init__(self, device: torch.device, mode: str = "auto"):
+        if mode not in (*self.MODES, "auto"):
+            raise ValueError(f"memory mode must be one of {self.MODES} or 'auto', got {mode!r}")
+        self.device, self.mode = torch.device(device), mode
+        self._home: dict[int, torch.Tensor] = {}  # id(param or buffer) -> its CPU copy
+        self._streams: list = []  # hook handles of sequential mode
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    # -- placement ---------------------------------------------------------------------------------------
+
+    def place(self, modules: dict[str, nn.Module]) -> str:
+        """Put freshly loaded (CPU) modules where the mode wants them; resolves mode 'auto'."""
+        if self.mode == "auto":
+            sizes = {name: module_bytes(m) for name, m in modules.items()}
+            self.mode = pick_memory_mode(free_device_memory(self.device), sizes)
+        for module in modules.values():
+            if self.mode == "resident":
+                module.to(self.device)
+            else:
+                self._make_home(module)
+                if self.mode == "sequential":
+                    for blocks in _block_lists(module):
+                        self._stream_blocks(blocks)
+        return self.mode
+
+    def _make_home(self, module: nn.Module) -> None:
+        pin = self.device.type == "cuda"
+        for _, _, t in _tensors(module):
+            home = t.detach().cpu()
+            self._home[id(t)] = home.pin_memory() if pin else home
+            t.data = torch.empty(0, dtype=t.dtype, device=self.device)
+
+    def _fetch(self, module: nn.Module, stream=None) -> None:
+        for _, _, t in _tensors(module):
+            home = self._home.get(id(t))
+            if home is not None and t.numel() != home.numel():
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    t.data = home.to(self.device, non_blocking=True, copy=True)
+                if stream is not None:
+                    t.data.record_stream(torch.cuda.current_stream(self.device))
+
+    def _evict(self, module: nn.Module) -> None:
+        for _, _, t in _tensors(module):
+            if id(t) in self._home:
+                t.data = torch.empty(0, dtype=t.dtype, device=self.device)
+
+    def _stream_blocks(self, blocks: nn.ModuleList) -> None:
+        """Hooks: before block i runs it must be on the device and block i+1 starts copying; after, i leaves."""
+        events = {}
+
+        def prefetch(j: int) -> None:
+            if self.copy_stream is None:
+                self._fetch(blocks[j])
+                return
+            self._fetch(blocks[j], self.copy_stream)
+            events[j] = torch.cuda.Event()
+            events[j].record(self.copy_stream)
+
+        def before(i: int):
+            def hook(module, args, kwargs=None):
+                if i in events:
+                    torch.cuda.current_stream(self.device).wait_event(events.pop(i))
+                self._fetch(module)  # no-op when prefetched
+                prefetch((i + 1) % len(blocks))
+
+            return hook
+
+        def after(i: int):
+            def hook(module, args, output):
+                self._evict(module)
+
+            return hook
+
+        for i, block in enumerate(blocks):
+            self._streams.append(block.register_forward_pre_hook(before(i)))
+            self._streams.append(block.register_forward_hook(after(i)))
+        blocks._streamed = True
+
+    # -- stages --------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def use(self, module: nn.Module):
+        """The module's weights are usable on the device inside the block (streamed ones: block by block)."""
+        if self.mode in ("resident", "auto"):
+            yield module
+            return
+        streamed = {id(t) for blocks in _block_lists(module) if getattr(blocks, "_streamed", False)
+                    for _, _, t in _tensors(blocks)}  # fmt: skip
+        for _, _, t in _tensors(module):
+            if id(t) not in streamed and id(t) in self._home:
+                t.data = self._home[id(t)].to(self.device, non_blocking=True, copy=True)
+        try:
+            yield module
+        finally:
+            self._evict(module)
+            self.release()
+
+    def release(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def decode_with_retry(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """VAE decode that never loses the latents to an out-of-memory error: free, then retry smaller."""
+        attempts = [{"tiled": False}, {"tiled": True}, {"tiled": True, "tile_scale": 0.5}]
+        free = free_device_memory(self.device)
+        # The untiled decode of 720x480 needs ~18 GB in FP16; skip the attempt that cannot fit.
+        if (
+            free is not None
+            and free < 20 * GiB * z.shape[-1] * z.shape[-2] / (90 * 60) * z.element_size() / 2
+        ):
+            attempts = attempts[1:]
+        for n, kwargs in enumerate(attempts):
+            try:
+                return vae.decode(z, **kwargs)
+            except torch.OutOfMemoryError:
+                if n == len(attempts) - 1:
+                    raise
+                self.release()
+        raise AssertionError("unreachable")

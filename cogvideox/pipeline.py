@@ -1,0 +1,324 @@
+"""Text -> video: encode the prompt with T5, denoise latents with the transformer (CFG), decode with the VAE."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from . import __version__, text
+from .config import SchedulerConfig, TransformerConfig, VAEConfig, read_json
+from .loading import ALL_PATTERNS, CheckpointError, load_module, resolve_model
+from .offload import Offloader
+from .scheduler import dynamic_guidance_scale, make_scheduler
+
+SCHEDULER_NAMES = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}
+MAX_SEED = 2**32
+EMBED_CACHE_SIZE = 32
+
+
+class GenerationCancelled(Exception):
+    """The per-step callback returned False: the run stopped, nothing went wrong."""
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    seed: int
+    fps: int
+    settings: dict
+    dropped_tokens: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")
+    return int(value)
+
+
+class CogVideoXPipeline:
+    """CogVideoX text-to-video. Construction reads configs only; weights load on first use (or `load()`)."""
+
+    def __init__(
+        self,
+        root: Path,
+        model_id: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        memory_mode: str,
+        scheduler: str | None = None,
+    ):
+        self.root, self.model_id, self.device, self.dtype = root, model_id, device, dtype
+        self.transformer_config = TransformerConfig.from_json(root / "transformer" / "config.json")
+        self.vae_config = VAEConfig.from_json(root / "vae" / "config.json")
+        sched = read_json(root / "scheduler" / "scheduler_config.json")
+        if scheduler is not None:
+            if scheduler.lower() not in SCHEDULER_NAMES:
+                raise ValueError(f"scheduler must be one of {sorted(SCHEDULER_NAMES)}, got {scheduler!r}")
+            sched["_class_name"] = SCHEDULER_NAMES[scheduler.lower()]
+        self.scheduler = make_scheduler(SchedulerConfig.from_dict(sched))
+        self.offloader = Offloader(self.device, memory_mode)
+        self.tokenizer = text.load_tokenizer(root / "tokenizer")
+        self.text_encoder = self.transformer = self.vae = None
+        self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        memory_mode: str | None = None,
+        scheduler: str | None = None,
+    ) -> CogVideoXPipeline:
+        """`model`: a local folder in the released layout or a Hub repo id. Reads configs and the tokenizer only.
+
+        dtype defaults to the model's: FP16 for 2B, BF16 for 5B (FP16 gives black videos there); FP32 on CPU.
+        memory_mode: "resident", "model" or "sequential"; None picks one from free device memory at load.
+        """
+        root = resolve_model(model)
+        device = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if isinstance(dtype, str):
+            dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                     "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}.get(dtype)  # fmt: skip
+            if dtype is None:
+                raise ValueError("dtype must be one of fp16, bf16, fp32")
+        if dtype is None:
+            rotary = read_json(root / "transformer" / "config.json").get(
+                "use_rotary_positional_embeddings", False
+            )
+            dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if rotary else torch.float16)
+        if memory_mode is not None and memory_mode not in Offloader.MODES:
+            raise ValueError(f"memory_mode must be one of {Offloader.MODES}, got {memory_mode!r}")
+        return cls(root, str(model), device, dtype, memory_mode or "auto", scheduler)
+
+    # -- limits and validation (cheap: no weights needed) -------------------------------------------------
+
+    @property
+    def fps(self) -> int:
+        return 8
+
+    @property
+    def max_frames(self) -> int:
+        return self.transformer_config.sample_frames
+
+    @property
+    def defaults(self) -> dict:
+        s = self.vae_config.spatial_compression
+        return {
+            "num_frames": self.transformer_config.sample_frames,
+            "height": self.transformer_config.sample_height * s,
+            "width": self.transformer_config.sample_width * s,
+            "num_inference_steps": 50,
+            "guidance_scale": 6.0,
+            "fps": self.fps,
+        }
+
+    @property
+    def loaded(self) -> bool:
+        return self.transformer is not None
+
+    def count_tokens(self, prompt: str) -> text.TokenCount:
+        return text.count_tokens(self.tokenizer, prompt, self.transformer_config.max_text_seq_length)
+
+    def validate(
+        self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale, seed
+    ):
+        """Raise ValueError, saying what is allowed, for any argument out of range. No heavy work."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        if not isinstance(negative_prompt, str):
+            raise ValueError("negative_prompt must be a string")
+        temporal = int(self.vae_config.temporal_compression_ratio)
+        _check_int("num_frames", num_frames, 1, self.max_frames)
+        if (num_frames - 1) % (2 * temporal):
+            raise ValueError(
+                f"num_frames must be 8N+1 (1, 9, 17, ...) and at most {self.max_frames}, got {num_frames}"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if _check_int(name, value, 16, 4096) % 16:
+                raise ValueError(f"{name} must be a positive multiple of 16 (at most 4096), got {value}")
+        _check_int("num_inference_steps", num_inference_steps, 1, 1000)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)):
+            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be finite and >= 1, got {guidance_scale}")
+        if seed is not None:
+            _check_int("seed", seed, 0, MAX_SEED - 1)
+
+    # -- loading -------------------------------------------------------------------------------------------
+
+    def load(self, progress: Callable[[str, float], None] | None = None) -> None:
+        """Load the weights (downloading them from the Hub if needed) and place them per the memory mode."""
+        if self.loaded:
+            return
+        from transformers.utils import logging as hf_logging
+
+        from .transformer import CogVideoXTransformer
+        from .vae import CogVideoXVAE
+
+        report = progress or (lambda stage, fraction: None)
+        report("downloading weights", 0.0)
+        if not all(
+            any((self.root / c).glob("*.safetensors")) for c in ("transformer", "vae", "text_encoder")
+        ):
+            self.root = resolve_model(self.model_id, ALL_PATTERNS)  # a Hub snapshot that has only the configs
+        report("loading text encoder", 0.1)
+        hf_logging.disable_progress_bar()
+        try:
+            text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
+        except OSError as e:
+            raise CheckpointError(
+                f"could not load the text encoder from {self.root / 'text_encoder'}: {e}"
+            ) from e
+        report("loading transformer", 0.5)
+        with torch.device("meta"):
+            transformer = CogVideoXTransformer(self.transformer_config)
+            vae = CogVideoXVAE(self.vae_config)
+        transformer = load_module(transformer, self.root / "transformer", self.dtype)
+        report("loading VAE", 0.9)
+        vae = load_module(vae, self.root / "vae", self.dtype)
+        self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
+        self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae
+        report("ready", 1.0)
+
+    def release(self) -> None:
+        """Free cached device memory (after an out-of-memory error, say); weights stay loaded."""
+        self.offloader.release()
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), 226, D) in the pipeline dtype, from the cache where possible (same prompt, new seed)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        if missing:
+            ids = text.tokenize(self.tokenizer, missing, self.transformer_config.max_text_seq_length)
+            with self.offloader.use(self.text_encoder):
+                embeds = text.encode(self.text_encoder, ids).to(device="cpu", dtype=self.dtype)
+            for p, e in zip(missing, embeds):
+                self._embed_cache[p] = e
+        for p in prompts:
+            self._embed_cache.move_to_end(p)
+        while len(self._embed_cache) > EMBED_CACHE_SIZE:
+            self._embed_cache.popitem(last=False)
+        return torch.stack([self._embed_cache[p] for p in prompts]).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        callback: Callable[[int, int], bool | None] | None = None,
+        on_stage: Callable[[str], None] | None = None,
+        use_dynamic_cfg: bool = False,
+    ) -> GenerationResult:
+        d = self.defaults
+        num_frames = d["num_frames"] if num_frames is None else num_frames
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
+        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        negative_prompt = "" if negative_prompt is None else negative_prompt
+        self.validate(prompt, negative_prompt, num_frames, height, width, steps, guidance, seed)
+        seed = secrets.randbelow(MAX_SEED) if seed is None else int(seed)
+        stage = on_stage or (lambda name: None)
+        timings, t0 = {}, time.perf_counter()
+
+        if not self.loaded:
+            stage("loading model")
+            self.load()
+        timings["load"] = time.perf_counter() - t0
+
+        stage("encoding text")
+        t = time.perf_counter()
+        cfg = guidance > 1.0
+        embeds = self.encode_prompts([negative_prompt, prompt] if cfg else [prompt])  # (B, 226, D)
+        timings["text"] = time.perf_counter() - t
+
+        stage("denoising")
+        t = time.perf_counter()
+        latents = self.denoise(
+            embeds, seed, num_frames, height, width, steps, guidance, callback, use_dynamic_cfg
+        )
+        timings["denoise"] = time.perf_counter() - t
+
+        stage("decoding")
+        t = time.perf_counter()
+        frames = self.decode(latents)
+        timings["decode"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+
+        count = self.count_tokens(prompt)
+        settings = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "num_inference_steps": steps,
+            "guidance_scale": float(guidance),
+            "use_dynamic_cfg": use_dynamic_cfg,
+            "num_frames": num_frames,
+            "height": height,
+            "width": width,
+            "fps": self.fps,
+            "model": self.model_id,
+            "scheduler": self.scheduler.config.class_name,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dropped_tokens": count.dropped_tokens,
+            "cogvideox_version": __version__,
+        }
+        return GenerationResult(frames, seed, self.fps, settings, count.dropped_tokens, timings)
+
+    def denoise(
+        self, embeds, seed, num_frames, height, width, steps, guidance, callback=None, dynamic_cfg=False
+    ):
+        """The sampler: CFG over [negative, positive] embeds; returns latents (1, F, C, h, w) in the model dtype."""
+        s = self.vae_config.spatial_compression
+        shape = (1, (num_frames - 1) // int(self.vae_config.temporal_compression_ratio) + 1,
+                 self.transformer_config.in_channels, height // s, width // s)  # fmt: skip
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        timesteps = self.scheduler.timesteps(steps)
+        cfg = embeds.shape[0] == 2
+        old_x0 = None
+        with self.offloader.use(self.transformer):
+            for i, t in enumerate(timesteps.tolist()):
+                x = torch.cat([latents, latents]) if cfg else latents
+                timestep = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
+                pred = self.transformer(x, embeds, timestep).float()
+                if cfg:
+                    scale = dynamic_guidance_scale(guidance, t, steps) if dynamic_cfg else guidance
+                    uncond, cond = pred.chunk(2)
+                    pred = uncond + scale * (cond - uncond)
+                prev_t = int(timesteps[i - 1]) if i > 0 else None
+                latents, old_x0 = self.scheduler.step(pred, t, prev_t, latents, old_x0, generator)
+                latents = latents.to(self.dtype)
+                if callback is not None and callback(i + 1, steps) is False:
+                    raise GenerationCancelled(f"cancelled after step {i + 1} of {steps}")
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(1, F, C, h, w) latents -> (T, H, W, 3) uint8 frames; on out-of-memory, retry with tiling."""
+        z = rearrange(latents, "b f c h w -> b c f h w") * (1 / self.vae_config.scaling_factor)
+        with self.offloader.use(self.vae):
+            video = self.offloader.decode_with_retry(self.vae, z)  # (1, 3, T, H, W) in [-1, 1]
+        video = (video[0].float() / 2 + 0.5).clamp(0, 1)
+        return rearrange((video * 255).round().to(torch.uint8), "c t h w -> t h w c").cpu().numpy()

@@ -1,0 +1,155 @@
+"""Tiny random checkpoints in the exact released layout, for tests and for trying the whole flow offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import SchedulerConfig, TransformerConfig, VAEConfig
+
+# Sentences for the tokenizer: enough pieces that prompts tokenize into real sub-words.
+_CORPUS = [
+    "A detailed wooden toy ship with carved masts glides over a plush blue carpet that mimics the sea",
+    "The camera follows a white vintage SUV with a black roof rack up a steep dirt road among pine trees",
+    "A young girl stands in a war-torn city; her face is smudged with ash, her eyes full of sorrow",
+    "A single butterfly with stained glass wings flutters through a field of flowers in bright light",
+    "A snowy forest road runs between trees covered in snow while the sun shines on a serene landscape",
+    "Extreme close-up of chicken and green pepper kebabs grilling on a barbecue with flames and smoke",
+    "The quick brown fox jumps over the lazy dog at sunset, cinematic, vivid colours, shallow focus.",
+]
+
+
+def tiny_configs(style: str = "2b", scheduler: str = "CogVideoXDDIMScheduler"):
+    """Configs of a tiny model shaped like the release: 17 frames of 64x96 pixels (5x8x12 latents)."""
+    if style not in ("2b", "5b"):
+        raise ValueError(f"style must be '2b' or '5b', got {style!r}")
+    five = style == "5b"
+    transformer = TransformerConfig(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_frames=17,
+        sample_height=8,
+        sample_width=12,
+        use_rotary_positional_embeddings=five,
+    )
+    vae = VAEConfig(
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_height=64,
+        sample_width=96,
+        scaling_factor=0.7 if five else 1.15258426,
+    )
+    sched = SchedulerConfig(class_name=scheduler, snr_shift_scale=1.0 if five else 3.0)
+    return transformer, vae, sched
+
+
+def _config_json(cfg, class_name: str) -> dict:
+    data = {"_class_name": class_name, "_diffusers_version": "0.30.0.dev0"}
+    data.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()})
+    return data
+
+
+def _write_tokenizer(folder: Path) -> int:
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 4),
+        model_prefix=str(folder / "spiece"),
+        vocab_size=160,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    (folder / "spiece.vocab").unlink()
+    specials = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    extra = [f"<extra_id_{i}>" for i in range(100)]
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({**specials, "additional_special_tokens": extra})
+    )
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 226, "extra_ids": 100, **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return spm.SentencePieceProcessor(model_file=str(folder / "spiece.model")).get_piece_size() + 100
+
+
+def _write_text_encoder(folder: Path, vocab_size: int, d_model: int, dtype: torch.dtype) -> None:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
+    model = T5EncoderModel(config).to(dtype)
+    # Small shards, so the sharded-with-index path of the release's text encoder is exercised too.
+    model.save_pretrained(folder, max_shard_size="40KB")
+
+
+def _write_module(folder: Path, module: torch.nn.Module, config: dict, dtype: torch.dtype) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+
+
+def write_tiny_checkpoint(
+    path: str | Path,
+    style: str = "2b",
+    scheduler: str = "CogVideoXDDIMScheduler",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random tiny CogVideoX in the released layout to `path` and return it.
+
+    Built with our own modules; diffusers loads the same folder, so it serves as a parity fixture.
+    Its videos are noise: the weights are random.
+    """
+    from .transformer import CogVideoXTransformer
+    from .vae import CogVideoXVAE
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    t_cfg, v_cfg, s_cfg = tiny_configs(style, scheduler)
+    torch.manual_seed(seed)
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "_diffusers_version": "0.30.0.dev0",
+        "scheduler": ["diffusers", s_cfg.class_name],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    _write_module(
+        path / "transformer", CogVideoXTransformer(t_cfg), _config_json(t_cfg, index["transformer"][1]), dtype
+    )
+    _write_module(path / "vae", CogVideoXVAE(v_cfg), _config_json(v_cfg, index["vae"][1]), dtype)
+    vocab = _write_tokenizer(path / "tokenizer")
+    _write_text_encoder(path / "text_encoder", vocab, t_cfg.text_embed_dim, dtype)
+    sched = {k: v for k, v in _config_json(s_cfg, s_cfg.class_name).items() if k != "class_name"}
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    return path

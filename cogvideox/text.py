@@ -1,0 +1,59 @@
+"""T5 text encoding: tokenize to a fixed 226 tokens, encode without a mask, count what a prompt uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import T5EncoderModel, T5Tokenizer
+
+MAX_TOKENS = 226
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    n_tokens: int  # including the closing </s>
+    max_tokens: int
+    kept_text: str
+    dropped_text: str
+
+    @property
+    def dropped_tokens(self) -> int:
+        return max(0, self.n_tokens - self.max_tokens)
+
+
+def load_tokenizer(folder: str | Path) -> T5Tokenizer:
+    """The checkpoint's `tokenizer/` folder (`spiece.model`), converted by transformers on load."""
+    folder = Path(folder)
+    if not (folder / "spiece.model").is_file() and not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"tokenizer folder {folder} has neither spiece.model nor tokenizer.json")
+    return T5Tokenizer.from_pretrained(folder)
+
+
+def load_text_encoder(folder: str | Path, dtype: torch.dtype) -> T5EncoderModel:
+    # transformers keeps T5's `wo` in fp32 and clamps fp16 activations, so FP16 does not overflow.
+    return T5EncoderModel.from_pretrained(Path(folder), dtype=dtype).eval().requires_grad_(False)
+
+
+def count_tokens(tokenizer: T5Tokenizer, prompt: str, max_tokens: int = MAX_TOKENS) -> TokenCount:
+    ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    if len(ids) <= max_tokens:
+        return TokenCount(len(ids), max_tokens, prompt, "")
+    # The last kept slot holds </s>, so max_tokens - 1 prompt tokens survive, as in the reference.
+    kept = tokenizer.decode(ids[: max_tokens - 1], skip_special_tokens=True)
+    dropped = tokenizer.decode(ids[max_tokens - 1 : -1], skip_special_tokens=True)
+    return TokenCount(len(ids), max_tokens, kept, dropped)
+
+
+def tokenize(tokenizer: T5Tokenizer, prompts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+    """(B, max_tokens) int64: padded with <pad>=0 and truncated, `</s>` appended."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode(text_encoder: T5EncoderModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids -> (B, L, D). No attention mask: the model was trained with all 226 positions, pads included."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(input_ids.to(device))[0]

@@ -1,0 +1,156 @@
+"""The CogVideoX expert transformer: a DiT over `[text ‖ video]` tokens with adaLN per modality.
+
+Parameter names equal the keys of diffusers' `CogVideoXTransformer3DModel` checkpoints (see layers.py
+for the fused q/k/v hooks). Positional embeddings are not parameters: they are computed for the actual
+latent grid on first use and cached, so the model can be built on the meta device and loaded with
+`load_state_dict(strict=True, assign=True)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import TransformerConfig
+from .layers import (
+    AdaLayerNorm,
+    AdaLayerNormZero,
+    Attention,
+    FeedForward,
+    TimestepEmbedding,
+    gated_residual_,
+    rotary_pos_embed_3d,
+    sincos_pos_embed_3d,
+    timestep_embedding,
+)
+
+
+class PatchEmbed(nn.Module):
+    """Text: Linear to the model width. Video: non-overlapping p×p patches (a stride-p Conv2d) to tokens."""
+
+    def __init__(self, in_channels: int, dim: int, text_dim: int, patch_size: int, bias: bool):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.text_proj = nn.Linear(text_dim, dim)
+
+    def forward(self, latents: Tensor, text_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        # A stride-p conv on p×p patches is one GEMM over flattened patches; tokens come out in (f h w) order.
+        p = self.patch_size
+        patches = rearrange(latents, "b f c (h p) (w q) -> b (f h w) (c p q)", p=p, q=p)
+        video = F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        return self.text_proj(text_embeds), video
+
+
+class CogVideoXBlock(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim, eps = config.inner_dim, config.norm_eps
+        self.norm1 = AdaLayerNormZero(config.time_embed_dim, dim, eps)
+        self.attn1 = Attention(
+            dim, config.num_attention_heads, config.attention_head_dim, bias=config.attention_bias
+        )
+        self.norm2 = AdaLayerNormZero(config.time_embed_dim, dim, eps)
+        self.ff = FeedForward(dim, 4 * dim)
+
+    def forward(self, x: Tensor, text_len: int, emb: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        """x: (B, L + N, D) `[text ‖ video]`, updated in place and returned."""
+        h, gate, enc_gate = self.norm1(x, text_len, emb)
+        gated_residual_(x, text_len, self.attn1(h, rope), gate, enc_gate)
+        h, gate, enc_gate = self.norm2(x, text_len, emb)
+        return gated_residual_(x, text_len, self.ff(h), gate, enc_gate)
+
+
+class CogVideoXTransformer(nn.Module):
+    """Predicts the denoiser output (v for the released models) for video latents.
+
+    2B style adds a fixed 3D sin-cos embedding to the video tokens; 5B style
+    (`use_rotary_positional_embeddings`) rotates the video tokens' queries and keys instead.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        self.patch_embed = PatchEmbed(
+            config.in_channels, dim, config.text_embed_dim, config.patch_size, config.patch_bias
+        )
+        self.time_embedding = TimestepEmbedding(dim, config.time_embed_dim)
+        self.transformer_blocks = nn.ModuleList([CogVideoXBlock(config) for _ in range(config.num_layers)])
+        self.norm_final = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm_out = AdaLayerNorm(config.time_embed_dim, dim, config.norm_eps)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
+        # Position embedding of the last grid seen: (key, value). A plain attribute, not a buffer, so it
+        # never enters the state dict and nothing is computed at construction (meta-device builds).
+        self._pos_cache: tuple[tuple, object] | None = None
+
+    def _cached(self, key: tuple, compute: Callable[[], object]):
+        if self._pos_cache is None or self._pos_cache[0] != key:
+            self._pos_cache = (key, compute())
+        return self._pos_cache[1]
+
+    def _sincos(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
+        c = self.config
+        return self._cached(
+            ("sincos", grid, device, dtype),
+            lambda: sincos_pos_embed_3d(
+                c.inner_dim,
+                *grid,
+                c.spatial_interpolation_scale,
+                c.temporal_interpolation_scale,
+                device=device,
+                dtype=dtype,
+            ),
+        )
+
+    def _rope(self, grid: tuple[int, int, int], text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        c = self.config
+        p = c.patch_size
+
+        def compute() -> tuple[Tensor, Tensor]:
+            cos, sin = rotary_pos_embed_3d(
+                c.attention_head_dim, *grid, c.sample_height // p, c.sample_width // p, device=device
+            )
+            # Text tokens are not rotated: identity rows (cos 1, sin 0) let RoPE run on the whole sequence.
+            text_cos = cos.new_ones(text_len, cos.shape[1])
+            return torch.cat([text_cos, cos]), torch.cat([torch.zeros_like(text_cos), sin])
+
+        return self._cached(("rope", grid, text_len, device), compute)
+
+    def forward(self, latents: Tensor, text_embeds: Tensor, timestep: Tensor) -> Tensor:
+        """latents (B, F, C, H, W), text_embeds (B, L, text_dim), timestep (B,) -> (B, F, C_out, H, W).
+
+        Computes in the dtype of `latents`, which must match the weights' dtype.
+        """
+        c = self.config
+        _, frames, _, height, width = latents.shape
+        p = c.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent height and width must be divisible by {p}, got {height}x{width}")
+        grid = (frames, height // p, width // p)
+        text_len = text_embeds.shape[1]
+
+        emb = self.time_embedding(
+            timestep_embedding(timestep, c.inner_dim, c.flip_sin_to_cos, c.freq_shift).to(latents.dtype)
+        )  # (B, time_embed_dim)
+
+        text, video = self.patch_embed(latents, text_embeds)
+        rope = None
+        if c.use_rotary_positional_embeddings:
+            rope = self._rope(grid, text_len, latents.device)
+        else:
+            video = video + self._sincos(grid, latents.device, latents.dtype)
+        x = torch.cat([text, video], dim=1)  # (B, L + N, D)
+
+        for block in self.transformer_blocks:
+            x = block(x, text_len, emb, rope)
+
+        video = self.norm_out(self.norm_final(x[:, text_len:]), emb)
+        out = self.proj_out(video)  # (B, N, C_out·p·p)
+        return rearrange(
+            out, "b (f h w) (c p q) -> b f c (h p) (w q)", f=frames, h=grid[1], w=grid[2], p=p, q=p
+        )

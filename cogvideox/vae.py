@@ -1,0 +1,378 @@
+"""The CogVideoX causal 3D VAE: 8x spatial and 4x temporal compression, frame-chunked with causal-conv caches.
+
+Numerically this is diffusers' `AutoencoderKLCogVideoX` (same parameter names, same frame chunks, same tiles),
+written to do less work around the convolutions, which is where a CPU decode spends its time:
+- causal time padding is written in place: each norm + SiLU writes straight into a buffer with two free
+  leading frames, which the next conv fills from its cache (no `torch.cat` of every conv input);
+- the spatial norm's two 1x1x1 convs run on the latent chunk and are broadcast up, instead of running on a
+  nearest-upsampled copy of the latent at every resolution; GroupNorm, modulation and SiLU are two passes;
+- nearest-2x upsampling followed by a 3x3 conv is one 2x2 conv with four output phases on the small grid
+  (2.25x fewer FLOPs), and frames the upsampler repeats in time are convolved once, then repeated.
+Inference only: the in-place writes do not support autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+
+# Frames per chunk. The VAE was trained on these exact chunks (diffusers notes other sizes give poor results).
+SAMPLE_FRAME_BATCH = 8
+LATENT_FRAME_BATCH = 2
+# Tile overlaps (fractions of the tile) tuned by diffusers for 720x480.
+OVERLAP_HEIGHT = 1 / 6
+OVERLAP_WIDTH = 1 / 5
+SPATIAL_NORM_EPS = 1e-6  # fixed in the reference, independent of config.norm_eps
+
+
+def _frame_chunks(num_frames: int, batch: int) -> list[slice]:
+    """diffusers' chunks: `batch` frames each, the first one also takes the remainder (13 -> 3,2,2,2,2,2)."""
+    rest = num_frames % batch
+    n = max(num_frames // batch, 1)
+    return [slice(batch * i + (rest if i else 0), batch * (i + 1) + rest) for i in range(n)]
+
+
+def _padded(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """An empty (B, C, pad + T, H, W) buffer; a CausalConv3d fills the `pad` leading frames."""
+    b, c, t, h, w = x.shape
+    return x.new_empty((b, c, pad + t, h, w))
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d, causal in time: k-1 frames of history from the previous chunk, or frame 0 repeated at the start."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.pad = kernel_size - 1
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, kernel_size, padding=(0, self.pad // 2, self.pad // 2)
+        )
+
+    def forward(self, xp: torch.Tensor, cache: dict) -> torch.Tensor:
+        """`xp`: (B, C, k-1 + T, H, W) with the leading k-1 frames unset; `cache` maps conv -> its history."""
+        history = cache.get(self)
+        xp[:, :, : self.pad] = xp[:, :, self.pad : self.pad + 1] if history is None else history
+        cache[self] = xp[:, :, -self.pad :].clone()
+        return self.conv(xp)
+
+    def forward_unpadded(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        xp = _padded(x, self.pad)
+        xp[:, :, self.pad :] = x
+        return self(xp, cache)
+
+
+def _group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """silu(norm(x)) written into a time-padded buffer for the following causal conv."""
+    out = _padded(x)
+    torch.ops.aten.silu.out(
+        F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps), out=out[:, :, 2:]
+    )
+    return out
+
+
+class SpatialNorm3D(nn.Module):
+    """GroupNorm(f) * conv_y(zq) + conv_b(zq), zq the latent chunk nearest-upsampled to f (first frame apart)."""
+
+    def __init__(self, f_channels: int, zq_channels: int, groups: int):
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(groups, f_channels, eps=SPATIAL_NORM_EPS)
+        self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+        self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """silu(spatial_norm(f, zq)) in a time-padded buffer: (B, C, 2 + T, H, W)."""
+        norm = self.norm_layer
+        n = F.group_norm(f, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        # 1x1x1 convs commute with nearest upsampling: run them on the small latent grid.
+        y, b = self.conv_y.conv(zq), self.conv_b.conv(zq)
+        out = _padded(f)
+        t = f.shape[2]
+        if t > 1 and t % 2 == 1:  # the reference maps frame 0 to latent frame 0 on its own
+            _modulate(n[:, :, :1], y[:, :, :1], b[:, :, :1], out[:, :, 2:3])
+            _modulate(n[:, :, 1:], y[:, :, 1:], b[:, :, 1:], out[:, :, 3:])
+        else:
+            _modulate(n, y, b, out[:, :, 2:])
+        F.silu(out[:, :, 2:], inplace=True)
+        return out
+
+
+def _modulate(n: torch.Tensor, y: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = n * up(y) + up(b): nearest upsampling by integer ratios, as broadcasting over views of n."""
+    bs, c, t, h, w = n.shape
+    tz, hz, wz = y.shape[2:]
+    rt, rh, rw = t // tz, h // hz, w // wz
+    if rw > 1:  # expand the (small) width axis so the innermost loop runs over whole rows
+        y, b = y.repeat_interleave(rw, dim=4), b.repeat_interleave(rw, dim=4)
+    big = (bs, c, tz, rt, hz, rh, w)
+    small = (bs, c, tz, 1, hz, 1, w)
+    torch.addcmul(b.view(small), n.view(big), y.view(small), out=out.view(big))
+
+
+class ResnetBlock3D(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int, eps: float, zq_channels: int | None):
+        super().__init__()
+        if zq_channels is None:
+            self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+            self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        else:
+            self.norm1 = SpatialNorm3D(cin, zq_channels, groups)
+            self.norm2 = SpatialNorm3D(cout, zq_channels, groups)
+        self.conv1 = CausalConv3d(cin, cout)
+        self.conv2 = CausalConv3d(cout, cout)
+        if cin != cout:
+            self.conv_shortcut = nn.Conv3d(cin, cout, kernel_size=1)
+
+    def _norm_silu(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
+        return _group_norm_silu(x, norm) if zq is None else norm(x, zq)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: dict) -> torch.Tensor:
+        h = self.conv1(self._norm_silu(self.norm1, x, zq), cache)
+        h = self.conv2(self._norm_silu(self.norm2, h, zq), cache)
+        return h.add_(self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x)
+
+
+class Downsample3D(nn.Module):
+    """Optional 2x average pooling in time (frame 0 kept alone when T is odd), then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.compress_time = compress_time
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compress_time:
+            first = x.shape[2] % 2
+            pairs = (x[:, :, first::2] + x[:, :, first + 1 :: 2]) / 2
+            x = torch.cat([x[:, :, :first], pairs], dim=2) if first else pairs
+        x = F.pad(x, (0, 1, 0, 1))
+        # Conv2d per frame == Conv3d with a (1, 3, 3) kernel, without folding time into the batch.
+        return F.conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, 2, 2))
+
+
+# Nearest 2x upsampling then a 3x3 conv (padding 1) == for each output phase a (row, col), a 2x2 conv on
+# the small grid: phase 0 sees rows (i-1, i) with taps (w0, w1+w2), phase 1 rows (i, i+1) with (w0+w1, w2).
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+class Upsample3D(nn.Module):
+    """Nearest 2x in space (and in time for compress_time, frame 0 kept single when T is odd), then a 3x3 conv."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.compress_time = compress_time
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def _phase_weight(self) -> torch.Tensor:
+        w = self.conv.weight
+        taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)  # (phase, tap, 3)
+        k = torch.einsum("ary,oiyx,bsx->aboirs", taps, w.float(), taps)  # (2, 2, C_out, C_in, 2, 2)
+        return k.reshape(-1, *k.shape[3:]).unsqueeze(2).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs, c, t, h, w = x.shape
+        # phases: (B, 4 C, T, H + 1, W + 1); phase (a, b) of output pixel (i, j) sits at (i + a, j + b)
+        y = F.conv3d(x, self._phase_weight(), self.conv.bias.repeat(4), padding=(0, 1, 1))
+        y = y.view(bs, 2, 2, c, t, h + 1, w + 1)
+        # Upsampling in time repeats frames; the conv is per frame, so convolve each once and write it twice.
+        single = t % 2 if self.compress_time and t > 1 else t
+        repeated = t - single
+        out = x.new_empty((bs, c, single + 2 * repeated, 2 * h, 2 * w))
+        first = out[:, :, :single].view(bs, c, single, h, 2, w, 2)
+        rest = out[:, :, single:].view(bs, c, repeated, 2, h, 2, w, 2)
+        for a in range(2):
+            for b in range(2):
+                phase = y[:, a, b, :, :, a : a + h, b : b + w]
+                first[:, :, :, :, a, :, b] = phase[:, :, :single]
+                rest[:, :, :, :, :, a, :, b] = phase[:, :, single:].unsqueeze(3)
+        return out
+
+
+class _Blocks(nn.Module):
+    """Resnets, then an optional resampler; holds the names of diffusers' Down/Mid/Up blocks."""
+
+    def __init__(self, resnets: list[ResnetBlock3D], resampler: nn.Module | None, name: str | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.resampler_name = name if resampler is not None else None
+        if resampler is not None:
+            self.add_module(name, nn.ModuleList([resampler]))
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: dict) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, zq, cache)
+        return x if self.resampler_name is None else getattr(self, self.resampler_name)[0](x)
+
+
+class Encoder3D(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans, groups, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
+        time_levels = int(math.log2(cfg.temporal_compression_ratio))
+        self.conv_in = CausalConv3d(cfg.in_channels, chans[0])
+        self.down_blocks = nn.ModuleList()
+        for i, cout in enumerate(chans):
+            cin = chans[max(i - 1, 0)]
+            resnets = [
+                ResnetBlock3D(cin if j == 0 else cout, cout, groups, eps, None)
+                for j in range(cfg.layers_per_block)
+            ]
+            down = Downsample3D(cout, compress_time=i < time_levels) if i < len(chans) - 1 else None
+            self.down_blocks.append(_Blocks(resnets, down, "downsamplers"))
+        self.mid_block = _Blocks(
+            [ResnetBlock3D(chans[-1], chans[-1], groups, eps, None) for _ in range(2)], None, None
+        )
+        self.norm_out = nn.GroupNorm(groups, chans[-1], eps=1e-6)
+        self.conv_out = CausalConv3d(chans[-1], 2 * cfg.latent_channels)
+
+    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """(B, 3, T, H, W) -> posterior mean (B, C, T', H/8, W/8); only the mean half of conv_out is computed."""
+        h = self.conv_in.forward_unpadded(x, cache)
+        for block in self.down_blocks:
+            h = block(h, None, cache)
+        h = self.mid_block(h, None, cache)
+        hp = _group_norm_silu(h, self.norm_out)
+        conv = self.conv_out
+        hp[:, :, :2] = hp[:, :, 2:3] if cache.get(conv) is None else cache[conv]
+        cache[conv] = hp[:, :, -2:].clone()
+        c = conv.conv.out_channels // 2
+        return F.conv3d(hp, conv.conv.weight[:c], conv.conv.bias[:c], padding=conv.conv.padding)
+
+
+class Decoder3D(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans, groups, eps, zc = (
+            cfg.block_out_channels[::-1],
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+            cfg.latent_channels,
+        )
+        time_levels = int(math.log2(cfg.temporal_compression_ratio))
+        self.conv_in = CausalConv3d(zc, chans[0])
+        self.mid_block = _Blocks(
+            [ResnetBlock3D(chans[0], chans[0], groups, eps, zc) for _ in range(2)], None, None
+        )
+        self.up_blocks = nn.ModuleList()
+        for i, cout in enumerate(chans):
+            cin = chans[max(i - 1, 0)]
+            resnets = [
+                ResnetBlock3D(cin if j == 0 else cout, cout, groups, eps, zc)
+                for j in range(cfg.layers_per_block + 1)
+            ]
+            up = Upsample3D(cout, compress_time=i < time_levels) if i < len(chans) - 1 else None
+            self.up_blocks.append(_Blocks(resnets, up, "upsamplers"))
+        self.norm_out = SpatialNorm3D(chans[-1], zc, groups)
+        self.conv_out = CausalConv3d(chans[-1], cfg.out_channels)
+
+    def forward(self, z: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One latent chunk (B, C, F, h, w) -> (B, 3, T, 8h, 8w); `cache` carries conv history between chunks."""
+        h = self.conv_in.forward_unpadded(z, cache)
+        h = self.mid_block(h, z, cache)
+        for block in self.up_blocks:
+            h = block(h, z, cache)
+        return self.conv_out(self.norm_out(h, z), cache)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """Linearly cross-fade the first `extent` rows/columns of b from the last ones of a, in place (diffusers)."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    shape = [1] * b.ndim
+    shape[dim] = extent
+    ramp = torch.arange(extent, dtype=torch.float64) / extent
+    dtype = torch.promote_types(b.dtype, torch.float32)
+    wb = ramp.to(device=b.device, dtype=dtype).view(shape)
+    wa = (1 - ramp).to(device=b.device, dtype=dtype).view(shape)
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * wa + head * wb)
+
+
+def _tiled(x: torch.Tensor, run, tile_in: tuple[int, int], tile_out: tuple[int, int]) -> torch.Tensor:
+    """Run `run` on overlapping spatial tiles of x and blend the results, exactly as diffusers' tiled_(en|de)code."""
+    stride = (int(tile_in[0] * (1 - OVERLAP_HEIGHT)), int(tile_in[1] * (1 - OVERLAP_WIDTH)))
+    blend = (int(tile_out[0] * OVERLAP_HEIGHT), int(tile_out[1] * OVERLAP_WIDTH))
+    keep = (tile_out[0] - blend[0], tile_out[1] - blend[1])
+    if min(stride) < 1:
+        raise ValueError(f"tile {tile_in} is too small to overlap")
+    height, width = x.shape[-2:]
+    rows = [
+        [run(x[..., i : i + tile_in[0], j : j + tile_in[1]]) for j in range(0, width, stride[1])]
+        for i in range(0, height, stride[0])
+    ]
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if i > 0:
+                _blend(rows[i - 1][j], tile, blend[0], dim=3)
+            if j > 0:
+                _blend(row[j - 1], tile, blend[1], dim=4)
+    return torch.cat([torch.cat([t[..., : keep[0], : keep[1]] for t in row], dim=4) for row in rows], dim=3)
+
+
+class CogVideoXVAE(nn.Module):
+    """`encoder.*` / `decoder.*` parameters named as in the released `vae/diffusion_pytorch_model.safetensors`."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder3D(config)
+        self.decoder = Decoder3D(config)
+
+    @property
+    def default_tile(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(sample tile, latent tile) as diffusers sets them: half the sample size."""
+        s = self.config.spatial_compression
+        sample = (self.config.sample_height // 2, self.config.sample_width // 2)
+        return sample, (int(sample[0] / s), int(sample[1] / s))
+
+    def _encode_frames(self, x: torch.Tensor) -> torch.Tensor:
+        cache: dict = {}
+        return torch.cat(
+            [self.encoder(x[:, :, c], cache) for c in _frame_chunks(x.shape[2], SAMPLE_FRAME_BATCH)], 2
+        )
+
+    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
+        cache: dict = {}
+        return torch.cat(
+            [self.decoder(z[:, :, c], cache) for c in _frame_chunks(z.shape[2], LATENT_FRAME_BATCH)], 2
+        )
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> unscaled posterior mean (B, C, (T - 1) // 4 + 1, H / 8, W / 8)."""
+        sample, latent = self.default_tile
+        if tiled and (x.shape[-1] > sample[1] or x.shape[-2] > sample[0]):
+            return _tiled(x, self._encode_frames, sample, latent)
+        return self._encode_frames(x)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        z: torch.Tensor,
+        *,
+        tiled: bool = False,
+        sliced: bool = False,
+        tile_latent_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Unscaled latents (B, C, F, h, w) -> video (B, 3, 4 (F - 1) + 1, 8 h, 8 w), about [-1, 1], unclamped.
+
+        sliced: one batch item at a time. tiled: overlapping spatial tiles of `tile_latent_size` latent pixels
+        (default: half the config's sample size), only where the latents are larger than a tile.
+        """
+        if sliced and z.shape[0] > 1:
+            return torch.cat(
+                [self.decode(zi, tiled=tiled, tile_latent_size=tile_latent_size) for zi in z.split(1)]
+            )
+        sample, latent = self.default_tile
+        if tile_latent_size is not None:
+            latent = tuple(tile_latent_size)
+            sample = (
+                latent[0] * self.config.spatial_compression,
+                latent[1] * self.config.spatial_compression,
+            )
+        if tiled and (z.shape[-1] > latent[1] or z.shape[-2] > latent[0]):
+            return _tiled(z, self._decode_frames, latent, sample)
+        return self._decode_frames(z)
