@@ -28,7 +28,7 @@ demo: install
 # Debian's chromium for the browser test; skipped (with a note) where apt-get is unavailable or not root.
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null) ; } || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core fonts-noto-color-emoji >/dev/null) ; } || \
 	  echo "note: chromium not installed; the browser test will be skipped"
 
 lint: install-dev

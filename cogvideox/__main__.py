@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--memory-mode", choices=["resident", "model", "sequential"], default=None)
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default=None, help="default: the checkpoint's")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     p.add_argument("--version", action="version", version=f"cogvideox {__version__}")
     return p.parse_args(argv)
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
             dtype=args.dtype,
             memory_mode=args.memory_mode,
             scheduler=args.scheduler,
+            compile=args.compile,
         )
         kwargs = dict(
             negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,

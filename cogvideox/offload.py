@@ -44,9 +44,11 @@ def pick_memory_mode(free: int | None, sizes: dict[str, int]) -> str:
 
 def _tensors(module: nn.Module):
     """(owner, name, tensor) for every parameter and buffer, owners being the submodules that hold them."""
+    seen = set()  # tied weights (T5's shared embedding) appear under two owners
     for owner in module.modules():
-        for name, t in list(owner._parameters.items()) + list(owner._buffers.items()):
-            if t is not None:
+        for name, t in [*owner._parameters.items(), *owner._buffers.items()]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
                 yield owner, name, t
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,8 +59,10 @@ class CogVideoXPipeline:
         dtype: torch.dtype,
         memory_mode: str,
         scheduler: str | None = None,
+        compile: bool = False,
     ):
         self.root, self.model_id, self.device, self.dtype = root, model_id, device, dtype
+        self.compile = compile
         self.transformer_config = TransformerConfig.from_json(root / "transformer" / "config.json")
         self.vae_config = VAEConfig.from_json(root / "vae" / "config.json")
         sched = read_json(root / "scheduler" / "scheduler_config.json")
@@ -81,11 +84,14 @@ class CogVideoXPipeline:
         dtype: torch.dtype | str | None = None,
         memory_mode: str | None = None,
         scheduler: str | None = None,
+        compile: bool = False,
     ) -> CogVideoXPipeline:
         """`model`: a local folder in the released layout or a Hub repo id. Reads configs and the tokenizer only.
 
         dtype defaults to the model's: FP16 for 2B, BF16 for 5B (FP16 gives black videos there); FP32 on CPU.
         memory_mode: "resident", "model" or "sequential"; None picks one from free device memory at load.
+        scheduler: "ddim" or "dpm"; None uses the class the checkpoint's scheduler config names.
+        compile: torch.compile the transformer (slow first step, faster after).
         """
         root = resolve_model(model)
         device = torch.device(
@@ -103,7 +109,7 @@ class CogVideoXPipeline:
             dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if rotary else torch.float16)
         if memory_mode is not None and memory_mode not in Offloader.MODES:
             raise ValueError(f"memory_mode must be one of {Offloader.MODES}, got {memory_mode!r}")
-        return cls(root, str(model), device, dtype, memory_mode or "auto", scheduler)
+        return cls(root, str(model), device, dtype, memory_mode or "auto", scheduler, compile)
 
     # -- limits and validation (cheap: no weights needed) -------------------------------------------------
 
@@ -170,7 +176,11 @@ class CogVideoXPipeline:
         from .transformer import CogVideoXTransformer
         from .vae import CogVideoXVAE
 
-        report = progress or (lambda stage, fraction: None)
+        def report(stage: str, fraction: float) -> None:
+            print(f"[cogvideox] {stage} ({fraction:.0%})", file=sys.stderr, flush=True)
+            if progress is not None:
+                progress(stage, fraction)
+
         report("downloading weights", 0.0)
         if not all(
             any((self.root / c).glob("*.safetensors")) for c in ("transformer", "vae", "text_encoder")
@@ -192,6 +202,8 @@ class CogVideoXPipeline:
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
         self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
+        if self.compile:
+            transformer.compile(dynamic=False)  # in place: parameter names stay the checkpoint's
         self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae
         report("ready", 1.0)
 

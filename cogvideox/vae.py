@@ -37,33 +37,98 @@ def _frame_chunks(num_frames: int, batch: int) -> list[slice]:
     return [slice(batch * i + (rest if i else 0), batch * (i + 1) + rest) for i in range(n)]
 
 
-def _padded(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """An empty (B, C, pad + T, H, W) buffer; a CausalConv3d fills the `pad` leading frames."""
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """An empty (B, C, 2 + T, H, W) buffer; a CausalConv3d fills the two leading frames."""
     b, c, t, h, w = x.shape
-    return x.new_empty((b, c, pad + t, h, w))
+    return x.new_empty((b, c, 2 + t, h, w))
+
+
+def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3-tap kernel seen by inputs that repeat in pairs: (w0, w1 + w2) and (w0 + w1, w2) along `dim`."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
 
 
 class CausalConv3d(nn.Module):
-    """Conv3d, causal in time: k-1 frames of history from the previous chunk, or frame 0 repeated at the start."""
+    """3x3x3 conv, causal in time: two frames of history from the previous chunk, or frame 0 repeated.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+    Repeated input frames are convolved once with their time taps summed (in fp32): frame 0 of the first
+    chunk, and, with `paired_input`, inputs that a 2x temporal upsampler made of repeated frames.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, paired_input: bool = False):
         super().__init__()
-        self.pad = kernel_size - 1
-        self.conv = nn.Conv3d(
-            in_channels, out_channels, kernel_size, padding=(0, self.pad // 2, self.pad // 2)
-        )
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=(0, 1, 1))
+        self.paired_input = paired_input
 
-    def forward(self, xp: torch.Tensor, cache: dict) -> torch.Tensor:
-        """`xp`: (B, C, k-1 + T, H, W) with the leading k-1 frames unset; `cache` maps conv -> its history."""
+    def forward(self, xp: torch.Tensor, cache: dict, channels: int | None = None) -> torch.Tensor:
+        """`xp`: (B, C, 2 + T, H, W), the two leading frames unset; `cache` maps conv -> its history.
+
+        `channels`: compute only the first output channels (the encoder needs only the posterior mean).
+        """
+        w, b = self.conv.weight, self.conv.bias
+        if channels is not None:
+            w, b = w[:channels], b[:channels]
         history = cache.get(self)
-        xp[:, :, : self.pad] = xp[:, :, self.pad : self.pad + 1] if history is None else history
-        cache[self] = xp[:, :, -self.pad :].clone()
-        return self.conv(xp)
+        xp[:, :, :2] = xp[:, :, 2:3] if history is None else history
+        cache[self] = xp[:, :, -2:].clone()
+        t = xp.shape[2] - 2
+        # An odd paired input is [x0, a, a, b, b, ...]: the first chunk, whose padding repeats x0.
+        if self.paired_input and t > 1 and (t % 2 == 0 or history is None):
+            return self._paired(xp, w, b)
+        if history is not None:
+            return F.conv3d(xp, w, b, padding=(0, 1, 1))
+        return self._first_chunk(xp, w, b)
+
+    @staticmethod
+    def _first_chunk(xp: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Padding [x0, x0] + x: output 0 sees x0 three times, output 1 twice; both run as 2D convs."""
+        x = xp[:, :, 2:]
+        bs, c, t, h, wd = x.shape
+        taps01 = _phase_taps(w.float(), 2)[1]  # (w0 + w1, w2)
+        outs = [F.conv2d(x[:, :, 0], taps01.sum(2).to(w.dtype), b, padding=1)]
+        if t > 1:  # (C_out, C_in * 2, 3, 3), frames innermost as in the input's reshape
+            w01 = taps01.to(w.dtype).flatten(1, 2)
+            outs.append(F.conv2d(x[:, :, :2].reshape(bs, c * 2, h, wd), w01, b, padding=1))
+        outs = [o.unsqueeze(2) for o in outs]
+        if t > 2:
+            outs.append(F.conv3d(x, w, b, padding=(0, 1, 1)))
+        return torch.cat(outs, dim=2)
+
+    @staticmethod
+    def _paired(xp: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """xp = [h, h, a, a, b, b, ...] (or [x0, x0, x0, a, a, ...]): each output pair is a 2-tap conv of the
+        distinct frames u = [h, a, b, ...], (w0 + w1, w2) for the first of the pair, (w0, w1 + w2) for the second.
+        """
+        bs, t, h, wd = xp.shape[0], xp.shape[2] - 2, xp.shape[3], xp.shape[4]
+        odd = t % 2
+        cout = w.shape[0]
+        taps = _phase_taps(w.float(), 2)
+        y = F.conv3d(
+            xp[:, :, 1 + odd :: 2], torch.cat(taps[::-1]).to(w.dtype), b.repeat(2), padding=(0, 1, 1)
+        )
+        out = xp.new_empty((bs, cout, t, h, wd))
+        if odd:
+            out[:, :, 0] = F.conv2d(xp[:, :, 2], taps[1].sum(2).to(w.dtype), b, padding=1)
+        pairs = y.view(bs, 2, cout, (t - odd) // 2, h, wd).permute(0, 2, 3, 1, 4, 5)
+        out[:, :, odd:].view(bs, cout, -1, 2, h, wd).copy_(pairs)
+        return out
 
     def forward_unpadded(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        xp = _padded(x, self.pad)
-        xp[:, :, self.pad :] = x
+        xp = _padded(x)
+        xp[:, :, 2:] = x
         return self(xp, cache)
+
+
+class PointwiseConv3d(nn.Module):
+    """A 1x1x1 conv, wrapped so that its parameters sit under `.conv` as in the checkpoint."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
 
 
 def _group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -81,15 +146,15 @@ class SpatialNorm3D(nn.Module):
     def __init__(self, f_channels: int, zq_channels: int, groups: int):
         super().__init__()
         self.norm_layer = nn.GroupNorm(groups, f_channels, eps=SPATIAL_NORM_EPS)
-        self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
-        self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+        self.conv_y = PointwiseConv3d(zq_channels, f_channels)
+        self.conv_b = PointwiseConv3d(zq_channels, f_channels)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         """silu(spatial_norm(f, zq)) in a time-padded buffer: (B, C, 2 + T, H, W)."""
         norm = self.norm_layer
         n = F.group_norm(f, norm.num_groups, norm.weight, norm.bias, norm.eps)
         # 1x1x1 convs commute with nearest upsampling: run them on the small latent grid.
-        y, b = self.conv_y.conv(zq), self.conv_b.conv(zq)
+        y, b = self.conv_y(zq), self.conv_b(zq)
         out = _padded(f)
         t = f.shape[2]
         if t > 1 and t % 2 == 1:  # the reference maps frame 0 to latent frame 0 on its own
@@ -114,7 +179,15 @@ def _modulate(n: torch.Tensor, y: torch.Tensor, b: torch.Tensor, out: torch.Tens
 
 
 class ResnetBlock3D(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int, eps: float, zq_channels: int | None):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        groups: int,
+        eps: float,
+        zq_channels: int | None,
+        paired_input: bool = False,
+    ):
         super().__init__()
         if zq_channels is None:
             self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
@@ -122,7 +195,7 @@ class ResnetBlock3D(nn.Module):
         else:
             self.norm1 = SpatialNorm3D(cin, zq_channels, groups)
             self.norm2 = SpatialNorm3D(cout, zq_channels, groups)
-        self.conv1 = CausalConv3d(cin, cout)
+        self.conv1 = CausalConv3d(cin, cout, paired_input)
         self.conv2 = CausalConv3d(cout, cout)
         if cin != cout:
             self.conv_shortcut = nn.Conv3d(cin, cout, kernel_size=1)
@@ -156,7 +229,6 @@ class Downsample3D(nn.Module):
 
 # Nearest 2x upsampling then a 3x3 conv (padding 1) == for each output phase a (row, col), a 2x2 conv on
 # the small grid: phase 0 sees rows (i-1, i) with taps (w0, w1+w2), phase 1 rows (i, i+1) with (w0+w1, w2).
-_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 
 class Upsample3D(nn.Module):
@@ -168,10 +240,10 @@ class Upsample3D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def _phase_weight(self) -> torch.Tensor:
+        """(4 C_out, C_in, 1, 2, 2): the 2x2 kernels of output phases (a, b), in that order."""
         w = self.conv.weight
-        taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)  # (phase, tap, 3)
-        k = torch.einsum("ary,oiyx,bsx->aboirs", taps, w.float(), taps)  # (2, 2, C_out, C_in, 2, 2)
-        return k.reshape(-1, *k.shape[3:]).unsqueeze(2).to(w.dtype)
+        k = [kab for ka in _phase_taps(w.float(), 2) for kab in _phase_taps(ka, 3)]
+        return torch.cat(k).unsqueeze(2).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bs, c, t, h, w = x.shape
@@ -235,12 +307,9 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             h = block(h, None, cache)
         h = self.mid_block(h, None, cache)
-        hp = _group_norm_silu(h, self.norm_out)
-        conv = self.conv_out
-        hp[:, :, :2] = hp[:, :, 2:3] if cache.get(conv) is None else cache[conv]
-        cache[conv] = hp[:, :, -2:].clone()
-        c = conv.conv.out_channels // 2
-        return F.conv3d(hp, conv.conv.weight[:c], conv.conv.bias[:c], padding=conv.conv.padding)
+        return self.conv_out(
+            _group_norm_silu(h, self.norm_out), cache, channels=self.conv_out.conv.out_channels // 2
+        )
 
 
 class Decoder3D(nn.Module):
@@ -260,8 +329,10 @@ class Decoder3D(nn.Module):
         self.up_blocks = nn.ModuleList()
         for i, cout in enumerate(chans):
             cin = chans[max(i - 1, 0)]
+            # After a temporal upsampler, the first conv sees each frame twice (see CausalConv3d._paired).
+            paired = 0 < i <= time_levels
             resnets = [
-                ResnetBlock3D(cin if j == 0 else cout, cout, groups, eps, zc)
+                ResnetBlock3D(cin if j == 0 else cout, cout, groups, eps, zc, paired and j == 0)
                 for j in range(cfg.layers_per_block + 1)
             ]
             up = Upsample3D(cout, compress_time=i < time_levels) if i < len(chans) - 1 else None
@@ -292,12 +363,17 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
 
 
 def _tiled(x: torch.Tensor, run, tile_in: tuple[int, int], tile_out: tuple[int, int]) -> torch.Tensor:
-    """Run `run` on overlapping spatial tiles of x and blend the results, exactly as diffusers' tiled_(en|de)code."""
+    """Run `run` on overlapping spatial tiles of x and cross-fade the overlaps, as diffusers' tiled_(en|de)code.
+
+    Each output tile keeps `stride * tile_out / tile_in` rows and blends the rest into its neighbour. At the
+    default tiles that is diffusers' `int(tile * (1 - overlap))` exactly; at other tile sizes diffusers' rounding
+    can make the output larger than the input implies, this rule cannot.
+    """
     stride = (int(tile_in[0] * (1 - OVERLAP_HEIGHT)), int(tile_in[1] * (1 - OVERLAP_WIDTH)))
-    blend = (int(tile_out[0] * OVERLAP_HEIGHT), int(tile_out[1] * OVERLAP_WIDTH))
-    keep = (tile_out[0] - blend[0], tile_out[1] - blend[1])
     if min(stride) < 1:
         raise ValueError(f"tile {tile_in} is too small to overlap")
+    keep = tuple(s * o // i for s, o, i in zip(stride, tile_out, tile_in))
+    blend = (tile_out[0] - keep[0], tile_out[1] - keep[1])
     height, width = x.shape[-2:]
     rows = [
         [run(x[..., i : i + tile_in[0], j : j + tile_in[1]]) for j in range(0, width, stride[1])]

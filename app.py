@@ -1,0 +1,576 @@
+"""Gradio demo: `python app.py --model THUDM/CogVideoX-2b` (or `--model tiny-random` to try it offline).
+
+`create_demo(pipeline)` builds the UI around a pipeline it is handed (tests hand it a tiny one). Weights load
+on the first generation, so the page is up in seconds; a missing model still gives a page that says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import html
+import json
+import os
+import re
+import secrets
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from cogvideox.enhance import EnhanceError, LocalBackend, PromptEnhancer
+from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline, GenerationCancelled
+from cogvideox.video import write_gif, write_mp4, write_sidecar
+
+try:  # Hugging Face ZeroGPU: a GPU is attached only while a `spaces.GPU` function runs
+    import spaces
+except ImportError:
+    spaces = None
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EXAMPLES = Path(__file__).resolve().parent / "examples" / "prompts.json"
+
+# Limits; each may be overridden by an environment variable of the same name.
+MAX_PROMPT_CHARS = int(os.environ.get("MAX_PROMPT_CHARS", 2000))  # T5 reads 226 tokens, ~1000 characters
+MAX_STEPS = int(os.environ.get("MAX_STEPS", 100))
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
+MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
+DRAFT_STEPS = int(os.environ.get("DRAFT_STEPS", 10))
+QUEUE_SIZE = int(os.environ.get("QUEUE_SIZE", 8))  # waiting jobs; past it, "busy, try again shortly"
+OUTPUT_TTL_S = int(os.environ.get("OUTPUT_TTL_S", 6 * 3600))  # our clips and Gradio's copies
+MAX_UPLOAD = os.environ.get("MAX_UPLOAD", "1mb")  # the app takes no uploads; cap what a stray one costs
+MAX_GALLERY = int(os.environ.get("MAX_GALLERY", 24))
+# The Cancel button stops its session's job at the next step. A cancel from elsewhere (gradio_client) or a
+# closed tab is seen another way: a running job yields every HEARTBEAT_S and Gradio resumes it right after
+# each yield until the request is cancelled or its client goes. Gradio does not reliably close the
+# generator, so a job not resumed for ABANDONED_S stops. ZeroGPU runs the job in a forked process that
+# cannot see these signals: there a job runs to its end.
+HEARTBEAT_S = 0.5
+ABANDONED_S = 4 * HEARTBEAT_S
+ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() == "true"
+GPU_S_PER_STEP_FRAME = 0.06  # ZeroGPU budget: ~2x an A100's 2B speed, plus a minute to load and decode
+
+RELEASE_DEFAULTS = dict(
+    num_frames=49, height=480, width=720, num_inference_steps=50, guidance_scale=6.0, fps=8
+)
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
+CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
+# Progress-bar text and position for each stage the pipeline reports.
+STAGES = {"loading model": ("Loading the model", 0.0), "encoding text": ("Encoding the prompt", 0.0),
+          "decoding": ("Decoding the frames", 1.0)}  # fmt: skip
+# System fonts: the page makes no request to a font CDN.
+THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
+                       "sans-serif"], font_mono=["ui-monospace", "monospace"])  # fmt: skip
+TINY_NOTICE = (
+    "🎲 **tiny-random**: a tiny model with **random weights**. Its videos are noise; "
+    "it is here to try the whole flow offline."
+)
+OOM_ADVICE = (
+    "The GPU ran out of memory. Try fewer frames or steps, close other programs using the GPU, or restart "
+    "with `--memory-mode sequential` (slower, far less memory). Memory has been freed: you can try again."
+)
+
+
+def user_error(message: str, title: str = "Error") -> gr.Error:
+    """An error the user caused or can act on: shown in the page, no traceback in the server log."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def _whole(value) -> int | None:
+    """An integer from JSON, which may send 42.0; None when it is not a whole number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, float) and value.is_integer() else None
+
+
+def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
+    """Raw request values -> (pipeline kwargs, {field: problem}).
+
+    Cheap: it runs before a job is queued, and again inside the job.
+    """
+    errors = {}
+    negative_prompt = "" if negative_prompt is None else negative_prompt
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            errors[name] = "must be text"
+        elif len(text) > MAX_PROMPT_CHARS:
+            errors[name] = f"is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
+    if "prompt" not in errors and not prompt.strip():
+        errors["prompt"] = "is empty: describe the video you want"
+    seed_value = -1 if seed is None else _whole(seed)
+    if seed_value is None or not -1 <= seed_value < MAX_SEED:
+        errors["seed"] = f"must be a whole number from 0 to {MAX_SEED - 1} (or -1 for a random one)"
+    steps_value = _whole(steps)
+    if steps_value is None or not 1 <= steps_value <= MAX_STEPS:
+        errors["steps"] = f"must be a whole number from 1 to {MAX_STEPS}"
+    number = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+    if not number or not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:  # NaN fails the comparison too
+        errors["guidance_scale"] = f"must be a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
+    allowed = range(MIN_FRAMES, (pipe.max_frames if pipe else 49) + 1, FRAME_STEP)
+    if _whole(num_frames) not in allowed:
+        errors["num_frames"] = f"must be one of {', '.join(map(str, allowed))}"
+    if pipe is None:
+        errors.setdefault("prompt", "cannot be rendered: no model is loaded (see the notice at the top)")
+    if errors:
+        return None, errors
+    kwargs = dict(
+        prompt=prompt, negative_prompt=negative_prompt, seed=None if seed_value == -1 else seed_value,
+        num_inference_steps=steps_value, guidance_scale=float(guidance_scale), num_frames=_whole(num_frames),
+    )  # fmt: skip
+    try:
+        pipe.validate(height=pipe.defaults["height"], width=pipe.defaults["width"], **kwargs)
+    except ValueError as e:  # a model-specific limit the checks above do not know
+        names = {"num_inference_steps": "steps", **{f: f for f in FIELDS}}
+        return None, {next((v for k, v in names.items() if k in str(e)), "prompt"): str(e)}
+    return kwargs, {}
+
+
+def clean_outputs(folder: Path, max_age_s: float) -> int:
+    """Delete our clips and Gradio's cached copies older than `max_age_s`; returns how many files went."""
+    cutoff, removed = time.time() - max_age_s, 0
+    ours = [p for p in folder.glob("*") if CLIP_NAME.match(p.name)]
+    cached = [p for p in (folder / "gradio").rglob("*") if p.is_file()]  # GRADIO_TEMP_DIR when we chose it
+    for path in ours + cached:
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # another request's cleanup got there first
+            continue
+    for sub in sorted((folder / "gradio").glob("**/"), reverse=True):
+        if sub != folder / "gradio" and not any(sub.iterdir()):
+            sub.rmdir()
+    return removed
+
+
+def gpu_seconds(pipe, kwargs, *_) -> int:
+    """How long to hold a ZeroGPU for one job: scales with steps x frames."""
+    return int(60 + GPU_S_PER_STEP_FRAME * kwargs["num_inference_steps"] * kwargs["num_frames"])
+
+
+def _render(pipe, kwargs, on_step, on_stage):
+    return pipe(**kwargs, callback=on_step, on_stage=on_stage)
+
+
+if spaces is not None:
+    _render = spaces.GPU(duration=gpu_seconds)(_render)
+
+
+def _token_html(pipe, prompt: str) -> str:
+    if pipe is None or not isinstance(prompt, str):
+        return ""
+    count = pipe.count_tokens(prompt)
+    text = f"<b>{count.n_tokens}</b> / {count.max_tokens} T5 tokens"
+    if not count.dropped_tokens:
+        return f'<div class="tokens">{text}</div>'
+    return (
+        f'<div class="tokens over">⚠️ {text}: the last {count.dropped_tokens} are cut off: '
+        f"<s>{html.escape(textwrap.shorten(count.dropped_text, 400, placeholder=' …'))}</s></div>"
+    )
+
+
+def _model_status(pipe, notice: str) -> str:
+    if pipe is None:
+        return notice
+    where = f"{pipe.device.type}, {str(pipe.dtype).removeprefix('torch.')}"
+    state = f"✅ **{pipe.model_id}** is loaded ({where})." if pipe.loaded else (
+        f"⏳ **{pipe.model_id}** ({where}): the weights load on the first generation, which takes a while."
+    )  # fmt: skip
+    return f"{notice}\n\n{state}" if notice else state
+
+
+def _clip_views(clip: dict, full_steps: int):
+    """Outputs that show one clip: video, seed, settings, the two downloads and the Render-final button."""
+    files = Path(clip["mp4"]).is_file()  # False once the clip's files have been cleaned up
+    draft = clip["settings"]["num_inference_steps"] < full_steps
+    return (
+        clip["mp4"] if files else None,
+        clip["seed"],
+        clip["settings"],
+        gr.DownloadButton(value=clip["mp4"] if files else None, interactive=files),
+        gr.DownloadButton(value=clip["gif"] if files else None, interactive=files),
+        gr.Button(visible=draft, value=f"🎬 Render final ({full_steps} steps)"),
+    )
+
+
+def _gallery(clips: list[dict]) -> list[tuple[str, str]]:
+    return [(c["mp4"], f"seed {c['seed']} · {c['settings']['num_inference_steps']} steps") for c in clips]
+
+
+def _load_presets(max_frames: int) -> tuple[list[list], list[str]]:
+    presets = json.loads(EXAMPLES.read_text()) if EXAMPLES.is_file() else []
+    keys = ("prompt", "seed", "num_inference_steps", "guidance_scale")
+    rows = [[*(p[k] for k in keys), min(p["num_frames"], max_frames)] for p in presets]
+    return rows, [p["title"] for p in presets]
+
+
+def create_demo(
+    pipeline: CogVideoXPipeline | None,
+    enhancer: PromptEnhancer | None = None,
+    *,
+    output_dir: str | Path = "outputs",
+    notice: str = "",
+    queue_size: int = QUEUE_SIZE,
+) -> gr.Blocks:
+    """The Blocks UI around `pipeline` (None: the page says `notice` and cannot generate)."""
+    pipe, output_dir = pipeline, Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    gpu_lock = threading.Lock()  # one job on the GPU, even while a cancelled one finishes its last step
+    cancel_flags: dict[str, threading.Event] = {}  # session -> its running job's flag, set by Cancel
+    d = pipe.defaults if pipe else RELEASE_DEFAULTS
+    full_steps, max_frames, fps = d["num_inference_steps"], pipe.max_frames if pipe else 49, d["fps"]
+    enhance_lock = gpu_lock if enhancer and isinstance(enhancer.backend, LocalBackend) else threading.Lock()
+
+    def validate(prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
+        _, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
+        return [gr.validate(f not in errors, errors.get(f, "")) for f in FIELDS]
+
+    # Gradio gives a parameter whose default is a Progress the request's progress tracker.
+    progress_tracker = gr.Progress()
+
+    def generate(
+        prompt, negative_prompt, seed, steps, guidance_scale, num_frames, request: gr.Request,
+        progress=progress_tracker,
+    ):  # fmt: skip
+        """Render a video. seed -1 picks a random one. Returns the MP4, the seed used and the settings."""
+        kwargs, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
+        if errors:
+            raise user_error("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        clean_outputs(output_dir, OUTPUT_TTL_S)
+        # The worker stops at its next step, leaving the GPU to the next job, once the request is gone.
+        session, pulled, latest, box = request.session_hash, [time.monotonic()], [], {}
+        cancel = cancel_flags[session] = threading.Event()
+
+        def wanted():
+            return not cancel.is_set() and (ZERO_GPU or time.monotonic() - pulled[0] < ABANDONED_S)
+
+        def report(*args, **kw):
+            latest[:] = args, kw
+            progress(*args, **kw)
+
+        worker = threading.Thread(
+            target=contextvars.copy_context().run,  # gr.Progress (and ZeroGPU) read the request's context
+            args=(_job, kwargs, wanted, report, box),
+            daemon=True,
+        )
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(HEARTBEAT_S)
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                pulled[0] = time.monotonic()
+                if latest:  # a yield hides the progress bar until its next update: send it again
+                    progress(*latest[0], **latest[1])
+        finally:
+            cancel.set()  # when Gradio does close the generator
+            if cancel_flags.get(session) is cancel:
+                del cancel_flags[session]
+        if "error" in box:
+            raise box["error"]
+        clip = box["clip"]
+        yield clip["mp4"], clip["seed"], clip["settings"], clip
+
+    def _job(kwargs, wanted, progress, box):
+        oom = False
+        try:
+            box["clip"] = _run_job(kwargs, wanted, progress)
+        except torch.OutOfMemoryError:
+            oom = True
+        except GenerationCancelled:
+            box["error"] = user_error("Cancelled.")
+        except ValueError as e:
+            box["error"] = user_error(str(e))
+        except Exception as e:  # gr.Error, or a bug: re-raised in the request, where Gradio reports it
+            box["error"] = e
+        if oom:  # outside the except block, whose traceback still holds the step's tensors
+            pipe.release()
+            box["error"] = user_error(OOM_ADVICE, title="Out of GPU memory")
+
+    def _run_job(kwargs, wanted, progress):
+        started, denoise_start = time.perf_counter(), [0.0]
+
+        def on_stage(name):
+            denoise_start[0] = time.perf_counter()
+            if name == "denoising":
+                progress((0, kwargs["num_inference_steps"]), desc="Denoising", unit="steps")
+            else:
+                desc, fraction = STAGES.get(name, (name, 0.0))
+                progress(fraction, desc=desc)
+
+        def on_step(step, total):
+            if not wanted():
+                return False
+            eta = int((time.perf_counter() - denoise_start[0]) / step * (total - step))
+            progress((step, total), desc=f"Denoising, about {eta // 60}:{eta % 60:02d} left", unit="steps")
+            return True
+
+        progress(0.0, desc="Waiting for the GPU")
+        with gpu_lock:
+            if not wanted():
+                raise GenerationCancelled("cancelled while waiting for the GPU")
+            if enhancer is not None:
+                enhancer.release()  # a local prompt model makes room for the video model
+            if not pipe.loaded:
+                try:
+                    pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
+                except (OSError, ValueError) as e:
+                    raise user_error(f"Could not load {pipe.model_id}: {e}", title="Model unavailable") from e
+            result = _render(pipe, kwargs, on_step, on_stage)
+        progress(1.0, desc="Writing the MP4 and GIF")
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"  # unique and unguessable
+        mp4 = write_mp4(result.frames, output_dir / f"{stem}.mp4", fps=result.fps)
+        gif = write_gif(result.frames, output_dir / f"{stem}.gif", fps=result.fps)
+        settings = {**result.settings, "time_taken_s": round(time.perf_counter() - started, 2)}
+        write_sidecar(mp4, {**settings, "timings": result.timings})
+        return {"mp4": str(mp4), "gif": str(gif), "seed": result.seed, "settings": settings}
+
+    def enhance(prompt):
+        """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
+        if enhancer is None or not enhancer.available:
+            raise user_error(enhancer.unavailable_reason if enhancer else "No prompt enhancer is configured.")
+        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+            raise user_error(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters")
+        try:
+            with enhance_lock:
+                result = enhancer.enhance(prompt)
+        except (EnhanceError, ValueError) as e:
+            raise user_error(str(e), title="Enhance failed") from e
+        return result.text, result
+
+    def show_enhanced(result):
+        trimmed = ", trimmed to fit" if result.trimmed else ""
+        note = f"✨ Enhanced by {result.backend} ({result.tokens} tokens{trimmed}). Your original:"
+        return gr.Group(visible=True), note, result.original
+
+    def add_clip(clip, clips):
+        clips = [clip, *clips][:MAX_GALLERY]
+        gallery_view = gr.Gallery(_gallery(clips), selected_index=None)  # the new clip is the one shown
+        return gallery_view, clips, clip, *_clip_views(clip, full_steps)[3:], _model_status(pipe, notice)
+
+    def show_clip(clips, evt: gr.SelectData):
+        clip = clips[evt.index]
+        s = clip["settings"]
+        if not Path(clip["mp4"]).is_file():
+            gr.Warning("This clip's files were cleaned up; its settings are restored.")
+        inputs = (s["prompt"], s["negative_prompt"], s["seed"], s["num_inference_steps"])
+        return *_clip_views(clip, full_steps), *inputs, s["guidance_scale"], s["num_frames"], clip
+
+    def cancel(request: gr.Request):
+        if flag := cancel_flags.get(request.session_hash):
+            flag.set()
+
+    def final_inputs(clip):
+        s = clip["settings"]
+        return s["prompt"], s["negative_prompt"], s["seed"], full_steps, s["guidance_scale"], s["num_frames"]
+
+    with gr.Blocks(
+        title="CogVideoX", analytics_enabled=False, delete_cache=(max(60, OUTPUT_TTL_S // 4), OUTPUT_TTL_S)
+    ) as demo:
+        logo = (ASSETS / "logo.svg").read_text() if (ASSETS / "logo.svg").is_file() else ""
+        gr.HTML(
+            f'<div id="masthead">{logo}<div><h1>CogVideoX</h1>'
+            f"<p>Text to video: {d['num_frames'] / fps:.0f}-second clips, {d['width']}×{d['height']} "
+            f"at {fps} fps.</p></div></div>",
+            elem_id="masthead-wrap",
+        )
+        status = gr.Markdown(_model_status(pipe, notice), elem_id="model-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                hint = "One shot in detail: subject, motion, setting, camera, light…"
+                prompt = gr.Textbox(label="Prompt", lines=5, max_length=MAX_PROMPT_CHARS, placeholder=hint,
+                                    elem_id="prompt")  # fmt: skip
+                tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
+                with gr.Row():
+                    can_enhance = bool(enhancer and enhancer.available)
+                    enhance_btn = gr.Button("✨ Enhance prompt", size="sm", interactive=can_enhance)
+                    dice = gr.Button("🎲 Random seed", size="sm", elem_id="dice")
+                if enhancer is not None and not enhancer.available:
+                    gr.Markdown(f"Enhance is off. {enhancer.unavailable_reason}", elem_classes="hint")
+                with gr.Group(visible=False) as enhanced_box:
+                    enhanced_note = gr.Markdown()
+                    original = gr.Textbox(show_label=False, interactive=False, lines=2)
+                    undo_btn = gr.Button("↩️ Undo: restore the original", size="sm")
+                seed = gr.Number(-1, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED - 1,
+                                 elem_id="seed")  # fmt: skip
+                with gr.Accordion("Advanced", open=False):
+                    steps = gr.Slider(
+                        1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps"
+                    )
+                    guidance = gr.Slider(
+                        MIN_GUIDANCE, MAX_GUIDANCE, d["guidance_scale"], step=0.5, label="Guidance"
+                    )
+                    choices = [
+                        (f"{n} ({n / fps:.1f} s)", n) for n in range(MIN_FRAMES, max_frames + 1, FRAME_STEP)
+                    ]
+                    frames = gr.Radio(choices, value=d["num_frames"], label="Frames")
+                    negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
+                with gr.Row():
+                    run_btn = gr.Button(
+                        "🎬 Generate", variant="primary", scale=2, interactive=pipe is not None
+                    )
+                    draft_btn = gr.Button(
+                        f"⚡ Draft ({DRAFT_STEPS} steps)", scale=2, interactive=pipe is not None
+                    )
+                    cancel_btn = gr.Button("⏹ Cancel", variant="stop", scale=1)
+                rows, labels = _load_presets(max_frames)
+                if rows:
+                    gr.Examples(
+                        rows, [prompt, seed, steps, guidance, frames], label="Presets", example_labels=labels
+                    )
+            with gr.Column(scale=6):
+                video = gr.Video(
+                    label="Result", autoplay=True, loop=True, interactive=False, elem_id="result-video"
+                )
+                with gr.Row():
+                    seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
+                    mp4_btn = gr.DownloadButton("⬇️ MP4", interactive=False, elem_id="download-mp4")
+                    gif_btn = gr.DownloadButton("⬇️ GIF", interactive=False, elem_id="download-gif")
+                final_btn = gr.Button("🎬 Render final", variant="primary", visible=False, elem_id="final")
+                settings = gr.JSON(label="Settings used", open=True)
+                gallery = gr.Gallery(label="This session's clips, newest first (only you can see them)",
+                                     columns=4, fit_columns=False, object_fit="cover", height=330,
+                                     allow_preview=False, interactive=False, elem_id="gallery")  # fmt: skip
+        clips, current, last_clip, enhanced = gr.State([]), gr.State(None), gr.State(None), gr.State(None)
+
+        fields = [prompt, negative, seed, steps, guidance, frames]
+        ui = dict(queue=False, api_visibility="private")  # instant UI updates: not queued, not in the API
+        job = dict(
+            fn=generate, inputs=fields, outputs=[video, seed_used, settings, last_clip], validator=validate,
+            preprocess=False, concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video],
+        )  # fmt: skip
+        draft_steps = gr.Number(DRAFT_STEPS, visible=False)  # a draft leaves the Steps slider as it is
+        runs = [
+            run_btn.click(**job, api_name="generate"),
+            draft_btn.click(
+                **{**job, "inputs": [prompt, negative, seed, draft_steps, guidance, frames]},
+                api_visibility="private",
+            ),
+            final_btn.click(final_inputs, current, fields, **ui).then(**job, api_visibility="private"),
+        ]
+        shown = [current, mp4_btn, gif_btn, final_btn, status]
+        for run in runs:
+            run.success(add_clip, [last_clip, clips], [gallery, clips, *shown], api_visibility="private")
+        cancel_btn.click(cancel, cancels=runs, **ui)
+        views = [video, seed_used, settings, mp4_btn, gif_btn, final_btn]
+        gallery.select(show_clip, clips, [*views, *fields, current], **ui)
+        dice.click(None, None, seed, js="() => Math.floor(Math.random() * 4294967296)")
+        prompt.change(lambda p: _token_html(pipe, p), prompt, tokens, show_progress="hidden", **ui)
+        enhance_btn.click(
+            enhance, prompt, [prompt, enhanced], api_name="enhance", preprocess=False, concurrency_limit=2,
+            concurrency_id="enhance",
+        ).success(show_enhanced, enhanced, [enhanced_box, enhanced_note, original], **ui)  # fmt: skip
+        undo_btn.click(
+            lambda r: (r.original, gr.Group(visible=False)), enhanced, [prompt, enhanced_box], **ui
+        )
+        # Each visit: the model's current state, and a fresh seed.
+        demo.load(
+            lambda: (_model_status(pipe, notice), secrets.randbelow(MAX_SEED)), None, [status, seed], **ui
+        )
+    return demo.queue(max_size=queue_size, default_concurrency_limit=1)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="CogVideoX text-to-video demo. Each option has an env variable.")
+    p.add_argument("--model", default=env("COGVIDEOX_MODEL", "THUDM/CogVideoX-2b"),
+                   help="checkpoint folder or Hub repo id; tiny-random: random weights, offline")  # fmt: skip
+    p.add_argument("--host", default=env("COGVIDEOX_HOST", "0.0.0.0" if env("SPACE_ID") else "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("COGVIDEOX_PORT", 7860)))
+    p.add_argument("--share", action="store_true", default=_flag("COGVIDEOX_SHARE"), help="public link")
+    p.add_argument("--auth", default=env("COGVIDEOX_AUTH"), help="user:password[,user:password...]")
+    p.add_argument("--insecure-share", action="store_true", default=_flag("COGVIDEOX_INSECURE_SHARE"),
+                   help="allow --share without --auth: anyone with the link can use your GPU")  # fmt: skip
+    p.add_argument(
+        "--memory-mode", default=env("COGVIDEOX_MEMORY_MODE"), help="resident, model or sequential"
+    )
+    p.add_argument(
+        "--dtype", default=env("COGVIDEOX_DTYPE"), help="fp16, bf16 or fp32 (default: the model's)"
+    )
+    p.add_argument("--device", default=env("COGVIDEOX_DEVICE"), help="default: cuda if available")
+    p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
+    args = p.parse_args(argv)
+    for name, choices in (
+        ("memory_mode", ("resident", "model", "sequential")),
+        ("dtype", ("fp16", "bf16", "fp32")),
+    ):
+        if getattr(args, name) not in (None, *choices):
+            p.error(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+    pairs = [tuple(item.split(":", 1)) for item in (args.auth or "").split(",") if item.strip()]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        p.error("--auth must look like user:password (several separated by commas)")
+    args.auth = pairs or None
+    if args.share and not args.auth and not args.insecure_share:
+        p.error("--share makes the app public: give --auth user:password (or --insecure-share to skip it)")
+    return args
+
+
+def launch_options(args: argparse.Namespace) -> dict:
+    """demo.launch() keyword arguments: the hardened defaults plus what the command line asked for."""
+    return dict(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=args.auth,
+        allowed_paths=[str(args.output_dir.resolve())],  # the only folder of ours that is served
+        max_file_size=MAX_UPLOAD,
+        enable_monitoring=False,
+        ssr_mode=False,
+        run_history=False,  # prompts stay out of the browser's saved history
+        footer_links=["api", "gradio", "settings"],
+        theme=THEME,
+        css_paths=[ASSETS / "style.css"],
+        favicon_path=ASSETS / "logo.svg",
+    )
+
+
+def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, str]:
+    """The pipeline (configs and tokenizer only) and a notice for the page; (None, why) when unavailable."""
+    model, notice = args.model, ""
+    if model == "tiny-random":
+        from cogvideox.testing import write_tiny_checkpoint
+
+        # Outside the output folder, which is served.
+        model, notice = (
+            write_tiny_checkpoint(Path(tempfile.gettempdir()) / "cogvideox-tiny-random"),
+            TINY_NOTICE,
+        )
+    try:
+        pipe = CogVideoXPipeline.from_pretrained(
+            model, device=args.device, dtype=args.dtype, memory_mode=args.memory_mode
+        )
+    except Exception as e:  # offline, no such repo, a broken folder: the page must still come up and say so
+        return None, (
+            f"⚠️ **The model {args.model} is unavailable**: {e}\n\nThe page works but cannot render. Check "
+            "the path or your Hub access, or run `python app.py --model tiny-random` to try the app offline."
+        )
+    return pipe, notice
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    # Gradio's copies of our clips live beside them, so one folder is served and cleaned.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str((args.output_dir / "gradio").resolve()))
+    pipe, notice = load_pipeline(args)
+    enhancer = None
+    if pipe is not None:
+        try:
+            enhancer = PromptEnhancer.from_env(lambda text: pipe.count_tokens(text).n_tokens)
+        except ValueError as e:
+            print(f"prompt enhancer disabled: {e}")
+    demo = create_demo(pipe, enhancer, output_dir=args.output_dir, notice=notice)
+    demo.launch(**launch_options(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end at their tiniest settings (smoke tests: nothing here is timed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cogvideox.config import TransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODULES = ["--widths", "tiny", "--repeats", "1", "--threads", "1", "--layers", "1", "--frames", "2",
+                "--latent-height", "4", "--latent-width", "6", "--text-len", "8",
+                "--vae-frames", "3", "--vae-height", "4", "--vae-width", "6"]  # fmt: skip
+
+
+def run_module(module: str, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
+def test_bench_modules_checks_outputs_and_prints_ratios(tmp_path):
+    proc = run_module("benchmarks.bench_modules", *TINY_MODULES, "--out", tmp_path / "modules.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ratio transformer: ours/diffusers = " in proc.stdout
+    assert "ratio vae_decode: ours/diffusers = " in proc.stdout
+    assert "| transformer | B=2, layers=1, 20 tokens |" in proc.stdout
+    results = json.loads((tmp_path / "modules.json").read_text())["results"]
+    for name in ("transformer", "vae_decode"):
+        assert results[name]["max_abs_diff"] <= 1e-4
+        assert results[name]["ratio"] > 0
+
+
+def test_bench_modules_fails_loudly_when_outputs_differ():
+    # No tolerance can be met by a non-negative difference: the gate must turn that into a failing exit.
+    proc = run_module("benchmarks.bench_modules", *TINY_MODULES, "--only", "transformer", "--tolerance", "-1")
+    assert proc.returncode == 1
+    assert "OUTPUTS DIFFER: transformer" in proc.stderr
+
+
+def test_bench_pipeline_cpu_path_runs_end_to_end(tmp_path):
+    proc = run_module(
+        "benchmarks.bench_pipeline", "--device", "cpu", "--size", "tiny", "--frames", "9", "--height", "64",
+        "--width", "96", "--steps", "2", "--modes", "resident,model", "--vae-tiling", "--peak-tflops", "1",
+        "--threads", "1", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "pipeline.json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ratio resident: ours/diffusers s/step " in proc.stdout
+    assert "| diffusers | model | skipped: diffusers offloads to an accelerator only |" in proc.stdout
+    data = json.loads((tmp_path / "pipeline.json").read_text())
+    runs = {(r["impl"], r["mode"]): r for r in data["runs"]}
+    assert set(runs) == {(i, m) for i in ("ours", "diffusers") for m in ("resident", "model")}
+    for key in [("ours", "resident"), ("ours", "model"), ("diffusers", "resident")]:
+        run = runs[key]
+        assert run["skipped"] is None
+        assert len(run["step_times"]) == 2
+        assert run["max_pixel_diff"] <= 2  # same video as diffusers, whatever the memory mode
+        assert set(run["peak_gib"]) == {"text", "denoise", "decode"}
+        assert 0 < run["flop_fraction"] < 1
+    assert (tmp_path / "ckpt" / "benchmark_checkpoint.json").is_file()  # kept for reuse
+
+
+def test_flop_count_is_the_issues_figure():
+    from benchmarks.bench_pipeline import transformer_flops
+
+    flops, tokens = transformer_flops(TransformerConfig(), 49, 480, 720, batch=2)
+    assert tokens == 17_776
+    assert flops == pytest.approx(2.4e14, rel=0.01)
