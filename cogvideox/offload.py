@@ -164,7 +164,12 @@ class Offloader:
 
     def decode_with_retry(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """VAE decode that never loses the latents to an out-of-memory error: free, then retry smaller."""
-        attempts = [{"tiled": False}, {"tiled": True}, {"tiled": True, "tile_scale": 0.5}]
+        tile_h, tile_w = vae.default_tile[1]
+        attempts = [
+            {"tiled": False},
+            {"tiled": True},
+            {"tiled": True, "tile_latent_size": (tile_h // 2, tile_w // 2)},
+        ]
         free = free_device_memory(self.device)
         # The untiled decode of 720x480 needs ~18 GB in FP16; skip the attempt that cannot fit.
         if (

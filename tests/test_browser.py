@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -59,6 +60,8 @@ def server(tiny_2b, tmp_path_factory):
 def browser():
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).is_file():
+        if os.environ.get("CI"):  # CI installs it (make browser-deps): a missing browser there is a failure
+            pytest.fail("no chromium on CI: `make browser-deps` should have installed Debian's")
         pytest.skip("no chromium: `make browser-deps` installs Debian's")
     with playwright.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)

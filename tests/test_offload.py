@@ -69,14 +69,27 @@ def test_out_of_memory_in_decode_is_retried_and_the_sample_kept(tiny_2b, residen
     assert np.abs(frames.astype(int) - resident_video.astype(int)).mean() < 4
 
 
-def test_out_of_memory_everywhere_still_raises(tiny_2b):
+def test_decode_retries_down_to_small_tiles_then_gives_up(tiny_2b):
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")
     pipe.load()
+    calls = []
+    real_decode = pipe.vae.decode
 
     def decode(z, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        calls.append(kwargs)
+        if kwargs.get("tile_latent_size") is None:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decode(z, **kwargs)
 
     pipe.vae.decode = decode
+    frames = pipe(PROMPT, num_inference_steps=1, num_frames=9, seed=3).frames
+    assert frames.shape == (9, 64, 96, 3)
+    assert calls[-1] == {"tiled": True, "tile_latent_size": (2, 3)}  # half of the default 4x6 latent tile
+
+    def always_oom(z, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    pipe.vae.decode = always_oom
     with pytest.raises(torch.OutOfMemoryError):
         pipe(PROMPT, num_inference_steps=1, num_frames=9, seed=3)
 

@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from cogvideox import vae
 from cogvideox.config import VAEConfig
 from cogvideox.vae import CogVideoXVAE
 
@@ -189,3 +191,28 @@ def test_decode_is_causal(models):
     _, ours = models
     z = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(6))
     assert torch.equal(ours.decode(z[:, :, :3]), ours.decode(z)[:, :, :9])
+
+
+@pytest.mark.parametrize(("batch", "kt", "size"), [(2, 3, (7, 9)), (1, 2, (6, 5)), (1, 1, (3, 4))])
+def test_winograd_conv_matches_direct(monkeypatch, batch, kt, size):
+    monkeypatch.setattr(vae, "WINOGRAD_BAND", 1 << 10)  # one band per row of tiles
+    g = torch.Generator().manual_seed(kt)
+    x = torch.randn(batch, 8, kt + 2, *size, generator=g)
+    w = torch.randn(6, 8, kt, 3, 3, generator=g)
+    b = torch.randn(6, generator=g)
+    assert _max_diff(vae._winograd_conv3d(x, w, b), F.conv3d(x, w, b, padding=(0, 1, 1))) <= TOL
+
+
+def test_wide_cpu_convs_take_the_winograd_path(monkeypatch):
+    calls = []
+    winograd = vae._winograd_conv3d
+    monkeypatch.setattr(vae, "_winograd_conv3d", lambda *a: calls.append(1) or winograd(*a))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 256, 3, 32, 32, generator=g)
+    w = torch.randn(256, 256, 3, 3, 3, generator=g) / 83
+    b = torch.randn(256, generator=g)
+    assert _max_diff(vae._conv3d(x, w, b), F.conv3d(x, w, b, padding=(0, 1, 1))) <= TOL
+    assert len(calls) == 1
+    narrow = x[:, :16], w[:, :16], b  # 16 input channels: the direct conv
+    assert _max_diff(vae._conv3d(*narrow), F.conv3d(*narrow, padding=(0, 1, 1))) <= TOL
+    assert len(calls) == 1
