@@ -34,9 +34,9 @@ from cogvideox.enhance import (
 )
 
 RELEASE_PROMPTS = [
-    line
-    for line in (Path(__file__).parents[2] / "shared" / "release_prompts.txt").read_text().splitlines()
-    if line and not line.startswith("#")
+    example["prompt"]
+    for example in json.loads((Path(__file__).parents[1] / "examples" / "prompts.json").read_text())
+    if not example.get("short")
 ]
 GOOD = RELEASE_PROMPTS[3]  # the butterfly prompt: within budget
 LONG = " ".join(RELEASE_PROMPTS[:3])  # three release prompts: well over 226 tokens
