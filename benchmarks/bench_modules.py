@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import statistics
 import sys
@@ -21,14 +20,14 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
-from benchmarks.common import machine, markdown_table, summary, time_interleaved
+from benchmarks.common import machine, markdown_table, source_digest, summary, time_interleaved
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.testing import tiny_configs
 from cogvideox.transformer import CogVideoXTransformer
 from cogvideox.vae import CogVideoXVAE
 
 # What issue 3 asks of a CPU run: faster than the reference on both, the VAE decode by at least 20 %.
-GOALS = {"transformer": 1.0, "vae_decode": 0.8}
+GOALS = {"transformer": ("<", 1.0), "vae_decode": ("<=", 0.8)}
 CPU = torch.device("cpu")
 
 
@@ -167,18 +166,12 @@ def report(results: dict, args) -> None:
     print(f"\nfp32, {args.repeats} interleaved repeats after {1 + args.warmup} untimed call(s)\n")
     print(markdown_table(headers, rows) + "\n")
     for name, r in results.items():
-        verdict = "met" if r["ratio"] <= GOALS[name] else "NOT met"
+        op, goal = GOALS[name]
+        verdict = "met" if (r["ratio"] < goal if op == "<" else r["ratio"] <= goal) else "NOT met"
         print(
-            f"ratio {name}: ours/diffusers = {r['ratio']:.2f}x by medians (goal <= {GOALS[name]}: {verdict}); "
+            f"ratio {name}: ours/diffusers = {r['ratio']:.2f}x by medians (goal {op} {goal}: {verdict}); "
             f"{r['ratio_of_min']:.2f}x by fastest runs, {r['ratio_paired']:.2f}x median of paired repeats"
         )
-
-
-def source_digest() -> str:
-    """Which version of the modules was measured (the working tree may hold uncommitted changes)."""
-    root = Path(__file__).resolve().parents[1] / "cogvideox"
-    files = ("layers.py", "transformer.py", "vae.py")
-    return hashlib.sha256(b"".join((root / f).read_bytes() for f in files)).hexdigest()[:12]
 
 
 def main(argv=None) -> int:
@@ -192,14 +185,15 @@ def main(argv=None) -> int:
         "vae_decode": lambda: vae_case(args, v_cfg),
     }
     names = [args.only] if args.only else list(builders)
-    print(f"machine: {machine()}; cogvideox layers/transformer/vae sha256 {source_digest()}", flush=True)
+    digest = source_digest()  # before the modules run: another process may edit them meanwhile
+    print(f"machine: {machine()}; cogvideox/*.py sha256 {digest}", flush=True)
     results, failed = {}, []
     for name in names:
         results[name], failure = measure(name, builders[name], args)
         failed += [failure] if failure else []
     report(results, args)
     if args.out:
-        data = {"machine": machine(), "source": source_digest(), "args": vars(args), "results": results}
+        data = {"machine": machine(), "source": digest, "args": vars(args), "results": results}
         Path(args.out).write_text(json.dumps(data, indent=2))
     if failed:
         print("OUTPUTS DIFFER: " + "; ".join(failed), file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import platform
 import statistics
 import time
@@ -97,6 +98,12 @@ class PeakMemory:
         if hwm is None or self.base is None:
             return None
         return hwm * 1024 - self.base
+
+
+def source_digest() -> str:
+    """Which version of cogvideox/ was measured (the working tree may hold uncommitted changes)."""
+    files = sorted((Path(__file__).resolve().parents[1] / "cogvideox").glob("*.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
 def machine() -> str:

@@ -38,7 +38,8 @@ T5_XXL = dict(
 )
 # --small-t5: the XXL output width (the transformer's text_embed_dim), two narrow layers.
 T5_SMALL_4096 = {**T5_XXL, "d_ff": 1024, "num_heads": 8, "num_layers": 2}
-# The CPU benchmark's model: every layer kind of the release at a quarter of its widths.
+# The CPU benchmark's model: every layer kind of the release, at a quarter (VAE, transformer) or an eighth
+# (T5) of its widths.
 SMALL = (
     TransformerConfig(
         num_attention_heads=8,

@@ -155,7 +155,8 @@ class Offloader:
             yield module
         finally:
             self._evict(module)
-            self.release()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the stage's memory to the next one (not gc: ~0.2 s a stage)
 
     def release(self) -> None:
         gc.collect()

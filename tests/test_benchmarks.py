@@ -42,7 +42,7 @@ def test_bench_modules_fails_loudly_when_outputs_differ():
 def test_bench_pipeline_cpu_path_runs_end_to_end(tmp_path):
     proc = run_module(
         "benchmarks.bench_pipeline", "--device", "cpu", "--size", "tiny", "--frames", "9", "--height", "64",
-        "--width", "96", "--steps", "2", "--modes", "resident,model", "--vae-tiling", "--peak-tflops", "1",
+        "--width", "96", "--steps", "2", "--modes", "resident,model", "--peak-tflops", "1",
         "--threads", "1", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "pipeline.json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
