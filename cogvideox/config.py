@@ -78,10 +78,6 @@ class TransformerConfig:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
-    @property
-    def max_latent_frames(self) -> int:
-        return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
         return _from_dict(cls, data, ignore=frozenset({"dropout"}))
