@@ -178,11 +178,9 @@ class Offloader:
             and free < 20 * GiB * z.shape[-1] * z.shape[-2] / (90 * 60) * z.element_size() / 2
         ):
             attempts = attempts[1:]
-        for n, kwargs in enumerate(attempts):
+        for kwargs in attempts[:-1]:
             try:
                 return vae.decode(z, **kwargs)
             except torch.OutOfMemoryError:
-                if n == len(attempts) - 1:
-                    raise
                 self.release()
-        raise AssertionError("unreachable")
+        return vae.decode(z, **attempts[-1])  # nothing smaller to try: an OOM here propagates

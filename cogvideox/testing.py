@@ -153,3 +153,18 @@ def write_tiny_checkpoint(
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
     return path
+
+
+class EchoBackend:
+    """A prompt-enhancer backend that stands in for an LLM offline: always answers with `text`."""
+
+    name = "echo"
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def chat(self, messages) -> str:
+        return self.text
+
+    def release(self) -> None:
+        pass

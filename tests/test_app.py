@@ -20,24 +20,13 @@ from PIL import Image
 import app
 from cogvideox import CogVideoXPipeline
 from cogvideox.enhance import PromptEnhancer
+from cogvideox.testing import EchoBackend
 from cogvideox.text import TokenCount
 from cogvideox.video import read_mp4
 
 GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2,
             guidance_scale=6.0, num_frames=9)  # fmt: skip
 REWRITE = "A red fox with a thick winter coat trots across a snowy meadow at dawn, filmed in a slow pan."
-
-
-class EchoBackend:
-    """Stands in for an LLM: always answers with the same detailed paragraph."""
-
-    name = "echo"
-
-    def chat(self, messages):
-        return REWRITE
-
-    def release(self):
-        pass
 
 
 def free_port() -> int:
@@ -52,7 +41,7 @@ def server(tiny_2b, tmp_path_factory):
     env = pytest.MonkeyPatch()
     env.setenv("GRADIO_TEMP_DIR", str(out / "gradio"))  # as main() does: Gradio's copies beside ours
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
-    enhancer = PromptEnhancer(EchoBackend(), lambda text: pipe.count_tokens(text).n_tokens)
+    enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda text: pipe.count_tokens(text).n_tokens)
     demo = app.create_demo(pipe, enhancer, output_dir=out, notice=app.TINY_NOTICE, queue_size=3)
     args = app.parse_args(["--port", str(free_port()), "--output-dir", str(out)])
     demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)

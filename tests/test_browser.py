@@ -14,6 +14,7 @@ import torch
 import app
 from cogvideox import CogVideoXPipeline
 from cogvideox.enhance import PromptEnhancer
+from cogvideox.testing import EchoBackend
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -24,25 +25,13 @@ IDEA = "a red fox in the snow"
 REWRITE = "A red fox trots across a snowy meadow at sunrise while the camera pans slowly beside it."
 
 
-class EchoBackend:
-    """Stands in for an LLM: always answers with the same paragraph."""
-
-    name = "echo"
-
-    def chat(self, messages):
-        return REWRITE
-
-    def release(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("browser-outputs")
     env = pytest.MonkeyPatch()
     env.setenv("GRADIO_TEMP_DIR", str(out / "gradio"))
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
-    enhancer = PromptEnhancer(EchoBackend(), lambda text: pipe.count_tokens(text).n_tokens)
+    enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda text: pipe.count_tokens(text).n_tokens)
     demo = app.create_demo(pipe, enhancer, output_dir=out, notice=app.TINY_NOTICE)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
