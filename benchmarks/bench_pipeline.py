@@ -130,6 +130,9 @@ class Run:
     step_times: list = dataclasses.field(default_factory=list)
     flop_fraction: float | None = None
     max_pixel_diff: int | None = None
+    attention: str | None = (
+        None  # the SDPA kernel(s) ours picked by timing them (diffusers: PyTorch's default)
+    )
     frames: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
@@ -196,8 +199,7 @@ class StageClock:
 def _measure(run: Run, clock: StageClock, call, args) -> None:
     """Warm up, then time `args.repeats` calls: per stage the median, per step the median of all steps,
     memory the highest peak. call(prompt, negative, steps, seed, on_step) -> uint8 frames (T, H, W, 3)."""
-    # Compiled transformers: the first calls compile, and ours again on its 2nd call (its position cache
-    # fills on the first, and dynamo guards on it), so warm up with at least two steps.
+    # Compiled transformers: compilation happens in the first call(s); warm up with at least two steps.
     warmup = max(args.warmup_steps, 2) if run.mode.endswith("+compile") else args.warmup_steps
     if warmup:
         t0 = time.perf_counter()
@@ -238,7 +240,7 @@ def run_ours(path: Path, mode: str, args) -> Run:
     sync(args.device)
     run.load_s = time.perf_counter() - t0
     if mode.endswith("+compile"):
-        pipe.transformer.compile()
+        pipe.transformer.compile_blocks()  # what `compile=True` does
     if args.vae_tiling:  # our pipeline picks tiling from free memory: force the choice made for diffusers
         decode = pipe.vae.decode
         pipe.vae.decode = lambda z, **kw: decode(z, **{**kw, "tiled": True})
@@ -253,6 +255,9 @@ def run_ours(path: Path, mode: str, args) -> Run:
         ).frames
 
     _measure(run, clock, call, args)
+    run.attention = ", ".join(
+        sorted({str(b).removeprefix("SDPBackend.") for b in pipe.attention_backends.values()})
+    )
     return run
 
 
@@ -376,6 +381,9 @@ def main(argv=None) -> int:
           + "; max px diff against the first diffusers run\n")  # fmt: skip
     print(table + "\n")
     print("\n".join(ratios))
+    for r in runs:
+        if r.attention:
+            print(f"attention kernel {r.impl} {r.mode}: {r.attention} (fastest of those timed at load)")
     if args.out:
         data = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),

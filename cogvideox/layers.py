@@ -14,11 +14,13 @@ computed in float32 (float64 for the sin-cos table) and cast once. RoPE upcasts,
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # Timestep embedding
@@ -244,6 +246,40 @@ def _split_qkv(module: nn.Module, state_dict: dict, prefix: str, local_metadata:
                     state_dict[f"{prefix}{name}.{kind}"] = chunks[i].clone()
         elif key != f"{prefix}to_qkv.bias":
             state_dict[key] = value
+
+
+# Fused kernels only: the math backend materialises the (S, S) score matrix (38 GB for the full 2B job).
+SDPA_CANDIDATES = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+def fastest_sdpa_backend(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device, candidates=SDPA_CANDIDATES
+) -> SDPBackend | None:
+    """Times each backend that runs on q/k/v of `shape` (B, heads, S, head_dim); the fastest, or None if none runs.
+
+    Which kernel wins depends on the GPU, the head size and the PyTorch build (cuDNN or FlashAttention-2 on
+    Hopper, memory-efficient on older cards), so it is measured where it runs: a few ms, once per shape.
+    """
+    q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best, best_time = None, math.inf
+    for backend in candidates:
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v)  # warm-up (and: does it run here at all?)
+                sync()
+                start = time.perf_counter()
+                for _ in range(3):
+                    F.scaled_dot_product_attention(q, k, v)
+                sync()
+        except (
+            RuntimeError
+        ):  # "No available kernel" for this device, dtype or shape; OOM is a RuntimeError too
+            continue
+        elapsed = time.perf_counter() - start
+        if elapsed < best_time:
+            best, best_time = backend, elapsed
+    return best
 
 
 class Attention(nn.Module):

@@ -8,15 +8,18 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import __version__, text
 from .config import SchedulerConfig, TransformerConfig, VAEConfig, read_json
+from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, CheckpointError, load_module, resolve_model
 from .offload import Offloader
 from .scheduler import dynamic_guidance_scale, make_scheduler
@@ -75,6 +78,9 @@ class CogVideoXPipeline:
         self.tokenizer = text.load_tokenizer(root / "tokenizer")
         self.text_encoder = self.transformer = self.vae = None
         self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.attention_backends: dict[
+            tuple, SDPBackend | None
+        ] = {}  # (B, heads, S, head_dim) -> fastest kernel
 
     @classmethod
     def from_pretrained(
@@ -203,7 +209,7 @@ class CogVideoXPipeline:
         vae = load_module(vae, self.root / "vae", self.dtype)
         self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
         if self.compile:
-            transformer.compile(dynamic=False)  # in place: parameter names stay the checkpoint's
+            transformer.compile_blocks()
         self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae
         report("ready", 1.0)
 
@@ -311,7 +317,13 @@ class CogVideoXPipeline:
         timesteps = self.scheduler.timesteps(steps)
         cfg = embeds.shape[0] == 2
         old_x0 = None
-        with self.offloader.use(self.transformer):
+        c, p = self.transformer_config, self.transformer_config.patch_size
+        qkv_shape = (embeds.shape[0], c.num_attention_heads,
+                     embeds.shape[1] + shape[1] * shape[3] // p * shape[4] // p, c.attention_head_dim)  # fmt: skip
+        if qkv_shape not in self.attention_backends:
+            self.attention_backends[qkv_shape] = fastest_sdpa_backend(qkv_shape, self.dtype, self.device)
+        backend = self.attention_backends[qkv_shape]
+        with self.offloader.use(self.transformer), sdpa_kernel(backend) if backend else nullcontext():
             for i, t in enumerate(timesteps.tolist()):
                 x = torch.cat([latents, latents]) if cfg else latents
                 timestep = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)

@@ -47,6 +47,7 @@ def test_bench_pipeline_cpu_path_runs_end_to_end(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ratio resident: ours/diffusers s/step " in proc.stdout
+    assert "attention kernel ours resident: FLASH_ATTENTION" in proc.stdout
     assert "| diffusers | model | skipped: diffusers offloads to an accelerator only |" in proc.stdout
     data = json.loads((tmp_path / "pipeline.json").read_text())
     runs = {(r["impl"], r["mode"]): r for r in data["runs"]}
