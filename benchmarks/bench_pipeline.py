@@ -127,6 +127,7 @@ class Run:
     decode_s: float | None = None
     total_s: float | None = None
     peak_gib: dict = dataclasses.field(default_factory=dict)  # per stage
+    reserved_gib: float | None = None  # CUDA: the allocator's highest reservation over all stages
     step_times: list = dataclasses.field(default_factory=list)
     flop_fraction: float | None = None
     max_pixel_diff: int | None = None
@@ -154,12 +155,16 @@ class StageClock:
     def _close(self, stage: str) -> None:
         peak = self.memory.peak()
         self.peaks[stage] = None if peak is None else peak / GiB
+        reserved = self.memory.peak_reserved()
+        if reserved is not None:
+            self.reserved = max(self.reserved or 0.0, reserved / GiB)
         self.memory.reset()
 
     def begin(self) -> None:
         self.marks: dict[str, float] = {}
         self.steps: list[float] = []
         self.peaks: dict[str, float | None] = {}
+        self.reserved: float | None = None
         self._mark("start")
 
     def wrap(self, stage: str, fn):
@@ -193,6 +198,7 @@ class StageClock:
             "decode_s": m["decode_end"] - m["decode_start"],
             "total_s": m["end"] - m["start"],
             "peak_gib": dict(self.peaks),
+            "reserved_gib": self.reserved,
         }
 
 
@@ -219,6 +225,8 @@ def _measure(run: Run, clock: StageClock, call, args) -> None:
     run.step_times = [x for t in takes for x in t["step_times"]]
     run.step_s = statistics.median(run.step_times)
     peaks = [t["peak_gib"].get(stage) for t in takes for stage in STAGES]
+    reserved = [t["reserved_gib"] for t in takes if t["reserved_gib"] is not None]
+    run.reserved_gib = max(reserved) if reserved else None
     run.peak_gib = {
         stage: None if None in peaks else max(t["peak_gib"][stage] for t in takes) for stage in STAGES
     }
@@ -320,16 +328,16 @@ def free(device: torch.device) -> str:
 def report(runs: list[Run], args) -> tuple[str, list[str]]:
     memory = PeakMemory(args.device).label
     headers = ["impl", "mode", "load s", "text s", "s/step", "denoise s", "decode s", "total s",
-               "FLOP util", f"{memory}: text", "denoise", "decode", "max px diff"]  # fmt: skip
+               "FLOP util", f"{memory}: text", "denoise", "decode", "reserved max", "max px diff"]  # fmt: skip
     rows = []
     for r in runs:
         if r.skipped:
-            rows.append([r.impl, r.mode, f"skipped: {r.skipped}", *[""] * 10])
+            rows.append([r.impl, r.mode, f"skipped: {r.skipped}", *[""] * 11])
             continue
         util = None if r.flop_fraction is None else f"{100 * r.flop_fraction:.1f}%"
         peaks = [r.peak_gib.get(s) for s in STAGES]
         rows.append([r.impl, r.mode, r.load_s, r.text_s, r.step_s, r.denoise_s, r.decode_s, r.total_s, util,
-                     *peaks, r.max_pixel_diff])  # fmt: skip
+                     *peaks, r.reserved_gib, r.max_pixel_diff])  # fmt: skip
     ratios = []
     by_key = {(r.impl, r.mode): r for r in runs if not r.skipped}
     for mode in args.modes:

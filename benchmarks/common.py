@@ -91,6 +91,10 @@ class PeakMemory:
         rss = self._status_kib("VmRSS")
         self.base = None if rss is None else rss * 1024
 
+    def peak_reserved(self) -> int | None:
+        """CUDA: the most the caching allocator held since `reset()` (what the card must have, context aside)."""
+        return torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+
     def peak(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
