@@ -32,12 +32,18 @@ def free_device_memory(device: torch.device) -> int | None:
 
 
 def pick_memory_mode(free: int | None, sizes: dict[str, int]) -> str:
-    """The fastest mode whose weights plus working memory (activations, VAE decode) fit in `free` bytes."""
+    """The fastest mode whose weights plus working memory fit in `free` bytes.
+
+    Working memory at 720x480x49 in FP16 (benchmarks/bench_memory.py, predicted): denoise 1.5 GiB, decode 7.8 GiB
+    untiled or 2.0 GiB tiled (untiled is only tried when it fits), plus ~1.5 GiB the allocator cannot see (CUDA
+    context, workspaces, fragmentation). Resident keeps room for a tiled decode with a wide margin; model mode's
+    peak is the largest component (T5) with the text stage's small working memory.
+    """
     if free is None:
         return "resident"
-    if free >= sum(sizes.values()) + 10 * GiB:
+    if free >= sum(sizes.values()) + 8 * GiB:
         return "resident"
-    if free >= max(sizes.values()) + 8 * GiB:
+    if free >= max(sizes.values()) + 4 * GiB:
         return "model"
     return "sequential"
 
@@ -53,12 +59,17 @@ def _tensors(module: nn.Module):
 
 
 def _block_lists(module: nn.Module) -> list[nn.ModuleList]:
-    """The repeated blocks worth streaming: transformer_blocks, T5's encoder.block, ..."""
-    return [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    """The repeated blocks worth streaming: transformer_blocks, T5's encoder.block (not the lists inside a block)."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    nested = {id(m) for blocks in lists for m in blocks.modules() if m is not blocks}
+    return [blocks for blocks in lists if id(blocks) not in nested]
 
 
 class Offloader:
     MODES = ("resident", "model", "sequential")
+    # Sequential mode streams these components' blocks. The VAE (0.4 GB) moves whole: it runs once per frame
+    # chunk and tile, and streaming would copy it 7 to 63 times per video.
+    STREAMED = ("text_encoder", "transformer")
 
     def __init__(self, device: torch.device, mode: str = "auto"):
         if mode not in (*self.MODES, "auto"):
@@ -75,12 +86,12 @@ class Offloader:
         if self.mode == "auto":
             sizes = {name: module_bytes(m) for name, m in modules.items()}
             self.mode = pick_memory_mode(free_device_memory(self.device), sizes)
-        for module in modules.values():
+        for name, module in modules.items():
             if self.mode == "resident":
                 module.to(self.device)
             else:
                 self._make_home(module)
-                if self.mode == "sequential":
+                if self.mode == "sequential" and name in self.STREAMED:
                     for blocks in _block_lists(module):
                         self._stream_blocks(blocks)
         return self.mode
@@ -172,11 +183,10 @@ class Offloader:
             {"tiled": True, "tile_latent_size": (tile_h // 2, tile_w // 2)},
         ]
         free = free_device_memory(self.device)
-        # The untiled decode of 720x480 needs ~18 GB in FP16; skip the attempt that cannot fit.
-        if (
-            free is not None
-            and free < 20 * GiB * z.shape[-1] * z.shape[-2] / (90 * 60) * z.element_size() / 2
-        ):
+        # The untiled decode of 720x480 works in 7.8 GiB (FP16, benchmarks/bench_memory.py; +1.5 unseen, +0.7 margin):
+        # on a GPU, skip it when that cannot fit, and in sequential mode, which promises a small peak (tiled: 2 GiB).
+        untiled = 10 * GiB * z.shape[-1] * z.shape[-2] / (90 * 60) * z.element_size() / 2
+        if free is not None and (self.mode == "sequential" or free < untiled):
             attempts = attempts[1:]
         for kwargs in attempts[:-1]:
             try:

@@ -68,3 +68,32 @@ def test_flop_count_is_the_issues_figure():
     flops, tokens = transformer_flops(TransformerConfig(), 49, 480, 720, batch=2)
     assert tokens == 17_776
     assert flops == pytest.approx(2.4e14, rel=0.01)
+
+
+def test_bench_memory_predicts_every_stage_and_mode(tmp_path):
+    proc = run_module("benchmarks.bench_memory", "--size", "tiny", "--out", tmp_path / "memory.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PREDICTION (meta tensors on the CPU, no GPU ran), " in proc.stdout
+    assert "Allowance for what tensors do not show: 1.5 GiB" in proc.stdout
+    decodes = ("untiled", "tiled", "tiled half")
+    for stage in ("text", "denoise", *(f"decode {d}" for d in decodes)):
+        assert f"| {stage} | " in proc.stdout
+    data = json.loads((tmp_path / "memory.json").read_text())
+    assert data["prediction"] is True
+    stages = data["stages_gib"]
+    assert set(stages["ours"]) == {"text", "denoise", *(f"decode {d}" for d in decodes)}
+    assert set(stages["diffusers"]) == {"text", "denoise", "decode untiled", "decode tiled"}
+    assert all(s["peak"] > 0 for impl in stages.values() for s in impl.values())
+    assert all(w["all"] > 0 for impl in data["weights_gib"].values() for w in impl.values())
+    rows = {(r["impl"], r["mode"], r["decode"]): r for r in data["modes"]}
+    assert set(rows) == {("ours", m, d) for m in ("resident", "model", "sequential") for d in decodes} | {
+        ("diffusers", m, d) for m in ("resident", "model") for d in decodes[:2]
+    }
+    for d in decodes:
+        peak = {m: rows[("ours", m, d)]["peak"] for m in ("resident", "model", "sequential")}
+        assert 0 < peak["sequential"] <= peak["model"] <= peak["resident"]
+        # Streaming blocks shrinks the transformer's stage (the VAE moves whole in both offload modes).
+        assert rows[("ours", "sequential", d)]["denoise"] < rows[("ours", "model", d)]["denoise"]
+        assert rows[("ours", "resident", d)]["peak_with_allowance"] == pytest.approx(peak["resident"] + 1.5)
+    # Tiling exists to bound the decode's working memory.
+    assert stages["ours"]["decode tiled"]["peak"] < stages["ours"]["decode untiled"]["peak"]

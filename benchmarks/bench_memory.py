@@ -1,0 +1,410 @@
+"""Predicted peak GPU memory per memory mode, computed on the CPU: a PREDICTION, not a measurement.
+
+The real modules (ours, diffusers', transformers' T5) run on meta tensors, which carry shapes and dtypes but no
+data, so nothing is computed and the full 720x480x49 job takes seconds. A dispatch mode counts the bytes of every
+storage the ops allocate (views share a storage and are counted once; sizes rounded to the CUDA caching allocator's
+512-byte blocks), frees them when their last tensor dies, and keeps the peak. Composite ops are expanded into the
+ops that CUDA runs, so their temporaries are seen, and the copies that cuDNN convolutions and the layer-norm kernel
+make of non-contiguous inputs are added while those ops run. `F.scaled_dot_product_attention` is routed to the
+kernel CUDA runs (FlashAttention, or memory-efficient attention when a mask is passed); on the meta device it
+would take the math path, which holds the S x S score matrix (38 GB at full size).
+
+Why meta and not fake CUDA tensors: on a CPU-only PyTorch build, indexing, `Tensor.copy_` and some of
+FakeTensorMode's own decompositions take a CUDA device guard and fail. The modules branch on the device in no
+place that matters here (ours only picks its CPU Winograd path for `cpu`).
+
+Per stage we get the working memory above the weights; per memory mode (offload.py) the weights on the device
+during each stage are added: resident: all; model: the stage's component; sequential: the component's weights
+outside the streamed block lists, plus a streamed block and the next one (prefetched). A fixed allowance for what
+no tensor shows (CUDA context, library workspaces, fragmentation) is printed and added separately.
+
+    python -m benchmarks.bench_memory --out memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from diffusers.utils import logging as diffusers_logging
+from torch import Tensor, nn
+from torch._C import DispatchKey
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import T5Config, T5EncoderModel
+
+from benchmarks.common import GiB, machine, markdown_table, source_digest
+from benchmarks.random_checkpoint import T5_XXL
+from cogvideox.config import TransformerConfig, VAEConfig
+from cogvideox.offload import Offloader, _block_lists, _tensors
+from cogvideox.testing import tiny_configs
+from cogvideox.transformer import CogVideoXTransformer
+from cogvideox.vae import CogVideoXVAE
+
+DEVICE = torch.device("meta")
+DTYPE = torch.float16  # the 2B model's
+GUIDANCE = 6.0
+SHAPES = {"full": (49, 480, 720), "tiny": (9, 64, 96)}  # frames, height, width
+MODES = ("resident", "model", "sequential")
+TARGETS_GIB = {"resident": 24, "model": 16, "sequential": 6}  # issue 4, its "GB" read as GiB
+CARD_GIB = 24.0
+# What counting tensors cannot see, added as one fixed amount (estimates, not measured).
+ALLOWANCE_GIB = {
+    "CUDA context (outside PyTorch's allocator)": 0.5,
+    "cuBLAS / cuDNN workspaces": 0.25,
+    "caching-allocator fragmentation": 0.75,
+}
+STAGE_COMPONENT = {"text": "text_encoder", "denoise": "transformer"}  # the rest, decode*, use the VAE
+aten = torch.ops.aten
+# CUDA kernels that copy a non-contiguous input (and weight) before running; the copy lives during the op only.
+CONTIGUOUS_COPY_OPS = {aten.convolution.default: 2, aten.native_layer_norm.default: 1}
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // 512) * 512
+
+
+@functools.cache
+def _composite(func) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+
+
+def _flat(values: list) -> list[Tensor]:
+    """The tensors among aten arguments or results: tensors, and lists or tuples of them."""
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.extend(t for t in v if isinstance(t, Tensor))
+    return out
+
+
+def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The kernel CUDA picks for `F.scaled_dot_product_attention`: FlashAttention for 16-bit inputs without a
+    mask, the memory-efficient kernel otherwise. Both keep O(S) extra memory (the log-sum-exp)."""
+    if attn_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    return aten._scaled_dot_product_efficient_attention(
+        q, k, v, attn_mask, False, dropout_p, is_causal, scale=scale
+    )[0]
+
+
+class DeviceMemory(TorchDispatchMode):
+    """Bytes of the device storages that ops allocate while the mode is active: `live` now, `peak` so far.
+
+    Storages that existed before (the weights) are never counted, whatever views of them the ops make.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}  # id(storage) -> bytes, for the storages allocated in here
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.scaled_dot_product_attention.default:
+            with self:
+                return _fused_attention(*args, **kwargs)
+        if _composite(func):
+            with self:  # the C++ decomposition, as CUDA runs it, so that its temporaries pass through here
+                return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+        out = func(*args, **kwargs)
+        inputs = {id(t.untyped_storage()) for t in _flat([*args, *kwargs.values()])}
+        for t in _flat([out]):
+            storage = t.untyped_storage()
+            key = id(storage)
+            if t.device != DEVICE or key in inputs or key in self._sizes:
+                continue
+            self._sizes[key] = _rounded(storage.nbytes())
+            self.live += self._sizes[key]
+            weakref.finalize(storage, self._free, key)
+        copies = args[: CONTIGUOUS_COPY_OPS.get(func, 0)]
+        hidden = sum(_rounded(t.numel() * t.element_size()) for t in copies if not t.is_contiguous())
+        self.peak = max(self.peak, self.live + hidden)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+
+def measure(fn) -> dict[str, float]:
+    """Peak GiB that `fn` allocates (its inputs, activations, outputs), and what stays alive after it returned
+    (caches held by the modules)."""
+    tracker = DeviceMemory()
+    with tracker, torch.inference_mode():
+        fn()
+    gc.collect()
+    return {"peak": tracker.peak / GiB, "kept": tracker.live / GiB}
+
+
+# -- models ----------------------------------------------------------------------------------------------
+
+
+def model_configs(size: str) -> tuple[TransformerConfig, VAEConfig, dict]:
+    if size == "full":
+        return TransformerConfig(), VAEConfig(), T5_XXL
+    transformer, vae, _ = tiny_configs("2b")
+    # Four blocks, not two: with two, a block and its prefetched successor are the whole list.
+    transformer = dataclasses.replace(transformer, num_layers=4)
+    t5 = {**T5_XXL, "vocab_size": 260, "d_model": transformer.text_embed_dim, "d_kv": 8, "d_ff": 64,
+          "num_heads": 4, "num_layers": 4, "relative_attention_num_buckets": 8,
+          "relative_attention_max_distance": 32}  # fmt: skip
+    return transformer, vae, t5
+
+
+def t5_encoder(kwargs: dict) -> T5EncoderModel:
+    """T5 as transformers loads it in FP16: the `wo` projections stay in FP32 (`_keep_in_fp32_modules`)."""
+    model = T5EncoderModel(T5Config(**kwargs)).to(DTYPE)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in model._keep_in_fp32_modules:
+            module.float()
+    return model
+
+
+def build_models(t_cfg: TransformerConfig, v_cfg: VAEConfig, t5: dict, impls: list[str]) -> dict:
+    """{impl: {component: module}} in FP16 on the meta device; both pipelines use transformers' T5."""
+
+    def half(module: nn.Module) -> nn.Module:
+        return module.to(DTYPE).eval()
+
+    with torch.device(DEVICE):
+        text_encoder = t5_encoder(t5).eval()
+        models = {
+            "ours": {"transformer": half(CogVideoXTransformer(t_cfg)), "vae": half(CogVideoXVAE(v_cfg))},
+            "diffusers": {
+                "transformer": half(CogVideoXTransformer3DModel(**dataclasses.asdict(t_cfg))),
+                "vae": half(AutoencoderKLCogVideoX(**dataclasses.asdict(v_cfg))),
+            },
+        }
+    return {impl: {"text_encoder": text_encoder, **models[impl]} for impl in impls}
+
+
+def weight_bytes(module: nn.Module, streamed: bool) -> dict[str, float]:
+    """GiB of parameters and buffers: all of them, those outside the block lists that sequential mode streams
+    (offload.py's rule: the outermost lists of the `Offloader.STREAMED` components), and the most streamed weight on
+    the device at once there (a block and the next one, prefetched)."""
+
+    def size(m: nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for _, _, t in _tensors(m))
+
+    lists = _block_lists(module) if streamed else []
+    pairs = [size(b[i]) + size(b[(i + 1) % len(b)]) for b in lists for i in range(len(b))]
+    return {
+        "all": size(module) / GiB,
+        "not_streamed": (size(module) - sum(size(b) for b in lists)) / GiB,
+        "streamed_pair": max(pairs, default=0) / GiB,
+    }
+
+
+# -- stages ----------------------------------------------------------------------------------------------
+
+
+def text_stage(t5: nn.Module, batches: list[int], tokens: int):
+    """T5 on batches of ids in turn, outputs kept: ours encodes [negative, prompt] as one batch of 2,
+    diffusers' pipeline each prompt alone."""
+    outs = []
+    for batch in batches:
+        outs.append(t5(torch.zeros(batch, tokens, dtype=torch.long, device=DEVICE))[0])
+    return outs
+
+
+def denoise_stage(forward, latent_shape: tuple, tokens: int, text_dim: int) -> Tensor:
+    """One CFG step as both pipelines run it: the transformer on [latents, latents], then the FP32 combine."""
+    latents = torch.empty(latent_shape, dtype=DTYPE, device=DEVICE)  # (1, F, C, h, w)
+    embeds = torch.empty(2, tokens, text_dim, dtype=DTYPE, device=DEVICE)
+    timestep = torch.full((2,), 999, dtype=torch.long, device=DEVICE)
+    uncond, cond = forward(torch.cat([latents, latents]), embeds, timestep).float().chunk(2)
+    return uncond + GUIDANCE * (cond - uncond)
+
+
+def run_stages(impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape: tuple) -> dict:
+    """{stage: {"peak", "kept"}} GiB; latent_shape is (1, F, C, h, w)."""
+    tokens = t_cfg.max_text_seq_length
+    t5, transformer, vae = modules["text_encoder"], modules["transformer"], modules["vae"]
+    z_shape = (1, latent_shape[2], latent_shape[1], *latent_shape[3:])  # (1, C, F, h, w)
+
+    def z() -> Tensor:
+        return torch.empty(z_shape, dtype=DTYPE, device=DEVICE)
+
+    if impl == "ours":
+        tile = vae.default_tile[1]
+        half_tile = (tile[0] // 2, tile[1] // 2)  # the last rung of offload.decode_with_retry
+        forward = transformer
+        decodes = {
+            "decode untiled": lambda: vae.decode(z()),
+            "decode tiled": lambda: vae.decode(z(), tiled=True),
+            "decode tiled half": lambda: vae.decode(z(), tiled=True, tile_latent_size=half_tile),
+        }
+    else:
+
+        def forward(x, embeds, timestep):
+            return transformer(x, encoder_hidden_states=embeds, timestep=timestep, return_dict=False)[0]
+
+        def decode(tiled: bool) -> Tensor:
+            vae.enable_tiling() if tiled else vae.disable_tiling()
+            return vae.decode(z()).sample
+
+        decodes = {"decode untiled": lambda: decode(False), "decode tiled": lambda: decode(True)}
+    batches = [2] if impl == "ours" else [1, 1]
+    stages = {
+        "text": lambda: text_stage(t5, batches, tokens),
+        "denoise": lambda: denoise_stage(forward, latent_shape, tokens, t_cfg.text_embed_dim),
+        **decodes,
+    }
+    results = {}
+    for name, fn in stages.items():
+        t0 = time.perf_counter()
+        results[name] = measure(fn)
+        print(f"{impl} {name}: peak {results[name]['peak']:.3g} GiB ({time.perf_counter() - t0:.1f} s)",
+              flush=True)  # fmt: skip
+    return results
+
+
+# -- memory modes --------------------------------------------------------------------------------------------
+
+
+def predict(weights: dict, stages: dict, mode: str, decode: str) -> dict[str, float]:
+    """Peak GiB of each stage (text, denoise, decode) in a memory mode: the weights on the device during the stage,
+    its working memory, and what the other stages leave behind (module caches; a second video finds them there)."""
+    names = ["text", "denoise", decode]
+    kept = sum(stages[s]["kept"] for s in names)
+    peaks = {}
+    for stage in names:
+        w = weights[STAGE_COMPONENT.get(stage, "vae")]
+        if mode == "resident":
+            on_device = sum(c["all"] for c in weights.values())
+        elif mode == "model":
+            on_device = w["all"]
+        else:
+            on_device = w["not_streamed"] + w["streamed_pair"]
+        peaks[stage] = on_device + stages[stage]["peak"] + kept - stages[stage]["kept"]
+    return peaks
+
+
+def mode_rows(impl: str, weights: dict, stages: dict) -> list[dict]:
+    allowance = sum(ALLOWANCE_GIB.values())
+    modes = MODES if impl == "ours" else ("resident", "model")  # diffusers: pipe.to(device), model offload
+    rows = []
+    for mode in modes:
+        for decode in (s for s in stages if s.startswith("decode")):
+            peaks = predict(weights, stages, mode, decode)
+            peak = max(peaks.values())
+            target = TARGETS_GIB[mode] if impl == "ours" else None
+            rows.append({
+                "impl": impl, "mode": mode, "decode": decode.removeprefix("decode "),
+                "text": peaks["text"], "denoise": peaks["denoise"], "decode_peak": peaks[decode],
+                "peak": peak, "peak_with_allowance": peak + allowance, "target": target,
+                "meets_target": None if target is None else [peak <= target, peak + allowance <= target],
+                "fits_card": peak + allowance <= CARD_GIB,
+            })  # fmt: skip
+    return rows
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+
+def _cells(values: dict | None, keys: tuple[str, ...]) -> list:
+    return [None if values is None else values[k] for k in keys]
+
+
+def report(stages: dict, weights: dict, rows: list[dict], impls: list[str]) -> None:
+    print("\nWorking memory per stage, GiB: the peak of what the stage allocates above the weights, and")
+    print("what it leaves allocated after it returns (module caches)\n")
+    names = list(dict.fromkeys(s for impl in impls for s in stages[impl]))
+    headers = ["stage"] + [f"{impl} {col}" for impl in impls for col in ("peak", "kept")]
+    table = [[n] + [v for i in impls for v in _cells(stages[i].get(n), ("peak", "kept"))] for n in names]
+    print(markdown_table(headers, table) + "\n")
+
+    print("Weights on the device, GiB (sequential mode holds `not streamed` + `block + next`)\n")
+    keys = ("all", "not_streamed", "streamed_pair")
+    headers = ["component"] + [f"{i} {col}" for i in impls for col in ("all", "not streamed", "block + next")]
+    table = [[c] + [v for i in impls for v in _cells(weights[i][c], keys)] for c in weights[impls[0]]]
+    print(markdown_table(headers, table) + "\n")
+
+    allowance = sum(ALLOWANCE_GIB.values())
+    parts = ", ".join(f"{k} {v:g}" for k, v in ALLOWANCE_GIB.items())
+    print(f"Allowance for what tensors do not show: {allowance:g} GiB ({parts}); a fixed estimate\n")
+
+    print("Predicted peak GiB per memory mode and stage (weights on the device + working memory + caches);")
+    print("diffusers 'model' = enable_model_cpu_offload\n")
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "NO"
+
+    headers = ["impl", "mode", "decode", "text", "denoise", "decode", "peak", "+ allowance", "target",
+               "target met (peak / + allowance)", f"fits {CARD_GIB:g} GiB card"]  # fmt: skip
+    table = []
+    for r in rows:
+        met = "-" if r["meets_target"] is None else " / ".join(map(yes, r["meets_target"]))
+        table.append([r["impl"], r["mode"], r["decode"], r["text"], r["denoise"], r["decode_peak"], r["peak"],
+                      r["peak_with_allowance"], r["target"] or "-", met, yes(r["fits_card"])])  # fmt: skip
+    print(markdown_table(headers, table) + "\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=tuple(SHAPES), default="full", help="full: the released 2B; tiny: smoke")
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: 49 full, 9 tiny)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: 480 full, 64 tiny)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: 720 full, 96 tiny)")
+    p.add_argument("--impls", default="ours,diffusers", help="comma list of ours,diffusers")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    frames, height, width = SHAPES[args.size]
+    args.frames, args.height, args.width = args.frames or frames, args.height or height, args.width or width
+    args.impls = args.impls.split(",")
+    if not set(args.impls) <= {"ours", "diffusers"}:
+        p.error("impls must be among ours, diffusers")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # casting to FP16 on purpose: no warnings about it
+    digest = source_digest()
+    print(f"machine: {machine()}; cogvideox/*.py sha256 {digest}", flush=True)
+    t0 = time.perf_counter()
+    t_cfg, v_cfg, t5 = model_configs(args.size)
+    s = v_cfg.spatial_compression
+    latent_frames = (args.frames - 1) // int(v_cfg.temporal_compression_ratio) + 1
+    latent_shape = (1, latent_frames, t_cfg.in_channels, args.height // s, args.width // s)
+    models = build_models(t_cfg, v_cfg, t5, args.impls)
+    weights = {
+        impl: {c: weight_bytes(m, c in Offloader.STREAMED) for c, m in models[impl].items()}
+        for impl in args.impls
+    }
+    stages = {impl: run_stages(impl, models[impl], t_cfg, latent_shape) for impl in args.impls}
+    rows = [row for impl in args.impls for row in mode_rows(impl, weights[impl], stages[impl])]
+    elapsed = time.perf_counter() - t0
+    print(f"\nPREDICTION (meta tensors on the CPU, no GPU ran), {elapsed:.0f} s: {args.size} model, {args.frames} "
+          f"frames {args.width}x{args.height}, FP16, CFG batch 2, {t_cfg.max_text_seq_length} text tokens, "
+          f"latents {latent_shape}; attention as CUDA's FlashAttention / memory-efficient kernels")  # fmt: skip
+    report(stages, weights, rows, args.impls)
+    if args.out:
+        data = {
+            "prediction": True,
+            "machine": machine(),
+            "source": digest,
+            "args": vars(args),
+            "latent_shape": latent_shape,
+            "allowance_gib": ALLOWANCE_GIB,
+            "card_gib": CARD_GIB,
+            "stages_gib": stages,
+            "weights_gib": weights,
+            "modes": rows,
+        }
+        Path(args.out).write_text(json.dumps(data, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
