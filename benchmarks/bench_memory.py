@@ -15,7 +15,7 @@ place that matters here (ours only picks its CPU Winograd path for `cpu`).
 
 Per stage we get the working memory above the weights; per memory mode (offload.py) the weights on the device
 during each stage are added: resident: all; model: the stage's component; sequential: the component's weights
-outside the streamed block lists, plus a streamed block and the next one (prefetched). A fixed allowance for what
+outside the streamed block lists, plus three streamed blocks in flight (finishing, running, arriving). A fixed allowance for what
 no tensor shows (CUDA context, library workspaces, fragmentation) is printed and added separately.
 
     python -m benchmarks.bench_memory --out memory.json
@@ -64,6 +64,7 @@ ALLOWANCE_GIB = {
 }
 STAGE_COMPONENT = {"text": "text_encoder", "denoise": "transformer"}  # the rest, decode*, use the VAE
 aten = torch.ops.aten
+MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
 # CUDA kernels that copy a non-contiguous input (and weight) before running; the copy lives during the op only.
 CONTIGUOUS_COPY_OPS = {aten.convolution.default: 2, aten.native_layer_norm.default: 1}
 
@@ -136,6 +137,47 @@ class DeviceMemory(TorchDispatchMode):
         self.live -= self._sizes.pop(key)
 
 
+class StepWork(TorchDispatchMode):
+    """What one call asks of the GPU: matmul FLOPs, attention FLOPs, and the bytes the other (memory-bound) ops
+    read and write, with their count (about one kernel each). Views and in-kernel copies are free here."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemm_flops = self.attention_flops = self.other_bytes = self.other_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.scaled_dot_product_attention.default:
+            q, k = args[0], args[1]  # (B, H, S, d): QK^T and PV, 2 FLOPs per multiply-add
+            self.attention_flops += 4 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
+            with self:
+                return _fused_attention(*args, **kwargs)
+        if _composite(func):
+            with self:
+                return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in MATMULS:
+            a, b = [t for t in args if isinstance(t, Tensor)][-2:]
+            self.gemm_flops += 2 * a.numel() * b.shape[-1]
+        elif not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            tensors = _flat([*args, *kwargs.values(), out])
+            if func not in (aten._unsafe_view.default, aten.empty.memory_format) and tensors:
+                self.other_bytes += sum(t.numel() * t.element_size() for t in tensors)
+                self.other_ops += 1
+        return out
+
+
+def step_work(impl: str, transformer: nn.Module, t_cfg: TransformerConfig, latent_shape: tuple) -> dict:
+    """StepWork of one CFG denoising step (the transformer on a batch of 2 and the FP32 combine)."""
+    work = StepWork()
+    with work, torch.inference_mode():
+        denoise_stage(
+            _forward(impl, transformer), latent_shape, t_cfg.max_text_seq_length, t_cfg.text_embed_dim
+        )
+    return {"gemm_tflop": work.gemm_flops / 1e12, "attention_tflop": work.attention_flops / 1e12,
+            "other_gb": work.other_bytes / 1e9, "other_ops": work.other_ops}  # fmt: skip
+
+
 def measure(fn) -> dict[str, float]:
     """Peak GiB that `fn` allocates (its inputs, activations, outputs), and what stays alive after it returned
     (caches held by the modules)."""
@@ -153,7 +195,7 @@ def model_configs(size: str) -> tuple[TransformerConfig, VAEConfig, dict]:
     if size == "full":
         return TransformerConfig(), VAEConfig(), T5_XXL
     transformer, vae, _ = tiny_configs("2b")
-    # Four blocks, not two: with two, a block and its prefetched successor are the whole list.
+    # Four blocks, not two: with fewer than four, the three blocks in flight are the whole list.
     transformer = dataclasses.replace(transformer, num_layers=4)
     t5 = {**T5_XXL, "vocab_size": 260, "d_model": transformer.text_embed_dim, "d_kv": 8, "d_ff": 64,
           "num_heads": 4, "num_layers": 4, "relative_attention_num_buckets": 8,
@@ -191,17 +233,19 @@ def build_models(t_cfg: TransformerConfig, v_cfg: VAEConfig, t5: dict, impls: li
 def weight_bytes(module: nn.Module, streamed: bool) -> dict[str, float]:
     """GiB of parameters and buffers: all of them, those outside the block lists that sequential mode streams
     (offload.py's rule: the outermost lists of the `Offloader.STREAMED` components), and the most streamed weight on
-    the device at once there (a block and the next one, prefetched)."""
+    the device at once there (three consecutive blocks: one finishing, one running, the next arriving)."""
 
     def size(m: nn.Module) -> int:
         return sum(t.numel() * t.element_size() for _, _, t in _tensors(m))
 
     lists = _block_lists(module) if streamed else []
-    pairs = [size(b[i]) + size(b[(i + 1) % len(b)]) for b in lists for i in range(len(b))]
+    windows = [
+        sum(size(b[(i + k) % len(b)]) for k in range(min(3, len(b)))) for b in lists for i in range(len(b))
+    ]
     return {
         "all": size(module) / GiB,
         "not_streamed": (size(module) - sum(size(b) for b in lists)) / GiB,
-        "streamed_pair": max(pairs, default=0) / GiB,
+        "streamed_in_flight": max(windows, default=0) / GiB,
     }
 
 
@@ -226,6 +270,17 @@ def denoise_stage(forward, latent_shape: tuple, tokens: int, text_dim: int) -> T
     return uncond + GUIDANCE * (cond - uncond)
 
 
+def _forward(impl: str, transformer: nn.Module):
+    """transformer(latents, text_embeds, timestep) -> prediction, for either implementation."""
+    if impl == "ours":
+        return transformer
+
+    def forward(x, embeds, timestep):
+        return transformer(x, encoder_hidden_states=embeds, timestep=timestep, return_dict=False)[0]
+
+    return forward
+
+
 def run_stages(impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape: tuple) -> dict:
     """{stage: {"peak", "kept"}} GiB; latent_shape is (1, F, C, h, w)."""
     tokens = t_cfg.max_text_seq_length
@@ -238,16 +293,12 @@ def run_stages(impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape:
     if impl == "ours":
         tile = vae.default_tile[1]
         half_tile = (tile[0] // 2, tile[1] // 2)  # the last rung of offload.decode_with_retry
-        forward = transformer
         decodes = {
             "decode untiled": lambda: vae.decode(z()),
             "decode tiled": lambda: vae.decode(z(), tiled=True),
             "decode tiled half": lambda: vae.decode(z(), tiled=True, tile_latent_size=half_tile),
         }
     else:
-
-        def forward(x, embeds, timestep):
-            return transformer(x, encoder_hidden_states=embeds, timestep=timestep, return_dict=False)[0]
 
         def decode(tiled: bool) -> Tensor:
             vae.enable_tiling() if tiled else vae.disable_tiling()
@@ -257,7 +308,9 @@ def run_stages(impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape:
     batches = [2] if impl == "ours" else [1, 1]
     stages = {
         "text": lambda: text_stage(t5, batches, tokens),
-        "denoise": lambda: denoise_stage(forward, latent_shape, tokens, t_cfg.text_embed_dim),
+        "denoise": lambda: denoise_stage(
+            _forward(impl, transformer), latent_shape, tokens, t_cfg.text_embed_dim
+        ),
         **decodes,
     }
     results = {}
@@ -285,7 +338,7 @@ def predict(weights: dict, stages: dict, mode: str, decode: str) -> dict[str, fl
         elif mode == "model":
             on_device = w["all"]
         else:
-            on_device = w["not_streamed"] + w["streamed_pair"]
+            on_device = w["not_streamed"] + w["streamed_in_flight"]
         peaks[stage] = on_device + stages[stage]["peak"] + kept - stages[stage]["kept"]
     return peaks
 
@@ -324,9 +377,9 @@ def report(stages: dict, weights: dict, rows: list[dict], impls: list[str]) -> N
     table = [[n] + [v for i in impls for v in _cells(stages[i].get(n), ("peak", "kept"))] for n in names]
     print(markdown_table(headers, table) + "\n")
 
-    print("Weights on the device, GiB (sequential mode holds `not streamed` + `block + next`)\n")
-    keys = ("all", "not_streamed", "streamed_pair")
-    headers = ["component"] + [f"{i} {col}" for i in impls for col in ("all", "not streamed", "block + next")]
+    print("Weights on the device, GiB (sequential mode holds `not streamed` + `3 in flight`)\n")
+    keys = ("all", "not_streamed", "streamed_in_flight")
+    headers = ["component"] + [f"{i} {col}" for i in impls for col in ("all", "not streamed", "3 in flight")]
     table = [[c] + [v for i in impls for v in _cells(weights[i][c], keys)] for c in weights[impls[0]]]
     print(markdown_table(headers, table) + "\n")
 
@@ -389,6 +442,12 @@ def main(argv=None) -> int:
           f"frames {args.width}x{args.height}, FP16, CFG batch 2, {t_cfg.max_text_seq_length} text tokens, "
           f"latents {latent_shape}; attention as CUDA's FlashAttention / memory-efficient kernels")  # fmt: skip
     report(stages, weights, rows, args.impls)
+    work = {impl: step_work(impl, models[impl]["transformer"], t_cfg, latent_shape) for impl in args.impls}
+    print("Work per denoising step: matmul and attention TFLOP, and what the other ops (memory-bound: norms,")
+    print("modulation, activations, residuals, copies) read and write, in GB and kernels\n")
+    keys = ("gemm_tflop", "attention_tflop", "other_gb", "other_ops")
+    print(markdown_table(["impl", "matmul TFLOP", "attention TFLOP", "other ops GB", "other ops"],
+                         [[impl, *(work[impl][k] for k in keys)] for impl in args.impls]) + "\n")  # fmt: skip
     if args.out:
         data = {
             "prediction": True,
@@ -401,6 +460,7 @@ def main(argv=None) -> int:
             "stages_gib": stages,
             "weights_gib": weights,
             "modes": rows,
+            "step_work": work,
         }
         Path(args.out).write_text(json.dumps(data, indent=2))
     return 0

@@ -118,22 +118,31 @@ class Offloader:
                 t.data = torch.empty(0, dtype=t.dtype, device=self.device)
 
     def _stream_blocks(self, blocks: nn.ModuleList) -> None:
-        """Hooks: before block i runs it must be on the device and block i+1 starts copying; after, i leaves."""
-        events = {}
+        """Hooks: before block i runs it must be on the device and block i+1 starts copying; after, i leaves.
+
+        The CPU only queues work, so left alone it would run ahead of the GPU and queue every block's copy at once
+        (all of T5 on the device). Before block i+1's copy is queued, block i-2 must have finished on the GPU: at
+        most three blocks' weights are allocated (i-1 finishing, i running, i+1 arriving), and the GPU always
+        has the next block's kernels queued.
+        """
+        copied, done = {}, {}  # block -> CUDA event: its copy arrived / its compute finished
 
         def prefetch(j: int) -> None:
             if self.copy_stream is None:
                 self._fetch(blocks[j])
                 return
             self._fetch(blocks[j], self.copy_stream)
-            events[j] = torch.cuda.Event()
-            events[j].record(self.copy_stream)
+            copied[j] = torch.cuda.Event()
+            copied[j].record(self.copy_stream)
 
         def before(i: int):
             def hook(module, args, kwargs=None):
-                if i in events:
-                    torch.cuda.current_stream(self.device).wait_event(events.pop(i))
+                if i in copied:
+                    torch.cuda.current_stream(self.device).wait_event(copied.pop(i))
                 self._fetch(module)  # no-op when prefetched
+                previous = done.pop((i - 2) % len(blocks), None)
+                if previous is not None:
+                    previous.synchronize()
                 prefetch((i + 1) % len(blocks))
 
             return hook
@@ -141,6 +150,9 @@ class Offloader:
         def after(i: int):
             def hook(module, args, output):
                 self._evict(module)
+                if self.copy_stream is not None:
+                    done[i] = torch.cuda.Event()
+                    done[i].record(torch.cuda.current_stream(self.device))
 
             return hook
 

@@ -95,5 +95,12 @@ def test_bench_memory_predicts_every_stage_and_mode(tmp_path):
         # Streaming blocks shrinks the transformer's stage (the VAE moves whole in both offload modes).
         assert rows[("ours", "sequential", d)]["denoise"] < rows[("ours", "model", d)]["denoise"]
         assert rows[("ours", "resident", d)]["peak_with_allowance"] == pytest.approx(peak["resident"] + 1.5)
+    work = data["step_work"]
+    # The same matmuls (ours also runs the patch embedding as one, diffusers as a convolution).
+    assert work["ours"]["gemm_tflop"] == pytest.approx(work["diffusers"]["gemm_tflop"], rel=0.01)
+    assert work["ours"]["attention_tflop"] == pytest.approx(work["diffusers"]["attention_tflop"])
+    assert (
+        0 < work["ours"]["other_gb"] < work["diffusers"]["other_gb"]
+    )  # fused QKV, in-place adaLN and residuals
     # Tiling exists to bound the decode's working memory.
     assert stages["ours"]["decode tiled"]["peak"] < stages["ours"]["decode untiled"]["peak"]
