@@ -497,6 +497,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", default=env("COGVIDEOX_DTYPE"), help="fp16, bf16 or fp32 (default: the model's)"
     )
     p.add_argument("--device", default=env("COGVIDEOX_DEVICE"), help="default: cuda if available")
+    p.add_argument("--compile", action="store_true", default=_flag("COGVIDEOX_COMPILE"),
+                   help="torch.compile the transformer blocks: a slower first video, faster after")  # fmt: skip
     p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
     args = p.parse_args(argv)
     for name, choices in (
@@ -546,7 +548,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, s
         )
     try:
         pipe = CogVideoXPipeline.from_pretrained(
-            model, device=args.device, dtype=args.dtype, memory_mode=args.memory_mode
+            model, device=args.device, dtype=args.dtype, memory_mode=args.memory_mode, compile=args.compile
         )
     except Exception as e:  # offline, no such repo, a broken folder: the page must still come up and say so
         return None, (

@@ -256,6 +256,14 @@ def test_settings_come_from_the_environment_too(monkeypatch):
         app.parse_args([])
 
 
+def test_compile_reaches_the_pipeline(monkeypatch, tmp_path):
+    assert not app.parse_args([]).compile
+    monkeypatch.setenv("COGVIDEOX_COMPILE", "1")
+    args = app.parse_args(["--model", "tiny-random", "--output-dir", str(tmp_path)])
+    pipe, notice = app.load_pipeline(args)
+    assert args.compile and pipe.compile and "random weights" in notice.lower()
+
+
 def test_old_outputs_are_cleaned_up(server, client):
     demo, _, out = server
     old = [out / "20200101-000000-0123456789abcdef.mp4", out / "gradio" / "0ld" / "copy.mp4"]
