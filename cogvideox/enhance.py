@@ -33,6 +33,9 @@ DEFAULT_ENDPOINT_MODEL = "gpt-4o-mini"
 DEFAULT_LOCAL_MODEL = "Qwen/Qwen2.5-3B-Instruct"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_NEW_TOKENS = 320  # ~240 English words: room for a full paragraph, bounded when a model rambles
+REASONING_TOKENS = (
+    4096  # `max_completion_tokens` for reasoning models: their hidden reasoning counts against it
+)
 
 SYSTEM_PROMPT = """\
 You write prompts for a text-to-video model. The user gives a short idea for a video, in any language. \
@@ -103,6 +106,15 @@ class EnhanceError(RuntimeError):
 
 class _Transient(EnhanceError):
     """A failure worth one more try: a timeout, a dropped connection, HTTP 408/409/429/5xx."""
+
+
+class _Unsupported(EnhanceError):
+    """HTTP 400 naming a sampling parameter the model refuses (OpenAI's reasoning models refuse `max_tokens` and
+    any `temperature` but 1)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -214,6 +226,10 @@ class EndpointBackend:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.host = urlparse(base_url).netloc or base_url
         self.model, self.api_key, self.timeout, self.retry_delay_s = model, api_key, timeout, retry_delay_s
+        self.sampling = {
+            "temperature": 0.7,
+            "max_tokens": MAX_NEW_TOKENS,
+        }  # adapted to what the model accepts
 
     @property
     def name(self) -> str:
@@ -233,7 +249,16 @@ class EndpointBackend:
         pass  # nothing held locally
 
     def _post(self, messages: list[Message]) -> str:
-        body = {"model": self.model, "messages": messages, "temperature": 0.7, "max_tokens": MAX_NEW_TOKENS}
+        while True:  # ends: each refused parameter is dropped or renamed once, and only these two are refused
+            try:
+                return self._send(messages)
+            except _Unsupported as e:
+                del self.sampling[e.param]
+                if e.param == "max_tokens":  # reasoning models spend this budget on hidden reasoning too
+                    self.sampling["max_completion_tokens"] = REASONING_TOKENS
+
+    def _send(self, messages: list[Message]) -> str:
+        body = {"model": self.model, "messages": messages, **self.sampling}
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -262,13 +287,23 @@ class EndpointBackend:
         return content
 
     def _http_error(self, e: urllib.error.HTTPError) -> EnhanceError:
-        detail = e.read()[:500].decode("utf-8", "replace")
+        detail, param = e.read()[:1000].decode("utf-8", "replace"), None
         try:
             error = json.loads(detail)["error"]
+            if isinstance(error, dict):
+                param = error.get("param")
             detail = error["message"] if isinstance(error, dict) else str(error)
         except (ValueError, KeyError, TypeError):
             pass
         message = f"{self.host} answered HTTP {e.code}: {detail.strip() or e.reason}"
+        if e.code == 400:
+            refused = [
+                p
+                for p in ("max_tokens", "temperature")
+                if p in self.sampling and (p == param or f"'{p}'" in detail)
+            ]
+            if refused:
+                return _Unsupported(message, refused[0])
         if e.code in (401, 403):
             return EnhanceError(f"{message}; check OPENAI_API_KEY")
         if e.code == 404:

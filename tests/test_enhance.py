@@ -190,6 +190,49 @@ def test_server_error_then_success_is_retried(server, count_tokens):
     assert len(server.requests) == 2
 
 
+def test_reasoning_model_refusing_sampling_parameters_is_adapted_to(server, count_tokens):
+    # OpenAI's o-series / gpt-5 answers, verbatim in form: 400 naming the parameter in `param` and the message.
+    def refused(param: str, message: str) -> tuple[int, dict, float]:
+        body = {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "unsupported_parameter",
+        }
+        return 400, {"error": body}, 0.0
+
+    server.replies = [
+        refused("max_tokens", "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead."),
+        refused("temperature", "Unsupported value: 'temperature' does not support 0.7 with this model. "
+                "Only the default (1) value is supported."),
+        reply(GOOD),
+        reply(GOOD),
+    ]  # fmt: skip
+    enhancer = endpoint_enhancer(server, count_tokens, PROMPT_ENHANCER_MODEL="gpt-5-test")
+    assert enhancer.enhance("a fox").text == GOOD
+    bodies = [r["body"] for r in server.requests]
+    assert [sorted(set(b) - {"model", "messages"}) for b in bodies] == [
+        ["max_tokens", "temperature"],
+        ["max_completion_tokens", "temperature"],
+        ["max_completion_tokens"],
+    ]
+    assert bodies[-1]["max_completion_tokens"] == enhance.REASONING_TOKENS
+    assert enhancer.enhance("an owl").text == GOOD  # remembered: one request
+    assert len(server.requests) == 4 and set(server.requests[-1]["body"]) == {
+        "model",
+        "messages",
+        "max_completion_tokens",
+    }
+
+
+def test_other_bad_requests_fail_at_once(server, count_tokens):
+    server.replies = [error(400, "Invalid 'messages': too long"), reply(GOOD)]
+    with pytest.raises(EnhanceError, match=r"HTTP 400: Invalid 'messages': too long"):
+        endpoint_enhancer(server, count_tokens).enhance("a fox")
+    assert len(server.requests) == 1
+
+
 def test_two_errors_raise_and_leave_the_prompt(server, count_tokens):
     server.replies = [error(503, "overloaded"), error(500, "still overloaded")]
     prompt = "a fox"
