@@ -33,9 +33,8 @@ DEFAULT_ENDPOINT_MODEL = "gpt-4o-mini"
 DEFAULT_LOCAL_MODEL = "Qwen/Qwen2.5-3B-Instruct"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_NEW_TOKENS = 320  # ~240 English words: room for a full paragraph, bounded when a model rambles
-REASONING_TOKENS = (
-    4096  # `max_completion_tokens` for reasoning models: their hidden reasoning counts against it
-)
+# `max_completion_tokens` for reasoning models: their hidden reasoning counts against it.
+REASONING_TOKENS = 4096
 
 SYSTEM_PROMPT = """\
 You write prompts for a text-to-video model. The user gives a short idea for a video, in any language. \
@@ -226,10 +225,8 @@ class EndpointBackend:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.host = urlparse(base_url).netloc or base_url
         self.model, self.api_key, self.timeout, self.retry_delay_s = model, api_key, timeout, retry_delay_s
-        self.sampling = {
-            "temperature": 0.7,
-            "max_tokens": MAX_NEW_TOKENS,
-        }  # adapted to what the model accepts
+        # Adapted to what the model accepts (see `_post`).
+        self.sampling = {"temperature": 0.7, "max_tokens": MAX_NEW_TOKENS}
 
     @property
     def name(self) -> str:

@@ -78,9 +78,8 @@ class CogVideoXPipeline:
         self.tokenizer = text.load_tokenizer(root / "tokenizer")
         self.text_encoder = self.transformer = self.vae = None
         self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.attention_backends: dict[
-            tuple, SDPBackend | None
-        ] = {}  # (B, heads, S, head_dim) -> fastest kernel
+        # (B, heads, S, head_dim) of the attention -> the fastest SDPA kernel there (None: PyTorch's pick).
+        self.attention_backends: dict[tuple, SDPBackend | None] = {}
 
     @classmethod
     def from_pretrained(
@@ -317,12 +316,7 @@ class CogVideoXPipeline:
         timesteps = self.scheduler.timesteps(steps)
         cfg = embeds.shape[0] == 2
         old_x0 = None
-        c, p = self.transformer_config, self.transformer_config.patch_size
-        qkv_shape = (embeds.shape[0], c.num_attention_heads,
-                     embeds.shape[1] + shape[1] * shape[3] // p * shape[4] // p, c.attention_head_dim)  # fmt: skip
-        if qkv_shape not in self.attention_backends:
-            self.attention_backends[qkv_shape] = fastest_sdpa_backend(qkv_shape, self.dtype, self.device)
-        backend = self.attention_backends[qkv_shape]
+        backend = self.attention_kernel(embeds.shape[0], embeds.shape[1], shape)
         with self.offloader.use(self.transformer), sdpa_kernel(backend) if backend else nullcontext():
             for i, t in enumerate(timesteps.tolist()):
                 x = torch.cat([latents, latents]) if cfg else latents
@@ -338,6 +332,20 @@ class CogVideoXPipeline:
                 if callback is not None and callback(i + 1, steps) is False:
                     raise GenerationCancelled(f"cancelled after step {i + 1} of {steps}")
         return latents
+
+    def attention_kernel(self, batch: int, text_len: int, latent_shape: tuple) -> SDPBackend | None:
+        """The fastest SDPA kernel for the transformer's attention at this video size, timed on first use."""
+        c, p = self.transformer_config, self.transformer_config.patch_size
+        _, frames, _, height, width = latent_shape
+        key = (
+            batch,
+            c.num_attention_heads,
+            text_len + frames * (height // p) * (width // p),
+            c.attention_head_dim,
+        )
+        if key not in self.attention_backends:
+            self.attention_backends[key] = fastest_sdpa_backend(key, self.dtype, self.device)
+        return self.attention_backends[key]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(1, F, C, h, w) latents -> (T, H, W, 3) uint8 frames; on out-of-memory, retry with tiling."""
