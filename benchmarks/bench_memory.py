@@ -99,7 +99,31 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     )[0]
 
 
-class DeviceMemory(TorchDispatchMode):
+class _AsOnCuda(TorchDispatchMode):
+    """Runs ops as CUDA would (attention on a fused kernel, composite ops in their C++ decomposition, so that
+    their temporaries pass through here too) and shows each op that runs to `seen`."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.scaled_dot_product_attention.default:
+            self.attention(args[0], args[1])
+            with self:
+                return _fused_attention(*args, **kwargs)
+        if _composite(func):
+            with self:
+                return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+        out = func(*args, **kwargs)
+        self.seen(func, args, kwargs, out)
+        return out
+
+    def attention(self, q: Tensor, k: Tensor) -> None:
+        pass
+
+    def seen(self, func, args: tuple, kwargs: dict, out) -> None:
+        pass
+
+
+class DeviceMemory(_AsOnCuda):
     """Bytes of the device storages that ops allocate while the mode is active: `live` now, `peak` so far.
 
     Storages that existed before (the weights) are never counted, whatever views of them the ops make.
@@ -110,15 +134,7 @@ class DeviceMemory(TorchDispatchMode):
         self.live = self.peak = 0
         self._sizes: dict[int, int] = {}  # id(storage) -> bytes, for the storages allocated in here
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten.scaled_dot_product_attention.default:
-            with self:
-                return _fused_attention(*args, **kwargs)
-        if _composite(func):
-            with self:  # the C++ decomposition, as CUDA runs it, so that its temporaries pass through here
-                return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
-        out = func(*args, **kwargs)
+    def seen(self, func, args: tuple, kwargs: dict, out) -> None:
         inputs = {id(t.untyped_storage()) for t in _flat([*args, *kwargs.values()])}
         for t in _flat([out]):
             storage = t.untyped_storage()
@@ -131,13 +147,12 @@ class DeviceMemory(TorchDispatchMode):
         copies = args[: CONTIGUOUS_COPY_OPS.get(func, 0)]
         hidden = sum(_rounded(t.numel() * t.element_size()) for t in copies if not t.is_contiguous())
         self.peak = max(self.peak, self.live + hidden)
-        return out
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key)
 
 
-class StepWork(TorchDispatchMode):
+class StepWork(_AsOnCuda):
     """What one call asks of the GPU: matmul FLOPs, attention FLOPs, and the bytes the other (memory-bound) ops
     read and write, with their count (about one kernel each). Views and in-kernel copies are free here."""
 
@@ -145,17 +160,11 @@ class StepWork(TorchDispatchMode):
         super().__init__()
         self.gemm_flops = self.attention_flops = self.other_bytes = self.other_ops = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten.scaled_dot_product_attention.default:
-            q, k = args[0], args[1]  # (B, H, S, d): QK^T and PV, 2 FLOPs per multiply-add
-            self.attention_flops += 4 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
-            with self:
-                return _fused_attention(*args, **kwargs)
-        if _composite(func):
-            with self:
-                return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
-        out = func(*args, **kwargs)
+    def attention(self, q: Tensor, k: Tensor) -> None:
+        # (B, H, S, d): QK^T and PV, 2 FLOPs per multiply-add
+        self.attention_flops += 4 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
+
+    def seen(self, func, args: tuple, kwargs: dict, out) -> None:
         if func in MATMULS:
             a, b = [t for t in args if isinstance(t, Tensor)][-2:]
             self.gemm_flops += 2 * a.numel() * b.shape[-1]
@@ -164,7 +173,6 @@ class StepWork(TorchDispatchMode):
             if func not in (aten._unsafe_view.default, aten.empty.memory_format) and tensors:
                 self.other_bytes += sum(t.numel() * t.element_size() for t in tensors)
                 self.other_ops += 1
-        return out
 
 
 def step_work(impl: str, transformer: nn.Module, t_cfg: TransformerConfig, latent_shape: tuple) -> dict:
