@@ -12,6 +12,7 @@ on the CPU; their home copies live in `Offloader._home`.
 from __future__ import annotations
 
 import gc
+import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -20,8 +21,27 @@ from torch import nn
 GiB = 2**30
 
 
+# How cuDNN, cuBLAS and the CUDA runtime word a failed allocation when it surfaces as a plain RuntimeError
+# (a workspace that could not be allocated is exactly where an untiled decode runs short).
+_OOM_MESSAGES = (
+    "out of memory",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "Unable to find a valid cuDNN algorithm",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for every form a device out-of-memory takes: torch's OOM type and cuDNN/cuBLAS allocation failures."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
+
+
 def module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """Bytes of the module's weights, each tensor once (T5's tied embedding is one tensor under two names)."""
+    return sum(t.numel() * t.element_size() for _, _, t in _tensors(module))
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -65,6 +85,54 @@ def _block_lists(module: nn.Module) -> list[nn.ModuleList]:
     return [blocks for blocks in lists if id(blocks) not in nested]
 
 
+class HostPack:
+    """A group of tensors' CPU home: one flat byte buffer, each tensor a view at an aligned offset.
+
+    One buffer per streamed block (or per component) means one page-locked allocation of exactly its size, pinned
+    with cudaHostRegister (PyTorch's pinned allocator would round every tensor up to a power of two: ~1.4x the
+    weights), and one host-to-device copy per fetch.
+    """
+
+    ALIGN = 256  # bytes: what cudaMalloc gives, so each device view starts aligned too
+
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device):
+        """Moves `tensors` home: their values go into the buffer, each tensor keeps an empty placeholder on
+        `device` (copied one at a time, so packing needs no more than one tensor's worth of extra memory)."""
+        self.tensors, self.specs, self.offsets, size = tensors, [], [], 0
+        for t in tensors:
+            self.specs.append((t.shape, t.dtype))
+            self.offsets.append(size)
+            size += -(-t.numel() * t.element_size() // self.ALIGN) * self.ALIGN
+        self.buffer = torch.empty(size, dtype=torch.uint8)
+        self.pinned = self.on_device = False
+        for t, view in zip(tensors, self.views(self.buffer)):
+            view.copy_(t.detach())
+            t.data = torch.empty(0, dtype=t.dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's shape and dtype, viewed into `buffer` (the home, or its copy on the device)."""
+        return [
+            buffer[o : o + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+            for (shape, dtype), o in zip(self.specs, self.offsets)
+        ]
+
+    def pin(self) -> None:
+        if self.nbytes and not self.pinned:
+            check = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.nbytes, 0)
+            if int(check) != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes failed (error {int(check)})")
+            self.pinned = True
+
+    def unpin(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.pinned = False
+
+
 class Offloader:
     MODES = ("resident", "model", "sequential")
     # Sequential mode streams these components' blocks. The VAE (0.4 GB) moves whole: it runs once per frame
@@ -75,9 +143,20 @@ class Offloader:
         if mode not in (*self.MODES, "auto"):
             raise ValueError(f"memory mode must be one of {self.MODES} or 'auto', got {mode!r}")
         self.device, self.mode = torch.device(device), mode
-        self._home: dict[int, torch.Tensor] = {}  # id(param or buffer) -> its CPU copy
+        # id(module) -> the home of the weights it owns (not those of its streamed blocks)
+        self._packs: dict[int, HostPack] = {}
         self._streams: list = []  # hook handles of sequential mode
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.copy_stream = None  # sequential mode on CUDA; made in place(), never before CUDA is needed
+        self.copies = 0  # host-to-device copies made (one per fetched pack)
+        self.decode_attempts: list[dict] = []  # the last decode: each attempt's options and error, if any
+
+    @property
+    def home_bytes(self) -> int:
+        return sum(pack.nbytes for pack in self._packs.values())
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(pack.nbytes for pack in self._packs.values() if pack.pinned)
 
     # -- placement ---------------------------------------------------------------------------------------
 
@@ -89,33 +168,57 @@ class Offloader:
         for name, module in modules.items():
             if self.mode == "resident":
                 module.to(self.device)
-            else:
-                self._make_home(module)
-                if self.mode == "sequential" and name in self.STREAMED:
-                    for blocks in _block_lists(module):
-                        self._stream_blocks(blocks)
+                continue
+            lists = _block_lists(module) if self.mode == "sequential" and name in self.STREAMED else []
+            blocks = [block for blocks in lists for block in blocks]
+            streamed = {id(t) for block in blocks for _, _, t in _tensors(block)}
+            self._pack(module, [t for _, _, t in _tensors(module) if id(t) not in streamed])
+            for block in blocks:
+                self._pack(block, [t for _, _, t in _tensors(block)])
+            for block_list in lists:
+                self._stream_blocks(block_list)
+        if self.device.type == "cuda" and self._packs:
+            for pack in self._packs.values():
+                pack.pin()
+            weakref.finalize(self, _unpin_all, list(self._packs.values()))
+            if self.mode == "sequential":
+                self.copy_stream = torch.cuda.Stream(self.device)
         return self.mode
 
-    def _make_home(self, module: nn.Module) -> None:
-        pin = self.device.type == "cuda"
-        for _, _, t in _tensors(module):
-            home = t.detach().cpu()
-            self._home[id(t)] = home.pin_memory() if pin else home
-            t.data = torch.empty(0, dtype=t.dtype, device=self.device)
+    def describe(self) -> str:
+        """One line for the load log: the mode and the host memory holding the off-device weights."""
+        if not self._packs:
+            return f"{self.mode} mode: all weights on {self.device}"
+        pinned = f", {self.pinned_bytes / GiB:.2f} GiB of it page-locked" if self.pinned_bytes else ""
+        return (
+            f"{self.mode} mode: weights at home in {len(self._packs)} host buffers of "
+            f"{self.home_bytes / GiB:.2f} GiB{pinned}"
+        )
 
-    def _fetch(self, module: nn.Module, stream=None) -> None:
-        for _, _, t in _tensors(module):
-            home = self._home.get(id(t))
-            if home is not None and t.numel() != home.numel():
-                with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    t.data = home.to(self.device, non_blocking=True, copy=True)
-                if stream is not None:
-                    t.data.record_stream(torch.cuda.current_stream(self.device))
+    def _pack(self, owner: nn.Module, tensors: list[torch.Tensor]) -> None:
+        if tensors:
+            self._packs[id(owner)] = HostPack(tensors, self.device)
 
-    def _evict(self, module: nn.Module) -> None:
-        for _, _, t in _tensors(module):
-            if id(t) in self._home:
+    def _fetch(self, owner: nn.Module, stream=None) -> None:
+        """One copy of the owner's pack to the device; its tensors become views into that copy."""
+        pack = self._packs.get(id(owner))
+        if pack is None or pack.on_device:
+            return
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            copy = pack.buffer.to(self.device, non_blocking=True, copy=True)
+        if stream is not None:  # allocated on the copy stream, used and freed on the compute stream
+            copy.record_stream(torch.cuda.current_stream(self.device))
+        for t, view in zip(pack.tensors, pack.views(copy)):
+            t.data = view
+        pack.on_device = True
+        self.copies += 1
+
+    def _evict(self, owner: nn.Module) -> None:
+        pack = self._packs.get(id(owner))
+        if pack is not None and pack.on_device:
+            for t in pack.tensors:
                 t.data = torch.empty(0, dtype=t.dtype, device=self.device)
+            pack.on_device = False
 
     def _stream_blocks(self, blocks: nn.ModuleList) -> None:
         """Hooks: before block i runs it must be on the device and block i+1 starts copying; after, i leaves.
@@ -123,7 +226,7 @@ class Offloader:
         The CPU only queues work, so left alone it would run ahead of the GPU and queue every block's copy at once
         (all of T5 on the device). Before block i+1's copy is queued, block i-2 must have finished on the GPU: at
         most three blocks' weights are allocated (i-1 finishing, i running, i+1 arriving), and the GPU always
-        has the next block's kernels queued.
+        has the next block's kernels queued. The last block prefetches block 0 for the next pass.
         """
         copied, done = {}, {}  # block -> CUDA event: its copy arrived / its compute finished
 
@@ -159,7 +262,6 @@ class Offloader:
         for i, block in enumerate(blocks):
             self._streams.append(block.register_forward_pre_hook(before(i)))
             self._streams.append(block.register_forward_hook(after(i)))
-        blocks._streamed = True
 
     # -- stages --------------------------------------------------------------------------------------------
 
@@ -169,15 +271,12 @@ class Offloader:
         if self.mode in ("resident", "auto"):
             yield module
             return
-        streamed = {id(t) for blocks in _block_lists(module) if getattr(blocks, "_streamed", False)
-                    for _, _, t in _tensors(blocks)}  # fmt: skip
-        for _, _, t in _tensors(module):
-            if id(t) not in streamed and id(t) in self._home:
-                t.data = self._home[id(t)].to(self.device, non_blocking=True, copy=True)
+        self._fetch(module)
         try:
             yield module
         finally:
-            self._evict(module)
+            for owner in module.modules():
+                self._evict(owner)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # hand the stage's memory to the next one (not gc: ~0.2 s a stage)
 
@@ -187,7 +286,11 @@ class Offloader:
             torch.cuda.empty_cache()
 
     def decode_with_retry(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        """VAE decode that never loses the latents to an out-of-memory error: free, then retry smaller."""
+        """VAE decode that never loses the latents to an out-of-memory error: free, then retry smaller.
+
+        Every form of out-of-memory counts (torch's type, cuDNN/cuBLAS workspace failures); memory is released
+        after the `except` block is left, when the failed attempt's traceback (and its tensors) are gone.
+        """
         tile_h, tile_w = vae.default_tile[1]
         attempts = [
             {"tiled": False},
@@ -201,9 +304,26 @@ class Offloader:
         untiled = 10 * GiB * z.shape[-1] * z.shape[-2] / (90 * 60) * z.element_size() / 2
         if free is not None and (self.mode == "sequential" or free < untiled):
             attempts = attempts[1:]
+        self.decode_attempts = log = []
         for kwargs in attempts[:-1]:
             try:
-                return vae.decode(z, **kwargs)
-            except torch.OutOfMemoryError:
-                self.release()
-        return vae.decode(z, **attempts[-1])  # nothing smaller to try: an OOM here propagates
+                video = vae.decode(z, **kwargs)
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
+                log.append({"kwargs": kwargs, "error": f"{type(e).__name__}: {e}"})
+                if not is_out_of_memory(e):
+                    raise
+            else:
+                log.append({"kwargs": kwargs, "error": None})
+                return video
+            self.release()
+        log.append({"kwargs": attempts[-1], "error": None})
+        try:
+            return vae.decode(z, **attempts[-1])  # nothing smaller to try: an error here propagates
+        except RuntimeError as e:
+            log[-1]["error"] = f"{type(e).__name__}: {e}"
+            raise
+
+
+def _unpin_all(packs: list[HostPack]) -> None:
+    for pack in packs:
+        pack.unpin()

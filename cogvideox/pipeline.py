@@ -51,6 +51,31 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+def _check_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: CUDA if there is one); ValueError for one this machine does not have.
+
+    Asks the driver how many GPUs there are, but creates no CUDA context or object (ZeroGPU forbids that in the
+    main process)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be like cpu, cuda or cuda:1, got {device!r}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"device must be cpu, cuda or mps, got {str(device)!r}")
+    return device
+
+
 class CogVideoXPipeline:
     """CogVideoX text-to-video. Construction reads configs only; weights load on first use (or `load()`)."""
 
@@ -98,10 +123,8 @@ class CogVideoXPipeline:
         scheduler: "ddim" or "dpm"; None uses the class the checkpoint's scheduler config names.
         compile: torch.compile the transformer (slow first step, faster after).
         """
+        device = _check_device(device)
         root = resolve_model(model)
-        device = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
         if isinstance(dtype, str):
             dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
                      "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}.get(dtype)  # fmt: skip
@@ -207,6 +230,7 @@ class CogVideoXPipeline:
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
         self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
+        report(self.offloader.describe(), 0.95)
         if self.compile:
             transformer.compile_blocks()
         self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae

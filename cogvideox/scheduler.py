@@ -46,8 +46,15 @@ def dynamic_guidance_scale(guidance_scale: float, timestep: int, num_inference_s
 
 
 def _randn(shape: torch.Size, generator: torch.Generator, device: torch.device, dtype: torch.dtype):
-    """diffusers' `randn_tensor`: draw on the generator's device in the target dtype, then move."""
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    """diffusers' `randn_tensor`: draw on the generator's device in the target dtype, then move.
+
+    On CUDA the CPU draw lands in page-locked memory and is copied without blocking, so the CPU keeps queueing
+    the step instead of waiting for the GPU to catch up (PyTorch's pinned allocator keeps the buffer until the
+    copy is done).
+    """
+    pin = device.type == "cuda" and generator.device.type == "cpu"
+    noise = torch.empty(shape, dtype=dtype, device=generator.device, pin_memory=pin)
+    return torch.randn(shape, generator=generator, dtype=dtype, out=noise).to(device, non_blocking=pin)
 
 
 class Scheduler(ABC):

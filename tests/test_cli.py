@@ -36,3 +36,10 @@ def test_cli_refuses_bad_input_with_a_clear_message(tiny_2b, tmp_path):
     proc = run_cli("--model", tmp_path / "nowhere", "--prompt", "x", "--output", tmp_path / "a.mp4")
     assert proc.returncode == 2 and "neither a checkpoint folder" in proc.stderr
     assert not (tmp_path / "a.mp4").exists()
+
+
+def test_cli_asking_for_cuda_without_it_says_so_in_one_line(tiny_2b, tmp_path):
+    proc = run_cli("--model", tiny_2b, "--prompt", "x", "--output", tmp_path / "a.mp4", "--device", "cuda")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: CUDA is not available on this machine; use --device cpu"
+    assert not (tmp_path / "a.mp4").exists()
