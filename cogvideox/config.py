@@ -4,32 +4,87 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
-def _from_dict(cls, data: dict[str, Any], ignore: frozenset[str] = frozenset()):
-    """Build `cls` from a config dict: private (`_`) keys and `ignore` are dropped, others must be fields."""
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreachable, incomplete or corrupt; the message names the file."""
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why `value` does not fit the annotation `hint` (int, float, bool, str, tuple[X, ...], X | None), or None."""
+    if isinstance(hint, types.UnionType):
+        if value is None and type(None) in hint.__args__:
+            return None
+        (hint,) = [h for h in hint.__args__ if h is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            return "must be a non-empty list"
+        problems = [_type_problem(v, hint.__args__[0]) for v in value]
+        return next((f"item {i} {p}" for i, p in enumerate(problems) if p), None)
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "must be a finite number"
+    return None if isinstance(value, hint) else f"must be {hint.__name__}"
+
+
+def _check_fields(config, may_be_zero_or_negative: frozenset[str] = frozenset()) -> None:
+    """Types as annotated; every number (and list item) positive unless named. ValueError naming the field."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = _type_problem(value, hints[f.name])
+        if problem:
+            raise ValueError(f"{f.name!r} {problem}, got {value!r}")
+        numbers = value if isinstance(value, tuple) else (value,)
+        numeric = [v for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if f.name not in may_be_zero_or_negative and any(v <= 0 for v in numeric):
+            raise ValueError(f"{f.name!r} must be positive, got {value!r}")
+
+
+def _from_dict(cls, data: Any, ignore: frozenset[str] = frozenset(), source: str | Path = "config"):
+    """Build `cls` from a config dict: private (`_`) keys and `ignore` are dropped, others must be fields.
+
+    Any problem is a CheckpointError naming `source` (the file) and the field."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}")
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key.startswith("_") or key in ignore:
             continue
         if key not in fields:
-            raise ValueError(f"{cls.__name__}: unsupported config key {key!r}")
+            raise CheckpointError(f"{source}: {cls.__name__}: unsupported config key {key!r}")
         kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
+    """A config file's JSON object; CheckpointError (naming the file) when missing, unreadable or not an object."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"missing config file: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt config file {path}: {e}") from None
+        raise CheckpointError(f"missing config file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"corrupt config file {path}: expected a JSON object, got {type(data).__name__}"
+        )
+    return data
 
 
 @dataclass(frozen=True)
@@ -63,6 +118,9 @@ class TransformerConfig:
     ofs_embed_dim: int | None = None
 
     def __post_init__(self):
+        _check_fields(self, frozenset({"freq_shift"}))
+        if self.freq_shift < 0:
+            raise ValueError(f"'freq_shift' must not be negative, got {self.freq_shift}")
         if self.patch_size_t is not None or self.ofs_embed_dim is not None:
             raise ValueError("CogVideoX 1.5 checkpoints (patch_size_t / ofs_embed_dim) are not supported")
         if self.use_learned_positional_embeddings:
@@ -79,12 +137,12 @@ class TransformerConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
-        return _from_dict(cls, data, ignore=frozenset({"dropout"}))
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "config") -> TransformerConfig:
+        return _from_dict(cls, data, ignore=frozenset({"dropout"}), source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TransformerConfig:
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path), source=path)
 
 
 @dataclass(frozen=True)
@@ -112,6 +170,12 @@ class VAEConfig:
     invert_scale_latents: bool = False
 
     def __post_init__(self):
+        _check_fields(self, frozenset({"shift_factor", "latents_mean"}))
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"'block_out_channels' {self.block_out_channels} must be multiples of 'norm_num_groups' "
+                f"({self.norm_num_groups})"
+            )
         if self.use_quant_conv or self.use_post_quant_conv:
             raise ValueError("VAE quant convs are not supported (no released CogVideoX VAE uses them)")
         if self.act_fn != "silu":
@@ -124,12 +188,12 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
-        return _from_dict(cls, data, ignore=frozenset({"mid_block_add_attention", "sample_size"}))
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "config") -> VAEConfig:
+        return _from_dict(cls, data, frozenset({"mid_block_add_attention", "sample_size"}), source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> VAEConfig:
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path), source=path)
 
 
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
@@ -154,6 +218,9 @@ class SchedulerConfig:
     snr_shift_scale: float = 3.0
 
     def __post_init__(self):
+        _check_fields(self, frozenset({"steps_offset"}))
+        if self.steps_offset < 0:
+            raise ValueError(f"'steps_offset' must not be negative, got {self.steps_offset}")
         if self.class_name not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.class_name!r}")
         if self.prediction_type not in ("v_prediction", "epsilon"):
@@ -162,15 +229,14 @@ class SchedulerConfig:
             raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SchedulerConfig:
-        data = dict(data)
-        if "_class_name" in data:
-            data["class_name"] = data["_class_name"]
-        return _from_dict(cls, data)
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "config") -> SchedulerConfig:
+        if isinstance(data, dict) and "_class_name" in data:
+            data = {**data, "class_name": data["_class_name"]}
+        return _from_dict(cls, data, source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> SchedulerConfig:
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path), source=path)
 
 
 # The released models, as their config.json files describe them (MODEL_NOTES 1.3-1.7).

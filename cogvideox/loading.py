@@ -11,6 +11,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .config import CheckpointError
+
+__all__ = ["CheckpointError", "load_module", "load_state_dict_from_dir", "resolve_model"]
+
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # Small files: enough to build every config, count tokens and validate a request without any weights.
 CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*")
@@ -20,10 +24,6 @@ WEIGHT_PATTERNS = tuple(
     for p in ("*.safetensors", "*.safetensors.index.json")
 )
 ALL_PATTERNS = CONFIG_PATTERNS + WEIGHT_PATTERNS
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreachable, incomplete or corrupt; the message names the file."""
 
 
 def resolve_model(model: str | Path, patterns: Iterable[str] = CONFIG_PATTERNS) -> Path:
@@ -53,9 +53,16 @@ def _safetensors_files(folder: Path) -> list[Path]:
     if indexes:
         try:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"corrupt shard index {indexes[0]}: {e}") from None
-        return [folder / name for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"corrupt shard index {indexes[0]}: no 'weight_map' of file names ({e})"
+            ) from None
+        if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n for n in names):
+            raise CheckpointError(
+                f"corrupt shard index {indexes[0]}: 'weight_map' must name files in {folder}"
+            )
+        return [folder / name for name in names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {folder}")
@@ -82,6 +89,14 @@ def load_state_dict_from_dir(folder: str | Path, dtype: torch.dtype | None = Non
     return state
 
 
+def _check_dtypes(module: nn.Module, state: dict[str, torch.Tensor], folder: str | Path) -> None:
+    expected = module.state_dict()
+    for key, value in state.items():
+        if expected[key].is_floating_point() != value.is_floating_point():
+            kind = "floating-point" if expected[key].is_floating_point() else "integer"
+            raise CheckpointError(f"weights in {folder}: {key!r} is {value.dtype}, {kind} was expected")
+
+
 def load_module(module: nn.Module, folder: str | Path, dtype: torch.dtype) -> nn.Module:
     """Load a (meta-device) module from a component folder, strictly; tensors stay on the CPU."""
     state = load_state_dict_from_dir(folder, dtype)
@@ -93,6 +108,7 @@ def load_module(module: nn.Module, folder: str | Path, dtype: torch.dtype) -> nn
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
         )
+    _check_dtypes(module, state, folder)
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # shape mismatches

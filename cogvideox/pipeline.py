@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import __version__, text
 from .config import SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
-from .loading import ALL_PATTERNS, CheckpointError, load_module, resolve_model
+from .loading import ALL_PATTERNS, load_module, resolve_model
 from .offload import Offloader
 from .scheduler import dynamic_guidance_scale, make_scheduler
 
@@ -98,7 +98,9 @@ class CogVideoXPipeline:
             if scheduler.lower() not in SCHEDULER_NAMES:
                 raise ValueError(f"scheduler must be one of {sorted(SCHEDULER_NAMES)}, got {scheduler!r}")
             sched["_class_name"] = SCHEDULER_NAMES[scheduler.lower()]
-        self.scheduler = make_scheduler(SchedulerConfig.from_dict(sched))
+        self.scheduler = make_scheduler(
+            SchedulerConfig.from_dict(sched, source=root / "scheduler" / "scheduler_config.json")
+        )
         self.offloader = Offloader(self.device, memory_mode)
         self.tokenizer = text.load_tokenizer(root / "tokenizer")
         self.text_encoder = self.transformer = self.vae = None
@@ -216,12 +218,7 @@ class CogVideoXPipeline:
             self.root = resolve_model(self.model_id, ALL_PATTERNS)  # a Hub snapshot that has only the configs
         report("loading text encoder", 0.1)
         hf_logging.disable_progress_bar()
-        try:
-            text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
-        except OSError as e:
-            raise CheckpointError(
-                f"could not load the text encoder from {self.root / 'text_encoder'}: {e}"
-            ) from e
+        text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
         report("loading transformer", 0.5)
         with torch.device("meta"):
             transformer = CogVideoXTransformer(self.transformer_config)

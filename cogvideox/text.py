@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import T5EncoderModel, T5Tokenizer
+
+from .config import CheckpointError
 
 MAX_TOKENS = 226
 
@@ -27,13 +30,29 @@ def load_tokenizer(folder: str | Path) -> T5Tokenizer:
     """The checkpoint's `tokenizer/` folder (`spiece.model`), converted by transformers on load."""
     folder = Path(folder)
     if not (folder / "spiece.model").is_file() and not (folder / "tokenizer.json").is_file():
-        raise ValueError(f"tokenizer folder {folder} has neither spiece.model nor tokenizer.json")
-    return T5Tokenizer.from_pretrained(folder)
+        raise CheckpointError(f"tokenizer folder {folder} has neither spiece.model nor tokenizer.json")
+    with _as_checkpoint_error(f"could not load the tokenizer from {folder}"):
+        tokenizer = T5Tokenizer.from_pretrained(folder)
+        tokenizer("a probe", add_special_tokens=True)  # a broken vocabulary can load and fail on first use
+    return tokenizer
 
 
 def load_text_encoder(folder: str | Path, dtype: torch.dtype) -> T5EncoderModel:
     # transformers keeps T5's `wo` in fp32 and clamps fp16 activations, so FP16 does not overflow.
-    return T5EncoderModel.from_pretrained(Path(folder), dtype=dtype).eval().requires_grad_(False)
+    with _as_checkpoint_error(f"could not load the text encoder from {folder}"):
+        return T5EncoderModel.from_pretrained(Path(folder), dtype=dtype).eval().requires_grad_(False)
+
+
+@contextmanager
+def _as_checkpoint_error(what: str):
+    """transformers reports a broken file in many ways (OSError, ValueError, TypeError, SafetensorError, ...):
+    all are one CheckpointError that says which folder, and how it failed."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{what}: {type(e).__name__}: {e}") from None
 
 
 def count_tokens(tokenizer: T5Tokenizer, prompt: str, max_tokens: int = MAX_TOKENS) -> TokenCount:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,21 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` (same suffix, so encoders pick the format) renamed to `path` on success and
+    removed on any failure, Ctrl-C included: `path` is either the whole new file or untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     """Encode (T, H, W, 3) uint8 RGB frames as H.264 / yuv420p (BT.709) MP4 with the index up front.
 
@@ -36,22 +55,27 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     _, height, width, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = imageio_ffmpeg.write_frames(
-        str(path),
-        size=(frames.shape[2], frames.shape[1]),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_in="rgb24",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        macro_block_size=1,  # we padded to even sizes; don't let imageio rescale to multiples of 16
-        output_params=["-vf", BT709, "-crf", str(CRF), "-movflags", "+faststart"],
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with _atomic(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp),
+            size=(frames.shape[2], frames.shape[1]),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            macro_block_size=1,  # we padded to even sizes; don't let imageio rescale to multiples of 16
+            output_params=["-vf", BT709, "-crf", str(CRF), "-movflags", "+faststart"],
+        )
+        writer.send(None)
+        try:
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        except BaseException:
+            with suppress(Exception):  # ffmpeg may be gone already (Ctrl-C reaches it too)
+                writer.close()
+            raise
+        writer.close()
     return path
 
 
@@ -67,9 +91,9 @@ def write_gif(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     """Save frames as a GIF that loops forever; each frame shows for 1/fps s (GIF stores 10 ms units)."""
     frames = _check_frames(frames)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    with _atomic(path) as tmp:
+        images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return path
 
 
@@ -77,5 +101,7 @@ def write_sidecar(path: str | Path, settings: dict[str, Any]) -> Path:
     """Write `settings` as JSON next to the video at `path` (same stem, `.json`)."""
     out = Path(path).with_suffix(".json")
     # default=str keeps values such as dtypes or paths readable instead of failing the whole save.
-    out.write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    text = json.dumps(settings, indent=2, default=str) + "\n"
+    with _atomic(out) as tmp:
+        tmp.write_text(text)
     return out
