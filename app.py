@@ -1,7 +1,8 @@
 """Gradio demo: `python app.py --model THUDM/CogVideoX-2b` (or `--model tiny-random` to try it offline).
 
 `create_demo(pipeline)` builds the UI around a pipeline it is handed (tests hand it a tiny one). Weights load
-on the first generation, so the page is up in seconds; a missing model still gives a page that says why.
+on the first generation, so the page is up in seconds; a missing model still gives a page that says why. On a
+Hugging Face ZeroGPU Space they load at start-up instead, and each job runs in ZeroGPU's GPU worker (jobs.py).
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ import threading
 import time
 from pathlib import Path
 
-import gradio as gr
-import torch
+if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
+    # Hugging Face ZeroGPU: spaces patches torch as it is imported, so it must come before torch does.
+    import spaces  # noqa: F401
 
+import gradio as gr
+
+import jobs
 from cogvideox.enhance import EnhanceError, LocalBackend, PromptEnhancer
+from cogvideox.offload import is_out_of_memory
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline, GenerationCancelled
 from cogvideox.video import write_gif, write_mp4, write_sidecar
-
-try:  # Hugging Face ZeroGPU: a GPU is attached only while a `spaces.GPU` function runs
-    import spaces
-except ImportError:
-    spaces = None
+from jobs import ZERO_GPU, gpu_seconds, known_error, out_of_memory_error, user_error  # noqa: F401 (gpu_seconds)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "prompts.json"
@@ -48,20 +50,19 @@ MAX_GALLERY = int(os.environ.get("MAX_GALLERY", 24))
 # closed tab is seen another way: a running job yields every HEARTBEAT_S and Gradio resumes it right after
 # each yield until the request is cancelled or its client goes. Gradio does not reliably close the
 # generator, so a job not resumed for ABANDONED_S stops. ZeroGPU runs the job in a forked process that
-# cannot see these signals: there a job runs to its end.
+# cannot see these signals: there a job runs to its end, and the page says so.
 HEARTBEAT_S = 0.5
 ABANDONED_S = 4 * HEARTBEAT_S
-ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() == "true"
-GPU_S_PER_STEP_FRAME = 0.06  # ZeroGPU budget: ~2x an A100's 2B speed, plus a minute to load and decode
+ZERO_GPU_CANCEL_NOTE = (
+    "On this ZeroGPU Space a job runs in a GPU process of its own: **Cancel cannot stop a job that has started**; "
+    "it frees the page and the job runs to its end."
+)
 
 RELEASE_DEFAULTS = dict(
     num_frames=49, height=480, width=720, num_inference_steps=50, guidance_scale=6.0, fps=8
 )
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
-# Progress-bar text and position for each stage the pipeline reports.
-STAGES = {"loading model": ("Loading the model", 0.0), "encoding text": ("Encoding the prompt", 0.0),
-          "decoding": ("Decoding the frames", 1.0)}  # fmt: skip
 # System fonts: the page makes no request to a font CDN.
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
                        "sans-serif"], font_mono=["ui-monospace", "monospace"])  # fmt: skip
@@ -69,15 +70,6 @@ TINY_NOTICE = (
     "🎲 **tiny-random**: a tiny model with **random weights**. Its videos are noise; "
     "it is here to try the whole flow offline."
 )
-OOM_ADVICE = (
-    "The GPU ran out of memory. Try fewer frames or steps, close other programs using the GPU, or restart "
-    "with `--memory-mode sequential` (slower, far less memory). Memory has been freed: you can try again."
-)
-
-
-def user_error(message: str, title: str = "Error") -> gr.Error:
-    """An error the user caused or can act on: shown in the page, no traceback in the server log."""
-    return gr.Error(message, title=title, print_exception=False)
 
 
 def _whole(value) -> int | None:
@@ -149,19 +141,6 @@ def clean_outputs(folder: Path, max_age_s: float) -> int:
     return removed
 
 
-def gpu_seconds(pipe, kwargs, *_) -> int:
-    """How long to hold a ZeroGPU for one job: scales with steps x frames."""
-    return int(60 + GPU_S_PER_STEP_FRAME * kwargs["num_inference_steps"] * kwargs["num_frames"])
-
-
-def _render(pipe, kwargs, on_step, on_stage):
-    return pipe(**kwargs, callback=on_step, on_stage=on_stage)
-
-
-if spaces is not None:
-    _render = spaces.GPU(duration=gpu_seconds)(_render)
-
-
 def _token_html(pipe, prompt: str) -> str:
     if pipe is None or not isinstance(prompt, str):
         return ""
@@ -226,6 +205,8 @@ def create_demo(
     d = pipe.defaults if pipe else RELEASE_DEFAULTS
     full_steps, max_frames, fps = d["num_inference_steps"], pipe.max_frames if pipe else 49, d["fps"]
     enhance_lock = gpu_lock if enhancer and isinstance(enhancer.backend, LocalBackend) else threading.Lock()
+    if ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
+        jobs.PIPELINE = pipe
 
     def validate(prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
         _, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
@@ -262,7 +243,10 @@ def create_demo(
         worker.start()
         try:
             while worker.is_alive():
-                worker.join(HEARTBEAT_S)
+                # On ZeroGPU nothing reaches the forked job, and a yield would hide the progress it sends.
+                worker.join(None if ZERO_GPU else HEARTBEAT_S)
+                if ZERO_GPU:
+                    break
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 pulled[0] = time.monotonic()
                 if latest:  # a yield hides the progress bar until its next update: send it again
@@ -280,48 +264,34 @@ def create_demo(
         oom = False
         try:
             box["clip"] = _run_job(kwargs, wanted, progress)
-        except torch.OutOfMemoryError:
-            oom = True
-        except GenerationCancelled:
-            box["error"] = user_error("Cancelled.")
-        except ValueError as e:
-            box["error"] = user_error(str(e))
-        except Exception as e:  # gr.Error, or a bug: re-raised in the request, where Gradio reports it
-            box["error"] = e
+        except Exception as e:
+            oom = is_out_of_memory(e)
+            box["error"] = known_error(e) or e  # a bug is re-raised in the request, where Gradio reports it
         if oom:  # outside the except block, whose traceback still holds the step's tensors
             pipe.release()
-            box["error"] = user_error(OOM_ADVICE, title="Out of GPU memory")
+            box["error"] = out_of_memory_error()
 
     def _run_job(kwargs, wanted, progress):
-        started, denoise_start = time.perf_counter(), [0.0]
-
-        def on_stage(name):
-            denoise_start[0] = time.perf_counter()
-            if name == "denoising":
-                progress((0, kwargs["num_inference_steps"]), desc="Denoising", unit="steps")
-            else:
-                desc, fraction = STAGES.get(name, (name, 0.0))
-                progress(fraction, desc=desc)
-
-        def on_step(step, total):
-            if not wanted():
-                return False
-            eta = int((time.perf_counter() - denoise_start[0]) / step * (total - step))
-            progress((step, total), desc=f"Denoising, about {eta // 60}:{eta % 60:02d} left", unit="steps")
-            return True
-
+        started = time.perf_counter()
         progress(0.0, desc="Waiting for the GPU")
         with gpu_lock:
             if not wanted():
                 raise GenerationCancelled("cancelled while waiting for the GPU")
             if enhancer is not None:
                 enhancer.release()  # a local prompt model makes room for the video model
-            if not pipe.loaded:
-                try:
-                    pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
-                except (OSError, ValueError) as e:
-                    raise user_error(f"Could not load {pipe.model_id}: {e}", title="Model unavailable") from e
-            result = _render(pipe, kwargs, on_step, on_stage)
+            if ZERO_GPU:  # in ZeroGPU's forked worker, which reports its own progress and errors
+                result = jobs.render_on_gpu(kwargs)
+                if not wanted():
+                    raise GenerationCancelled("cancelled while the GPU worker ran")
+            else:
+                if not pipe.loaded:
+                    try:
+                        pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
+                    except (OSError, ValueError) as e:
+                        message = f"Could not load {pipe.model_id}: {e}"
+                        raise user_error(message, title="Model unavailable") from e
+                on_stage, on_step = jobs.progress_reporters(kwargs["num_inference_steps"], progress, wanted)
+                result = pipe(**kwargs, callback=on_step, on_stage=on_stage)
         progress(1.0, desc="Writing the MP4 and GIF")
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"  # unique and unguessable
         mp4 = write_mp4(result.frames, output_dir / f"{stem}.mp4", fps=result.fps)
@@ -418,6 +388,8 @@ def create_demo(
                         f"⚡ Draft ({DRAFT_STEPS} steps)", scale=2, interactive=pipe is not None
                     )
                     cancel_btn = gr.Button("⏹ Cancel", variant="stop", scale=1)
+                if ZERO_GPU:
+                    gr.Markdown(ZERO_GPU_CANCEL_NOTE, elem_classes="hint", elem_id="cancel-note")
                 rows, labels = _load_presets(max_frames)
                 if rows:
                     gr.Examples(
@@ -536,8 +508,18 @@ def launch_options(args: argparse.Namespace) -> dict:
 
 
 def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, str]:
-    """The pipeline (configs and tokenizer only) and a notice for the page; (None, why) when unavailable."""
+    """The pipeline (configs and tokenizer only) and a notice for the page; (None, why) when unavailable.
+
+    On ZeroGPU the weights load now, in the main thread: there spaces records `.to("cuda")` (torch's CUDA is
+    emulated in that thread alone) and moves the weights into its GPU worker at each job. All of them stay on
+    the device (no streams or pinned memory, which need a real GPU in this process), and nothing is compiled.
+    """
     model, notice = args.model, ""
+    memory_mode, compile = args.memory_mode, args.compile
+    if ZERO_GPU:
+        if (memory_mode or "resident") != "resident" or compile:
+            print("ZeroGPU: --memory-mode resident, without --compile")
+        memory_mode, compile = "resident", False
     if model == "tiny-random":
         from cogvideox.testing import write_tiny_checkpoint
 
@@ -548,8 +530,10 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, s
         )
     try:
         pipe = CogVideoXPipeline.from_pretrained(
-            model, device=args.device, dtype=args.dtype, memory_mode=args.memory_mode, compile=args.compile
+            model, device=args.device, dtype=args.dtype, memory_mode=memory_mode, compile=compile
         )
+        if ZERO_GPU:
+            pipe.load()
     except Exception as e:  # offline, no such repo, a broken folder: the page must still come up and say so
         return None, (
             f"⚠️ **The model {args.model} is unavailable**: {e}\n\nThe page works but cannot render. Check "
