@@ -4,21 +4,27 @@ Two backends share one method, `chat(messages) -> str`:
 - `EndpointBackend`: any OpenAI-compatible `/chat/completions` (OpenAI, GLM, vLLM, Ollama, llama.cpp server).
 - `LocalBackend`: an instruct model through transformers, loaded on first use; `release()` moves it to CPU
   so the GPU is free for video generation.
-`PromptEnhancer` adds the instructions, cleans the answer and keeps it within the T5 token budget.
+`PromptEnhancer` adds the instructions, cleans the answer and keeps it within the T5 token budget. Against an
+endpoint one call has a deadline for everything it sends and holds one of a few slots, so a slow server holds only
+its own caller.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import re
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,7 +37,11 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_ENDPOINT_MODEL = "gpt-4o-mini"
 # Small enough to sit beside the video model for a moment, multilingual, and good at following format rules.
 DEFAULT_LOCAL_MODEL = "Qwen/Qwen2.5-3B-Instruct"
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = 30.0  # one whole enhance call against an endpoint: retries and the follow-up included
+DEFAULT_CONCURRENCY = 4  # endpoint calls in flight at once
+BUSY_WAIT_S = 2.0  # how long a call waits for a free slot before the user is told to try again
+MAX_IDEA_CHARS = 2000  # what the app's prompt box holds
+MAX_RESPONSE_BYTES = 2**20  # a rewrite is a few kB; a server sending more is broken
 MAX_NEW_TOKENS = 320  # ~240 English words: room for a full paragraph, bounded when a model rambles
 # `max_completion_tokens` for reasoning models: their hidden reasoning counts against it.
 REASONING_TOKENS = 4096
@@ -102,9 +112,11 @@ Message = dict[str, str]
 class EnhanceError(RuntimeError):
     """The rewrite failed; the message is meant for the user, whose prompt stays as it was."""
 
+    elapsed_s: float = 0.0  # set by `PromptEnhancer.enhance`: how long the user waited for this
+
 
 class _Transient(EnhanceError):
-    """A failure worth one more try: a timeout, a dropped connection, HTTP 408/409/429/5xx."""
+    """A failure worth one more try if time remains: no connection, a dropped one, HTTP 408/409/429/5xx."""
 
 
 class _Unsupported(EnhanceError):
@@ -123,6 +135,33 @@ class EnhanceResult:
     backend: str
     tokens: int  # count_tokens(text), within the budget
     trimmed: bool  # cut at a sentence (or word) boundary to fit
+    elapsed_s: float  # how long the user waited
+
+
+# What shows nothing: controls, format characters (zero-width space and joiners, word joiner, BOM, bidi marks),
+# spaces and line separators, and the letters that render blank (Hangul fillers, the empty Braille cell).
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _invisible(char: str) -> bool:
+    return unicodedata.category(char) in _INVISIBLE_CATEGORIES or char in _BLANK_LETTERS
+
+
+def check_idea(prompt: str, max_chars: int = MAX_IDEA_CHARS) -> str:
+    """The idea without invisible characters at either end; ValueError if it is too long or shows nothing."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
+    if len(prompt) > max_chars:  # first, so a huge paste costs nothing more
+        raise ValueError(f"the prompt is {len(prompt)} characters long; enhance takes {max_chars} at most")
+    start, end = 0, len(prompt)
+    while start < end and _invisible(prompt[start]):
+        start += 1
+    while end > start and _invisible(prompt[end - 1]):
+        end -= 1
+    if start == end:
+        raise ValueError("the prompt is empty: type a short idea to enhance")
+    return prompt[start:end]
 
 
 def word_budget(max_tokens: int) -> tuple[int, int]:
@@ -211,8 +250,54 @@ def trim_to_budget(text: str, count_tokens: Callable[[str], int], max_tokens: in
     return " ".join(words[:lo]).rstrip(",;:-–—")
 
 
+class _HangUp:
+    """Shuts a socket down when `seconds` have passed, which ends a read blocked on it at once.
+
+    A socket timeout bounds each read, not the answer: a server that sends a byte a second would hold a
+    caller for minutes.
+    """
+
+    def __init__(self, seconds: float):
+        self.fired = False  # the deadline passed before `cancel`: what was read may be cut short
+        self._sock: socket.socket | None = None
+        self._done = False
+        # Once `cancel` returns the socket is never shut down: its file descriptor may be reused by then.
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                self._shutdown()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._done, self._sock = True, None
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._done:
+                self.fired = True
+                self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is None:
+            return
+        # The plain socket's shutdown: TLS's own would drop its state under the reading thread.
+        with suppress(OSError):  # already closed by the other side
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+
 class EndpointBackend:
-    """An OpenAI-compatible chat endpoint: one POST per request, one retry on transient failures."""
+    """An OpenAI-compatible chat endpoint: one POST per request, one retry on transient failures if time allows.
+
+    `timeout` bounds one whole `PromptEnhancer.enhance` call, which holds one of `concurrency` slots; a call
+    that finds them all taken for `busy_wait_s` is told to try again.
+    """
 
     def __init__(
         self,
@@ -221,10 +306,22 @@ class EndpointBackend:
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         retry_delay_s: float = 1.0,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        busy_wait_s: float = BUSY_WAIT_S,
     ):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.host = urlparse(base_url).netloc or base_url
+        target = urlparse(self.url)
+        if target.scheme not in ("http", "https") or not target.hostname:
+            raise ValueError(f"OPENAI_BASE_URL must be an http:// or https:// URL, got {base_url!r}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.host = target.netloc
+        self._address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
+        self._path = target.path + (f"?{target.query}" if target.query else "")
+        self._tls = ssl.create_default_context() if target.scheme == "https" else None
         self.model, self.api_key, self.timeout, self.retry_delay_s = model, api_key, timeout, retry_delay_s
+        self.concurrency, self.busy_wait_s = concurrency, busy_wait_s
+        self._slots = threading.BoundedSemaphore(concurrency)
         # Adapted to what the model accepts (see `_post`).
         self.sampling = {"temperature": 0.7, "max_tokens": MAX_NEW_TOKENS}
 
@@ -232,47 +329,52 @@ class EndpointBackend:
     def name(self) -> str:
         return f"{self.model} via {self.host}"
 
-    def chat(self, messages: list[Message]) -> str:
+    @contextmanager
+    def slot(self, deadline: float) -> Iterator[None]:
+        """Hold one of the `concurrency` slots; EnhanceError if none frees up soon (or before `deadline`)."""
+        if not self._slots.acquire(timeout=max(0.0, min(self.busy_wait_s, deadline - time.monotonic()))):
+            raise EnhanceError("the prompt enhancer is busy with other requests; try again in a moment")
         try:
-            return self._post(messages)
-        except _Transient:
+            yield
+        finally:
+            self._slots.release()
+
+    def chat(self, messages: list[Message], deadline: float | None = None) -> str:
+        """The model's answer by `deadline`, a `time.monotonic()` time (default: `timeout` from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        try:
+            return self._post(messages, deadline)
+        except _Transient as e:
+            if deadline - time.monotonic() <= self.retry_delay_s:
+                raise EnhanceError(f"{e} (no time left to try again)") from e
             time.sleep(self.retry_delay_s)
         try:
-            return self._post(messages)
+            return self._post(messages, deadline)
         except _Transient as e:
             raise EnhanceError(f"{e} (tried twice)") from e
 
     def release(self) -> None:
         pass  # nothing held locally
 
-    def _post(self, messages: list[Message]) -> str:
+    def _post(self, messages: list[Message], deadline: float) -> str:
         while True:  # ends: each refused parameter is dropped or renamed once, and only these two are refused
             try:
-                return self._send(messages)
+                return self._send(messages, deadline)
             except _Unsupported as e:
-                del self.sampling[e.param]
+                self.sampling.pop(e.param, None)  # another call may have dropped it already
                 if e.param == "max_tokens":  # reasoning models spend this budget on hidden reasoning too
                     self.sampling["max_completion_tokens"] = REASONING_TOKENS
 
-    def _send(self, messages: list[Message]) -> str:
-        body = {"model": self.model, "messages": messages, **self.sampling}
+    def _send(self, messages: list[Message], deadline: float) -> str:
+        sampling = dict(self.sampling)
+        body = json.dumps({"model": self.model, "messages": messages, **sampling}).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            raise self._http_error(e) from e
-        except TimeoutError as e:
-            raise _Transient(f"{self.host} did not answer within {self.timeout:g} s") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                raise _Transient(f"{self.host} did not answer within {self.timeout:g} s") from e
-            raise _Transient(f"could not connect to {self.url} ({e.reason})") from e
-        except (OSError, http.client.HTTPException) as e:
-            raise _Transient(f"the connection to {self.host} failed ({e})") from e
+        status, reason, raw = self._exchange(body, headers, deadline)
+        if not 200 <= status < 300:
+            raise self._http_error(status, reason, raw, sampling)
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
@@ -283,8 +385,52 @@ class EndpointBackend:
             raise EnhanceError(f"{self.host} sent no text (the model may have refused)")
         return content
 
-    def _http_error(self, e: urllib.error.HTTPError) -> EnhanceError:
-        detail, param = e.read()[:1000].decode("utf-8", "replace"), None
+    def _exchange(self, body: bytes, headers: dict[str, str], deadline: float) -> tuple[int, str, bytes]:
+        """POST `body`: the answer's status, reason and body, its connection hung up at `deadline`."""
+        late = EnhanceError(f"{self.host} did not finish answering within {self.timeout:g} s")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise late
+        hang_up = _HangUp(remaining)
+        if self._tls is None:
+            conn = http.client.HTTPConnection(*self._address)
+        else:
+            conn = http.client.HTTPSConnection(*self._address, context=self._tls)
+        connected, response = False, None
+        try:
+            # Our own socket, so the hang-up covers the TLS handshake too (name lookup has the resolver's limits).
+            sock = socket.create_connection(self._address, timeout=remaining)
+            if self._tls is not None:
+                host = self._address[0]
+                sock = self._tls.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+            conn.sock = sock
+            hang_up.watch(sock)
+            if self._tls is not None:
+                sock.do_handshake()
+            connected = True
+            conn.request("POST", self._path, body, headers)
+            response = conn.getresponse()
+            raw = response.read(MAX_RESPONSE_BYTES + 1)  # never more than the cap in memory
+        except (OSError, http.client.HTTPException) as e:
+            # Each operation's own timeout is at least what remained, so it too means the deadline passed.
+            if hang_up.fired or isinstance(e, TimeoutError):
+                raise late from e
+            if not connected:
+                raise _Transient(f"could not connect to {self.url} ({e})") from e
+            raise _Transient(f"the connection to {self.host} failed ({e})") from e
+        finally:
+            hang_up.cancel()
+            if response is not None:
+                response.close()
+            conn.close()
+        if hang_up.fired:  # a hung-up socket reads as the end of the answer
+            raise late
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise EnhanceError(f"{self.host} sent an answer over {MAX_RESPONSE_BYTES // 2**20} MiB")
+        return response.status, response.reason, raw
+
+    def _http_error(self, status: int, reason: str, raw: bytes, sent: Mapping[str, object]) -> EnhanceError:
+        detail, param = raw[:1000].decode("utf-8", "replace"), None
         try:
             error = json.loads(detail)["error"]
             if isinstance(error, dict):
@@ -292,20 +438,18 @@ class EndpointBackend:
             detail = error["message"] if isinstance(error, dict) else str(error)
         except (ValueError, KeyError, TypeError):
             pass
-        message = f"{self.host} answered HTTP {e.code}: {detail.strip() or e.reason}"
-        if e.code == 400:
+        message = f"{self.host} answered HTTP {status}: {detail.strip() or reason}"
+        if status == 400:
             refused = [
-                p
-                for p in ("max_tokens", "temperature")
-                if p in self.sampling and (p == param or f"'{p}'" in detail)
+                p for p in ("max_tokens", "temperature") if p in sent and (p == param or f"'{p}'" in detail)
             ]
             if refused:
                 return _Unsupported(message, refused[0])
-        if e.code in (401, 403):
+        if status in (401, 403):
             return EnhanceError(f"{message}; check OPENAI_API_KEY")
-        if e.code == 404:
+        if status == 404:
             return EnhanceError(f"{message}; check OPENAI_BASE_URL and PROMPT_ENHANCER_MODEL")
-        if e.code in (408, 409, 429) or e.code >= 500:
+        if status in (408, 409, 429) or status >= 500:
             return _Transient(message)
         return EnhanceError(message)
 
@@ -402,6 +546,18 @@ def local_weights_available(model_id: str, cache_dir: str | None = None) -> bool
     return False
 
 
+def _env_positive(env: Mapping[str, str], name: str, default: float, kind: type) -> float:
+    raw = env.get(name, "").strip() or str(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        number = "whole number" if kind is int else "number"
+        raise ValueError(f"{name} must be a positive {number}, got {raw!r}")
+    return value
+
+
 def _hub_cache(env: Mapping[str, str]) -> str | None:
     if env.get("HF_HUB_CACHE"):
         return env["HF_HUB_CACHE"]
@@ -445,21 +601,16 @@ class PromptEnhancer:
 
         `count_tokens` must count as the T5 encoder sees the text, `</s>` included.
         """
-        raw_timeout = env.get("PROMPT_ENHANCER_TIMEOUT", "").strip() or str(DEFAULT_TIMEOUT_S)
-        try:
-            timeout = float(raw_timeout)
-        except ValueError:
-            raise ValueError(
-                f"PROMPT_ENHANCER_TIMEOUT must be a number of seconds, got {raw_timeout!r}"
-            ) from None
-        if timeout <= 0:
-            raise ValueError(f"PROMPT_ENHANCER_TIMEOUT must be positive, got {raw_timeout!r}")
+        timeout = _env_positive(env, "PROMPT_ENHANCER_TIMEOUT", DEFAULT_TIMEOUT_S, float)  # seconds
+        concurrency = _env_positive(env, "PROMPT_ENHANCER_CONCURRENCY", DEFAULT_CONCURRENCY, int)
         api_key = env.get("OPENAI_API_KEY", "").strip()
         base_url = env.get("OPENAI_BASE_URL", "").strip()
         # Ollama, llama.cpp and most vLLM servers need no key; only OpenAI's own API does.
         if api_key or (base_url and urlparse(base_url).hostname != urlparse(DEFAULT_BASE_URL).hostname):
             model = env.get("PROMPT_ENHANCER_MODEL", "").strip() or DEFAULT_ENDPOINT_MODEL
-            backend = EndpointBackend(base_url or DEFAULT_BASE_URL, model, api_key or None, timeout)
+            backend = EndpointBackend(
+                base_url or DEFAULT_BASE_URL, model, api_key or None, timeout, concurrency=concurrency
+            )
             return cls(backend, count_tokens, max_tokens)
         local_model = env.get("PROMPT_ENHANCER_LOCAL_MODEL", "").strip()
         cache_dir = _hub_cache(env)
@@ -476,18 +627,41 @@ class PromptEnhancer:
     def backend_name(self) -> str:
         return self.backend.name if self.backend is not None else "none"
 
+    @property
+    def needs_gpu_lock(self) -> bool:
+        """A local model shares the GPU with video generation; an endpoint needs no lock (it has its slots)."""
+        return isinstance(self.backend, LocalBackend)
+
     def enhance(self, prompt: str) -> EnhanceResult:
-        """Raises ValueError for an empty prompt and EnhanceError (user-facing) when the rewrite fails."""
-        idea = prompt.strip()
-        if not idea:
-            raise ValueError("the prompt is empty: type a short idea to enhance")
+        """Rewrite `prompt`; ValueError, before any work, for an empty or over-long prompt.
+
+        Against an endpoint the whole call, retries and the follow-up included, ends within the backend's
+        `timeout` and holds one of its slots. Failures raise EnhanceError (user-facing, with `elapsed_s`).
+        """
+        idea = check_idea(prompt)
         if self.backend is None:
             raise EnhanceError(self.unavailable_reason)
+        started = time.monotonic()
+        try:
+            if isinstance(self.backend, EndpointBackend):
+                deadline = started + self.backend.timeout
+                with self.backend.slot(deadline):
+                    text, trimmed = self._rewrite(idea, partial(self.backend.chat, deadline=deadline))
+            else:
+                text, trimmed = self._rewrite(idea, self.backend.chat)
+        except EnhanceError as e:
+            e.elapsed_s = time.monotonic() - started
+            raise
+        tokens = self.count_tokens(text)
+        return EnhanceResult(prompt, text, self.backend.name, tokens, trimmed, time.monotonic() - started)
+
+    def _rewrite(self, idea: str, chat: Callable[[list[Message]], str]) -> tuple[str, bool]:
+        """The rewrite within the token budget, and whether it had to be trimmed."""
         messages = build_messages(idea, self.max_tokens)
-        first = self._ask(messages)
+        first = self._ask(chat, messages)
         tokens = self.count_tokens(first)
         if tokens <= self.max_tokens:
-            return EnhanceResult(prompt, first, self.backend.name, tokens, trimmed=False)
+            return first, False
         # Aim 10 % under the budget, scaled from the words the first answer spent per token.
         max_words = min(
             word_budget(self.max_tokens)[1], int(len(first.split()) * self.max_tokens / tokens * 0.9)
@@ -495,20 +669,19 @@ class PromptEnhancer:
         follow_up = SHORTER_TEMPLATE.format(tokens=tokens, max_tokens=self.max_tokens, max_words=max_words)
         messages += [{"role": "assistant", "content": first}, {"role": "user", "content": follow_up}]
         try:
-            candidates = [self._ask(messages), first]
-        except EnhanceError:  # the first answer is still worth trimming
+            candidates = [self._ask(chat, messages), first]
+        except EnhanceError:  # the first answer is still worth trimming (also when the deadline cut this one)
             candidates = [first]
         best = min(candidates, key=self.count_tokens)
-        tokens = self.count_tokens(best)
-        if tokens <= self.max_tokens:
-            return EnhanceResult(prompt, best, self.backend.name, tokens, trimmed=False)
+        if self.count_tokens(best) <= self.max_tokens:
+            return best, False
         text = trim_to_budget(best, self.count_tokens, self.max_tokens)
         if not text:
             raise EnhanceError(f"{self.backend.name} gave no rewrite that fits in {self.max_tokens} tokens")
-        return EnhanceResult(prompt, text, self.backend.name, self.count_tokens(text), trimmed=True)
+        return text, True
 
-    def _ask(self, messages: list[Message]) -> str:
-        text = clean_rewrite(self.backend.chat(messages))
+    def _ask(self, chat: Callable[[list[Message]], str], messages: list[Message]) -> str:
+        text = clean_rewrite(chat(messages))
         if not text:
             raise EnhanceError(f"{self.backend.name} returned an empty rewrite")
         return text

@@ -4,10 +4,18 @@ chat model drives the local one, and a tiny sentencepiece T5 tokenizer counts to
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
+import tracemalloc
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -74,11 +82,16 @@ def test_counter_and_fixtures_are_meaningful(count_tokens):
 
 
 class FakeServer:
-    """Records every request; answers each with the next queued (status, payload, delay_s)."""
+    """Records every request; answers each with the next queued reply, or with `default` once none is queued.
 
-    def __init__(self):
+    A reply is (status, payload, delay_s), or a function of the handler and the request body that writes the
+    whole answer itself (see `trickling` and `endless`).
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None):
         self.requests: list[dict] = []
-        self.replies: list[tuple[int, dict, float]] = []
+        self.replies: list = []
+        self.default = (599, {}, 0.0)
         self.stop = threading.Event()
         fake = self
 
@@ -86,25 +99,31 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append({"path": self.path, "headers": self.headers, "body": body})
-                status, payload, delay = fake.replies.pop(0) if fake.replies else (599, {}, 0.0)
-                fake.stop.wait(delay)
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass  # the client timed out and hung up
+                with suppress(OSError):  # the client gave up and hung up
+                    fake.answer(self, body, fake.replies.pop(0) if fake.replies else fake.default)
 
             def log_message(self, *args):
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
+
+    def answer(self, handler: BaseHTTPRequestHandler, body: dict, answer) -> None:
+        if callable(answer):
+            return answer(handler, body)
+        status, payload, delay = answer
+        self.stop.wait(delay)
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
     def close(self):
         self.stop.set()
@@ -118,6 +137,55 @@ def reply(text: str, delay: float = 0.0) -> tuple[int, dict, float]:
 
 def error(status: int, message: str) -> tuple[int, dict, float]:
     return status, {"error": {"message": message, "type": "server_error"}}, 0.0
+
+
+def trickling(server: FakeServer, text: str, every_s: float, sent: list[float] | None = None):
+    """An answer whose headers come at once and whose body comes one byte every `every_s` seconds.
+
+    `sent` gets the time of each byte: a per-read socket timeout longer than the gaps never fires.
+    """
+    data = json.dumps(reply(text)[1]).encode()
+
+    def answer(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        for i in range(len(data)):
+            handler.wfile.write(data[i : i + 1])  # raises once the client has hung up
+            if sent is not None:
+                sent.append(time.monotonic())
+            if server.stop.wait(every_s):
+                return
+
+    return answer
+
+
+def endless(server: FakeServer, offered: int, declared: bool):
+    """An answer of `offered` bytes of junk, its length declared in the headers or not."""
+
+    def answer(handler, body):
+        handler.send_response(200)
+        if declared:
+            handler.send_header("Content-Length", str(offered))
+        handler.end_headers()
+        chunk = b"x" * 2**16
+        for _ in range(offered // len(chunk)):
+            if server.stop.is_set():
+                return
+            handler.wfile.write(chunk)
+
+    return answer
+
+
+def by_idea(server: FakeServer, slow, fast):
+    """Answers an idea that mentions "slow" with `slow`, any other with `fast`."""
+
+    def answer(handler, body):
+        slow_idea = "slow" in body["messages"][-1]["content"]
+        server.answer(handler, body, slow if slow_idea else fast)
+
+    return answer
 
 
 @pytest.fixture
@@ -155,7 +223,7 @@ def test_endpoint_request_and_cleaned_answer(server, count_tokens):
         GOOD,
         enhancer.backend_name,
     )
-    assert result.tokens == count_tokens(GOOD) and not result.trimmed
+    assert result.tokens == count_tokens(GOOD) and not result.trimmed and 0 < result.elapsed_s < 0.5
     [request] = server.requests
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["Authorization"] == "Bearer sk-test"
@@ -248,13 +316,146 @@ def test_bad_key_is_not_retried(server, count_tokens):
     assert len(server.requests) == 1
 
 
-def test_slow_answer_times_out(server, count_tokens):
+def test_silent_server_times_out_once_for_the_whole_call(server, count_tokens):
     server.replies = [reply(GOOD, delay=3.0), reply(GOOD, delay=3.0)]
     start = time.monotonic()
-    with pytest.raises(EnhanceError, match=r"did not answer within 0.5 s \(tried twice\)"):
+    with pytest.raises(EnhanceError, match=r"did not finish answering within 0.5 s$") as raised:
         endpoint_enhancer(server, count_tokens).enhance("a fox")
-    assert time.monotonic() - start < 2.5
-    assert len(server.requests) == 2
+    elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed < 1.5 and raised.value.elapsed_s == pytest.approx(elapsed, abs=0.1)
+    assert len(server.requests) == 1  # no time left for a second try
+
+
+def test_trickling_answer_is_cut_at_the_deadline(server, count_tokens):
+    sent = []
+    server.replies = [trickling(server, GOOD, every_s=0.2, sent=sent)]  # ~2 minutes for the whole answer
+    enhancer = endpoint_enhancer(server, count_tokens, PROMPT_ENHANCER_TIMEOUT="1.5")
+    start = time.monotonic()
+    late = r"^127\.0\.0\.1:\d+ did not finish answering within 1\.5 s$"
+    with pytest.raises(EnhanceError, match=late) as raised:
+        enhancer.enhance("a fox")
+    elapsed = time.monotonic() - start
+    assert 1.5 <= elapsed < 3.0 and raised.value.elapsed_s == pytest.approx(elapsed, abs=0.1)
+    # A timeout per read never fires here: the bytes kept coming, far less than 1.5 s apart.
+    gaps = [b - a for a, b in pairwise(sent)]
+    assert len(sent) >= 5 and max(gaps) < 1.0
+    assert len(server.requests) == 1
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """The fake server behind TLS, with a self-signed certificate for 127.0.0.1 that clients trust."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=127.0.0.1"
+    subprocess.run(
+        ["openssl", *command.split(), "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # what ssl.create_default_context() trusts
+    fake = FakeServer(tls=context)
+    yield fake
+    fake.close()
+
+
+def test_tls_endpoint_answers_and_is_cut_at_the_deadline(tls_server, count_tokens):
+    tls_server.replies = [reply(GOOD), trickling(tls_server, GOOD, every_s=0.2)]
+    enhancer = endpoint_enhancer(tls_server, count_tokens, PROMPT_ENHANCER_TIMEOUT="1")
+    assert tls_server.url.startswith("https://") and enhancer.enhance("a fox").text == GOOD
+    start = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"did not finish answering within 1 s$"):
+        enhancer.enhance("a fox")
+    assert time.monotonic() - start < 2.0 and len(tls_server.requests) == 2
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_stuck_call_holds_only_its_own_slot(server, count_tokens, limit):
+    server.default = by_idea(server, trickling(server, GOOD, every_s=0.2), reply(GOOD))
+    enhancer = endpoint_enhancer(
+        server, count_tokens, PROMPT_ENHANCER_TIMEOUT="1.5", PROMPT_ENHANCER_CONCURRENCY=str(limit)
+    )
+    enhancer.backend.busy_wait_s = 0.3  # well before the stuck call gives up
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(enhancer.enhance, "a slow fox")
+        wait_for(lambda: len(server.requests) == 1)  # it holds a slot from before it sends
+        start = time.monotonic()
+        if limit == 1:
+            with pytest.raises(EnhanceError, match=r"^the prompt enhancer is busy .*try again in a moment$"):
+                enhancer.enhance("a quick owl")
+        else:
+            assert enhancer.enhance("a quick owl").text == GOOD
+        assert time.monotonic() - start < 1.0 and not stuck.done()
+        with pytest.raises(EnhanceError, match=r"did not finish answering within 1\.5 s"):
+            stuck.result(timeout=5)
+    assert len(server.requests) == limit  # a busy call sends nothing
+    assert enhancer.enhance("a quick owl").text == GOOD  # the slot was given back
+
+
+def test_a_call_waits_briefly_for_a_free_slot(server, count_tokens):
+    server.default = by_idea(server, reply(GOOD, delay=0.3), reply(GOOD))
+    enhancer = endpoint_enhancer(
+        server, count_tokens, PROMPT_ENHANCER_TIMEOUT="2", PROMPT_ENHANCER_CONCURRENCY="1"
+    )
+    assert enhancer.backend.busy_wait_s == enhance.BUSY_WAIT_S > 0.3
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(enhancer.enhance, "a slow fox")
+        wait_for(lambda: len(server.requests) == 1)
+        assert enhancer.enhance("a quick owl").text == GOOD
+        assert first.result(timeout=5).text == GOOD
+
+
+def test_retries_only_within_the_deadline(server, count_tokens):
+    server.default = error(503, "overloaded")
+    enhancer = endpoint_enhancer(server, count_tokens, PROMPT_ENHANCER_TIMEOUT="1")
+    enhancer.backend.retry_delay_s = 5.0  # longer than the whole budget: not worth waiting for
+    start = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"HTTP 503: overloaded \(no time left to try again\)$"):
+        enhancer.enhance("a fox")
+    assert time.monotonic() - start < 0.5 and len(server.requests) == 1
+
+    # Time for a second try, which gets what remains of the budget, not a budget of its own.
+    server.replies = [error(503, "overloaded"), reply(GOOD, delay=3.0)]
+    enhancer.backend.retry_delay_s = 0.5
+    start = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"did not finish answering within 1 s$"):
+        enhancer.enhance("a fox")
+    assert time.monotonic() - start < 1.4 and len(server.requests) == 3  # a budget of its own: 1.5 s
+
+
+def test_follow_up_cut_by_the_deadline_trims_the_first_answer(server, count_tokens):
+    server.replies = [reply(LONG, delay=0.5), reply(GOOD, delay=3.0)]
+    start = time.monotonic()
+    result = endpoint_enhancer(server, count_tokens, PROMPT_ENHANCER_TIMEOUT="1").enhance("a toy ship")
+    assert result.trimmed and LONG.startswith(result.text) and len(server.requests) == 2
+    assert 1.0 <= result.elapsed_s <= time.monotonic() - start < 1.4  # a budget of its own: 1.5 s
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_endless_answer_is_cut_at_the_cap(server, count_tokens, declared):
+    offered = 16 * enhance.MAX_RESPONSE_BYTES
+    server.default = endless(server, offered, declared)
+    enhancer = endpoint_enhancer(server, count_tokens, PROMPT_ENHANCER_TIMEOUT="5")
+    tracemalloc.start()
+    try:
+        with pytest.raises(EnhanceError, match=r"sent an answer over 1 MiB$"):
+            enhancer.enhance("a fox")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * enhance.MAX_RESPONSE_BYTES  # read up to the cap, not the 16 MiB on offer
+    assert len(server.requests) == 1  # not retried
 
 
 def test_unreachable_server(count_tokens):
@@ -299,10 +500,42 @@ def test_failed_follow_up_trims_the_first_answer(server, count_tokens):
     assert result.trimmed and LONG.startswith(result.text) and result.tokens <= 226
 
 
-def test_empty_prompt_is_a_value_error(server, count_tokens):
-    with pytest.raises(ValueError, match="empty"):
-        endpoint_enhancer(server, count_tokens).enhance("   ")
-    assert server.requests == []
+@pytest.fixture
+def counted(count_tokens):
+    """`count_tokens` that records what it counted."""
+    texts = []
+
+    def count(text):
+        texts.append(text)
+        return count_tokens(text)
+
+    count.texts = texts
+    return count
+
+
+INVISIBLE = ["", "   ", "\t\n\r", "\u200b", "\u200c\u200d\u2060\ufeff"]  # blanks, zero-width joiners, BOM
+INVISIBLE += ["\xa0\u3000\u2028", "\u3164\u2800", "\x00\u202e"]  # wide spaces, blank letters, controls
+
+
+@pytest.mark.parametrize("prompt", INVISIBLE)
+def test_invisible_prompt_is_refused_before_any_work(server, counted, prompt):
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        endpoint_enhancer(server, counted).enhance(prompt)
+    assert server.requests == [] and counted.texts == []
+
+
+def test_prompt_length_limit(server, counted):
+    limit = enhance.MAX_IDEA_CHARS
+    enhancer = endpoint_enhancer(server, counted)
+    with pytest.raises(ValueError, match=f"is {limit + 1} characters long; enhance takes {limit} at most"):
+        enhancer.enhance("a" * (limit + 1))
+    assert server.requests == [] and counted.texts == []
+
+    server.replies = [reply(GOOD)]
+    idea = "f" * (limit - 2)
+    result = enhancer.enhance(f"\u200b{idea} ")  # exactly the limit; invisible ends are not sent
+    assert result.text == GOOD and len(server.requests) == 1
+    assert f"Video idea: {idea}\n" in server.requests[0]["body"]["messages"][-1]["content"]
 
 
 # --- cleanup and trimming ----------------------------------------------------------------------------------
@@ -380,9 +613,10 @@ def test_from_env_selection(tmp_path, count_tokens):
     assert not PromptEnhancer.from_env(count_tokens, env=env).available
 
     keyed = PromptEnhancer.from_env(count_tokens, env={"OPENAI_API_KEY": "sk-x", "HF_HUB_CACHE": str(cache)})
-    assert isinstance(keyed.backend, EndpointBackend)
+    assert isinstance(keyed.backend, EndpointBackend) and not keyed.needs_gpu_lock
     assert keyed.backend.url == "https://api.openai.com/v1/chat/completions"
     assert keyed.backend.timeout == enhance.DEFAULT_TIMEOUT_S
+    assert keyed.backend.concurrency == enhance.DEFAULT_CONCURRENCY
 
     ollama = PromptEnhancer.from_env(
         count_tokens,
@@ -400,6 +634,7 @@ def test_from_env_selection(tmp_path, count_tokens):
     (cache / "models--acme--tiny-chat" / "snapshots" / "abc123" / "model-2.safetensors").write_text("")
     local = PromptEnhancer.from_env(count_tokens, env=env)
     assert isinstance(local.backend, LocalBackend) and local.backend_name == "acme/tiny-chat (local)"
+    assert local.needs_gpu_lock and not off.needs_gpu_lock
     assert local.backend.model is None  # nothing loads before the first click
 
     empty_dir = tmp_path / "not-a-model"
@@ -407,8 +642,20 @@ def test_from_env_selection(tmp_path, count_tokens):
     nothing = PromptEnhancer.from_env(count_tokens, env={"PROMPT_ENHANCER_LOCAL_MODEL": str(empty_dir)})
     assert not nothing.available and str(empty_dir) in nothing.unavailable_reason
 
-    with pytest.raises(ValueError, match="PROMPT_ENHANCER_TIMEOUT"):
-        PromptEnhancer.from_env(count_tokens, env={"OPENAI_API_KEY": "k", "PROMPT_ENHANCER_TIMEOUT": "soon"})
+    for name, value in [
+        ("PROMPT_ENHANCER_TIMEOUT", "soon"),
+        ("PROMPT_ENHANCER_TIMEOUT", "0"),
+        ("PROMPT_ENHANCER_TIMEOUT", "inf"),
+        ("PROMPT_ENHANCER_CONCURRENCY", "0"),
+        ("PROMPT_ENHANCER_CONCURRENCY", "2.5"),
+    ]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive"):
+            PromptEnhancer.from_env(count_tokens, env={"OPENAI_API_KEY": "k", name: value})
+    env = {"OPENAI_API_KEY": "k", "PROMPT_ENHANCER_TIMEOUT": "12.5", "PROMPT_ENHANCER_CONCURRENCY": "2"}
+    tuned = PromptEnhancer.from_env(count_tokens, env=env).backend
+    assert (tuned.timeout, tuned.concurrency) == (12.5, 2)
+    with pytest.raises(ValueError, match="http:// or https://"):
+        PromptEnhancer.from_env(count_tokens, env={"OPENAI_BASE_URL": "localhost:11434/v1"})
 
 
 # --- the local transformers backend ------------------------------------------------------------------------
