@@ -8,14 +8,13 @@ Hugging Face ZeroGPU Space they load at start-up instead, and each job runs in Z
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
-import html
 import json
 import os
 import re
 import secrets
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -27,24 +26,30 @@ if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
 import gradio as gr
 
 import jobs
-from cogvideox.enhance import EnhanceError, LocalBackend, PromptEnhancer
+from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
 from cogvideox.offload import is_out_of_memory
-from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline, GenerationCancelled
+from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline, GenerationCancelled, check_device
 from cogvideox.video import write_gif, write_mp4, write_sidecar
 from jobs import ZERO_GPU, gpu_seconds, known_error, out_of_memory_error, user_error  # noqa: F401 (gpu_seconds)
+from launch import gradio_cache_dir, launch_options, parse_args
+from validation import (
+    FIELDS,
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    MIN_GUIDANCE,
+    TokenMeter,
+    check_inputs,
+    frame_counts,
+)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "prompts.json"
 
-# Limits; each may be overridden by an environment variable of the same name.
-MAX_PROMPT_CHARS = int(os.environ.get("MAX_PROMPT_CHARS", 2000))  # T5 reads 226 tokens, ~1000 characters
-MAX_STEPS = int(os.environ.get("MAX_STEPS", 100))
-MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
-MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
+# Limits; each may be overridden by an environment variable of the same name (the request limits: validation.py).
 DRAFT_STEPS = int(os.environ.get("DRAFT_STEPS", 10))
 QUEUE_SIZE = int(os.environ.get("QUEUE_SIZE", 8))  # waiting jobs; past it, "busy, try again shortly"
 OUTPUT_TTL_S = int(os.environ.get("OUTPUT_TTL_S", 6 * 3600))  # our clips and Gradio's copies
-MAX_UPLOAD = os.environ.get("MAX_UPLOAD", "1mb")  # the app takes no uploads; cap what a stray one costs
 MAX_GALLERY = int(os.environ.get("MAX_GALLERY", 24))
 # The Cancel button stops its session's job at the next step. A cancel from elsewhere (gradio_client) or a
 # closed tab is seen another way: a running job yields every HEARTBEAT_S and Gradio resumes it right after
@@ -61,7 +66,6 @@ ZERO_GPU_CANCEL_NOTE = (
 RELEASE_DEFAULTS = dict(
     num_frames=49, height=480, width=720, num_inference_steps=50, guidance_scale=6.0, fps=8
 )
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
 # System fonts: the page makes no request to a font CDN.
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
@@ -72,86 +76,29 @@ TINY_NOTICE = (
 )
 
 
-def _whole(value) -> int | None:
-    """An integer from JSON, which may send 42.0; None when it is not a whole number."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    return int(value) if isinstance(value, float) and value.is_integer() else None
-
-
-def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
-    """Raw request values -> (pipeline kwargs, {field: problem}).
-
-    Cheap: it runs before a job is queued, and again inside the job.
-    """
-    errors = {}
-    negative_prompt = "" if negative_prompt is None else negative_prompt
-    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(text, str):
-            errors[name] = "must be text"
-        elif len(text) > MAX_PROMPT_CHARS:
-            errors[name] = f"is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
-    if "prompt" not in errors and not prompt.strip():
-        errors["prompt"] = "is empty: describe the video you want"
-    seed_value = -1 if seed is None else _whole(seed)
-    if seed_value is None or not -1 <= seed_value < MAX_SEED:
-        errors["seed"] = f"must be a whole number from 0 to {MAX_SEED - 1} (or -1 for a random one)"
-    steps_value = _whole(steps)
-    if steps_value is None or not 1 <= steps_value <= MAX_STEPS:
-        errors["steps"] = f"must be a whole number from 1 to {MAX_STEPS}"
-    number = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
-    if not number or not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:  # NaN fails the comparison too
-        errors["guidance_scale"] = f"must be a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
-    allowed = range(MIN_FRAMES, (pipe.max_frames if pipe else 49) + 1, FRAME_STEP)
-    if _whole(num_frames) not in allowed:
-        errors["num_frames"] = f"must be one of {', '.join(map(str, allowed))}"
-    if pipe is None:
-        errors.setdefault("prompt", "cannot be rendered: no model is loaded (see the notice at the top)")
-    if errors:
-        return None, errors
-    kwargs = dict(
-        prompt=prompt, negative_prompt=negative_prompt, seed=None if seed_value == -1 else seed_value,
-        num_inference_steps=steps_value, guidance_scale=float(guidance_scale), num_frames=_whole(num_frames),
-    )  # fmt: skip
-    try:
-        pipe.validate(height=pipe.defaults["height"], width=pipe.defaults["width"], **kwargs)
-    except ValueError as e:  # a model-specific limit the checks above do not know
-        names = {"num_inference_steps": "steps", **{f: f for f in FIELDS}}
-        return None, {next((v for k, v in names.items() if k in str(e)), "prompt"): str(e)}
-    return kwargs, {}
-
-
 def clean_outputs(folder: Path, max_age_s: float) -> int:
-    """Delete our clips and Gradio's cached copies older than `max_age_s`; returns how many files went."""
+    """Delete our clips older than `max_age_s` (Gradio drops its own copies: `delete_cache`); how many went."""
     cutoff, removed = time.time() - max_age_s, 0
-    ours = [p for p in folder.glob("*") if CLIP_NAME.match(p.name)]
-    cached = [p for p in (folder / "gradio").rglob("*") if p.is_file()]  # GRADIO_TEMP_DIR when we chose it
-    for path in ours + cached:
+    for path in folder.glob("*"):
         try:
-            if path.stat().st_mtime < cutoff:
+            if CLIP_NAME.match(path.name) and path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
         except FileNotFoundError:  # another request's cleanup got there first
             continue
-    for sub in sorted((folder / "gradio").glob("**/"), reverse=True):
-        if sub != folder / "gradio" and not any(sub.iterdir()):
-            sub.rmdir()
     return removed
 
 
-def _token_html(pipe, prompt: str) -> str:
-    if pipe is None or not isinstance(prompt, str):
-        return ""
-    count = pipe.count_tokens(prompt)
-    text = f"<b>{count.n_tokens}</b> / {count.max_tokens} T5 tokens"
-    if not count.dropped_tokens:
-        return f'<div class="tokens">{text}</div>'
-    return (
-        f'<div class="tokens over">⚠️ {text}: the last {count.dropped_tokens} are cut off: '
-        f"<s>{html.escape(textwrap.shorten(count.dropped_text, 400, placeholder=' …'))}</s></div>"
-    )
+def _token_html(pipe, prompt) -> str:
+    """The token meter's line for `prompt` (tests and the first paint; the page's meter is a TokenMeter)."""
+    return TokenMeter(pipe)(prompt) or ""
+
+
+def integer_api(component, info: dict):
+    """Make `component`'s API schema say integer (gr.Radio and gr.Slider say string and number whatever their
+    values): set on the instance, since Gradio writes a .pyi stub beside any module that subclasses a component."""
+    component.api_info = lambda: {"type": "integer", **info}
+    return component
 
 
 def _model_status(pipe, notice: str) -> str:
@@ -204,7 +151,10 @@ def create_demo(
     cancel_flags: dict[str, threading.Event] = {}  # session -> its running job's flag, set by Cancel
     d = pipe.defaults if pipe else RELEASE_DEFAULTS
     full_steps, max_frames, fps = d["num_inference_steps"], pipe.max_frames if pipe else 49, d["fps"]
-    enhance_lock = gpu_lock if enhancer and isinstance(enhancer.backend, LocalBackend) else threading.Lock()
+    # A local prompt model shares the GPU with the video model; a remote endpoint holds only its own caller.
+    local_enhancer = bool(enhancer and enhancer.needs_gpu_lock)
+    enhance_lock = gpu_lock if local_enhancer else contextlib.nullcontext()
+    meter = TokenMeter(pipe)
     if ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
         jobs.PIPELINE = pipe
 
@@ -309,22 +259,43 @@ def create_demo(
         try:
             with enhance_lock:
                 result = enhancer.enhance(prompt)
-        except (EnhanceError, ValueError) as e:
+        except EnhanceError as e:
+            raise user_error(f"{e} (waited {e.elapsed_s:.0f} s)", title="Enhance failed") from e
+        except ValueError as e:
             raise user_error(str(e), title="Enhance failed") from e
         return result.text, result
 
+    # The UI-only events below read this session's State, which only the server writes; each can still be called
+    # directly (before there is anything to read), so each checks first and otherwise changes nothing.
     def show_enhanced(result):
+        if not isinstance(result, EnhanceResult):
+            return gr.skip(), gr.skip(), gr.skip()
         trimmed = ", trimmed to fit" if result.trimmed else ""
-        note = f"✨ Enhanced by {result.backend} ({result.tokens} tokens{trimmed}). Your original:"
-        return gr.Group(visible=True), note, result.original
+        note = (
+            f"✨ Enhanced by {result.backend} in {result.elapsed_s:.1f} s ({result.tokens} tokens{trimmed})."
+        )
+        return gr.Group(visible=True), f"{note} Your original:", result.original
+
+    def undo_enhance(result):
+        if not isinstance(result, EnhanceResult):
+            return gr.skip(), gr.skip()
+        return result.original, gr.Group(visible=False)
 
     def add_clip(clip, clips):
+        if not isinstance(clip, dict):
+            return (gr.skip(),) * 7
         clips = [clip, *clips][:MAX_GALLERY]
         gallery_view = gr.Gallery(_gallery(clips), selected_index=None)  # the new clip is the one shown
         return gallery_view, clips, clip, *_clip_views(clip, full_steps)[3:], _model_status(pipe, notice)
 
-    def show_clip(clips, evt: gr.SelectData):
-        clip = clips[evt.index]
+    def show_clip(clips, evt: gr.EventData):
+        # The select event's data comes from the client, as anything or nothing: read as gr.EventData (whose
+        # SelectData subclass fails inside Gradio on a missing index) and checked here.
+        data = getattr(evt, "_data", None)
+        index = data.get("index") if isinstance(data, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(clips):
+            return gr.skip()
+        clip = clips[index]
         s = clip["settings"]
         if not Path(clip["mp4"]).is_file():
             gr.Warning("This clip's files were cleaned up; its settings are restored.")
@@ -336,6 +307,8 @@ def create_demo(
             flag.set()
 
     def final_inputs(clip):
+        if not isinstance(clip, dict):
+            return (gr.skip(),) * len(FIELDS)
         s = clip["settings"]
         return s["prompt"], s["negative_prompt"], s["seed"], full_steps, s["guidance_scale"], s["num_frames"]
 
@@ -372,13 +345,17 @@ def create_demo(
                     steps = gr.Slider(
                         1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps"
                     )
+                    integer_api(steps, {"minimum": 1, "maximum": MAX_STEPS})
                     guidance = gr.Slider(
                         MIN_GUIDANCE, MAX_GUIDANCE, d["guidance_scale"], step=0.5, label="Guidance"
                     )
-                    choices = [
-                        (f"{n} ({n / fps:.1f} s)", n) for n in range(MIN_FRAMES, max_frames + 1, FRAME_STEP)
-                    ]
+                    choices = [(f"{n} ({n / fps:.1f} s)", n) for n in frame_counts(max_frames)]
                     frames = gr.Radio(choices, value=d["num_frames"], label="Frames")
+                    counts = frame_counts(
+                        max_frames
+                    )  # not as an enum: gradio_client shows an enum as strings
+                    integer_api(frames, {"minimum": counts[0], "maximum": counts[-1],
+                                         "description": f"8N+1: one of {', '.join(map(str, counts))}"})  # fmt: skip
                     negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
                 with gr.Row():
                     run_btn = gr.Button(
@@ -432,79 +409,18 @@ def create_demo(
         views = [video, seed_used, settings, mp4_btn, gif_btn, final_btn]
         gallery.select(show_clip, clips, [*views, *fields, current], **ui)
         dice.click(None, None, seed, js="() => Math.floor(Math.random() * 4294967296)")
-        prompt.change(lambda p: _token_html(pipe, p), prompt, tokens, show_progress="hidden", **ui)
+        prompt.change(lambda p: gr.skip() if (line := meter(p)) is None else line, prompt, tokens,
+                      show_progress="hidden", trigger_mode="always_last", **ui)  # fmt: skip
         enhance_btn.click(
-            enhance, prompt, [prompt, enhanced], api_name="enhance", preprocess=False, concurrency_limit=2,
-            concurrency_id="enhance",
+            enhance, prompt, [prompt, enhanced], api_name="enhance", preprocess=False,
+            concurrency_limit=1 if local_enhancer else None, concurrency_id="enhance",
         ).success(show_enhanced, enhanced, [enhanced_box, enhanced_note, original], **ui)  # fmt: skip
-        undo_btn.click(
-            lambda r: (r.original, gr.Group(visible=False)), enhanced, [prompt, enhanced_box], **ui
-        )
+        undo_btn.click(undo_enhance, enhanced, [prompt, enhanced_box], **ui)
         # Each visit: the model's current state, and a fresh seed.
         demo.load(
             lambda: (_model_status(pipe, notice), secrets.randbelow(MAX_SEED)), None, [status, seed], **ui
         )
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    env = os.environ.get
-    p = argparse.ArgumentParser(description="CogVideoX text-to-video demo. Each option has an env variable.")
-    p.add_argument("--model", default=env("COGVIDEOX_MODEL", "THUDM/CogVideoX-2b"),
-                   help="checkpoint folder or Hub repo id; tiny-random: random weights, offline")  # fmt: skip
-    p.add_argument("--host", default=env("COGVIDEOX_HOST", "0.0.0.0" if env("SPACE_ID") else "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env("COGVIDEOX_PORT", 7860)))
-    p.add_argument("--share", action="store_true", default=_flag("COGVIDEOX_SHARE"), help="public link")
-    p.add_argument("--auth", default=env("COGVIDEOX_AUTH"), help="user:password[,user:password...]")
-    p.add_argument("--insecure-share", action="store_true", default=_flag("COGVIDEOX_INSECURE_SHARE"),
-                   help="allow --share without --auth: anyone with the link can use your GPU")  # fmt: skip
-    p.add_argument(
-        "--memory-mode", default=env("COGVIDEOX_MEMORY_MODE"), help="resident, model or sequential"
-    )
-    p.add_argument(
-        "--dtype", default=env("COGVIDEOX_DTYPE"), help="fp16, bf16 or fp32 (default: the model's)"
-    )
-    p.add_argument("--device", default=env("COGVIDEOX_DEVICE"), help="default: cuda if available")
-    p.add_argument("--compile", action="store_true", default=_flag("COGVIDEOX_COMPILE"),
-                   help="torch.compile the transformer blocks: a slower first video, faster after")  # fmt: skip
-    p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
-    args = p.parse_args(argv)
-    for name, choices in (
-        ("memory_mode", ("resident", "model", "sequential")),
-        ("dtype", ("fp16", "bf16", "fp32")),
-    ):
-        if getattr(args, name) not in (None, *choices):
-            p.error(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
-    pairs = [tuple(item.split(":", 1)) for item in (args.auth or "").split(",") if item.strip()]
-    if any(len(pair) != 2 or not all(pair) for pair in pairs):
-        p.error("--auth must look like user:password (several separated by commas)")
-    args.auth = pairs or None
-    if args.share and not args.auth and not args.insecure_share:
-        p.error("--share makes the app public: give --auth user:password (or --insecure-share to skip it)")
-    return args
-
-
-def launch_options(args: argparse.Namespace) -> dict:
-    """demo.launch() keyword arguments: the hardened defaults plus what the command line asked for."""
-    return dict(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        auth=args.auth,
-        allowed_paths=[str(args.output_dir.resolve())],  # the only folder of ours that is served
-        max_file_size=MAX_UPLOAD,
-        enable_monitoring=False,
-        ssr_mode=False,
-        run_history=False,  # prompts stay out of the browser's saved history
-        footer_links=["api", "gradio", "settings"],
-        theme=THEME,
-        css_paths=[ASSETS / "style.css"],
-        favicon_path=ASSETS / "logo.svg",
-    )
 
 
 def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, str]:
@@ -544,9 +460,12 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, s
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:  # a device this machine lacks is the operator's mistake: one line, not a page that cannot render
+        check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    # Gradio's copies of our clips live beside them, so one folder is served and cleaned.
-    os.environ.setdefault("GRADIO_TEMP_DIR", str((args.output_dir / "gradio").resolve()))
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(gradio_cache_dir(args.output_dir)))
     pipe, notice = load_pipeline(args)
     enhancer = None
     if pipe is not None:
@@ -555,7 +474,7 @@ def main(argv=None) -> None:
         except ValueError as e:
             print(f"prompt enhancer disabled: {e}")
     demo = create_demo(pipe, enhancer, output_dir=args.output_dir, notice=notice)
-    demo.launch(**launch_options(args))
+    demo.launch(**launch_options(args, THEME))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 import sys
 import time
@@ -26,6 +25,7 @@ from .scheduler import dynamic_guidance_scale, make_scheduler
 
 SCHEDULER_NAMES = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}
 MAX_SEED = 2**32
+MAX_GUIDANCE = 100.0  # far past any useful scale (6 is the release's); keeps float math finite
 EMBED_CACHE_SIZE = 32
 
 
@@ -51,7 +51,7 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def _check_device(device: str | torch.device | None) -> torch.device:
+def check_device(device: str | torch.device | None) -> torch.device:
     """The device to run on (default: CUDA if there is one); ValueError for one this machine does not have.
 
     Asks the driver how many GPUs there are, but creates no CUDA context or object (ZeroGPU forbids that in the
@@ -125,7 +125,7 @@ class CogVideoXPipeline:
         scheduler: "ddim" or "dpm"; None uses the class the checkpoint's scheduler config names.
         compile: torch.compile the transformer (slow first step, faster after).
         """
-        device = _check_device(device)
+        device = check_device(device)
         root = resolve_model(model)
         if isinstance(dtype, str):
             dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
@@ -174,8 +174,8 @@ class CogVideoXPipeline:
         self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale, seed
     ):
         """Raise ValueError, saying what is allowed, for any argument out of range. No heavy work."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt must be a non-empty string")
+        if not isinstance(prompt, str) or text.is_blank(prompt):
+            raise ValueError("prompt must be a non-empty string (invisible characters alone do not count)")
         if not isinstance(negative_prompt, str):
             raise ValueError("negative_prompt must be a string")
         temporal = int(self.vae_config.temporal_compression_ratio)
@@ -190,8 +190,10 @@ class CogVideoXPipeline:
         _check_int("num_inference_steps", num_inference_steps, 1, 1000)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)):
             raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
-        if not math.isfinite(guidance_scale) or guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be finite and >= 1, got {guidance_scale}")
+        # Compared, not converted: float(10**400) would raise OverflowError.
+        if not 1 <= guidance_scale <= MAX_GUIDANCE:  # NaN fails too
+            shown = guidance_scale if abs(guidance_scale) < 1e12 else "a number out of range"
+            raise ValueError(f"guidance_scale must be in [1, {MAX_GUIDANCE:g}], got {shown}")
         if seed is not None:
             _check_int("seed", seed, 0, MAX_SEED - 1)
 
@@ -365,7 +367,12 @@ class CogVideoXPipeline:
             c.attention_head_dim,
         )
         if key not in self.attention_backends:
-            self.attention_backends[key] = fastest_sdpa_backend(key, self.dtype, self.device)
+            if self.compile and self.attention_backends:
+                # The compiled blocks keep the kernel they were traced under, whatever is picked later (one graph
+                # serves every size): the first pick stands, and nothing is timed in vain.
+                self.attention_backends[key] = next(iter(self.attention_backends.values()))
+            else:
+                self.attention_backends[key] = fastest_sdpa_backend(key, self.dtype, self.device)
         return self.attention_backends[key]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,21 @@ class TokenCount:
     @property
     def dropped_tokens(self) -> int:
         return max(0, self.n_tokens - self.max_tokens)
+
+
+# What shows nothing: controls, format characters (zero-width space and joiners, word joiner, BOM, bidi marks),
+# spaces and line separators, and the letters that render blank (Hangul fillers, the empty Braille cell).
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def is_invisible(char: str) -> bool:
+    return unicodedata.category(char) in INVISIBLE_CATEGORIES or char in BLANK_LETTERS
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: empty, or only spaces, controls and zero-width characters."""
+    return all(is_invisible(c) for c in text)
 
 
 def load_tokenizer(folder: str | Path) -> T5Tokenizer:

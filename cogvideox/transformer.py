@@ -65,6 +65,23 @@ class CogVideoXBlock(nn.Module):
         return gated_residual_(x, text_len, self.ff(h), gate, enc_gate)
 
 
+def _with_dynamic_sequence(forward: Callable) -> Callable:
+    """Marks the token axis of a block's inputs dynamic (x (B, S, D), RoPE cos/sin (S, d)) before the call.
+
+    Only S, rather than everything (`dynamic=True`): widths and `text_len` stay constants of the graph, and the
+    batch (1 or 2) is dynamo's default, a second graph. Should S get specialised while tracing, `mark_dynamic`
+    raises at the first compile instead of recompiling per shape up to the limit.
+    """
+
+    def dynamic_forward(x: Tensor, text_len: int, emb: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        torch._dynamo.mark_dynamic(x, 1)
+        for table in rope or ():
+            torch._dynamo.mark_dynamic(table, 0)
+        return forward(x, text_len, emb, rope)
+
+    return dynamic_forward
+
+
 class CogVideoXTransformer(nn.Module):
     """Predicts the denoiser output (v for the released models) for video latents.
 
@@ -88,11 +105,18 @@ class CogVideoXTransformer(nn.Module):
         # never enters the state dict and nothing is computed at construction (meta-device builds).
         self._pos_cache: tuple[tuple, object] | None = None
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, backend: str | Callable = "inductor") -> None:
         """torch.compile each block's forward ("regional" compilation): all blocks share one graph, so it compiles
-        once, in seconds rather than minutes; the position-embedding cache and the offload hooks stay eager."""
+        once, in seconds rather than minutes; the position-embedding cache and the offload hooks stay eager.
+
+        The sequence length (frames × size) is marked dynamic, so one graph per batch size (1 without CFG, 2
+        with) serves every video size: a graph per shape would hit dynamo's recompile limit (8 for the code
+        object all blocks share) by the 9th, and `fullgraph=True` makes that an error, not a slow fallback.
+        """
         for block in self.transformer_blocks:
-            block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True)
+            block.forward = _with_dynamic_sequence(
+                torch.compile(block.forward, fullgraph=True, backend=backend)
+            )
 
     def _cached(self, key: tuple, compute: Callable[[], object]):
         if self._pos_cache is None or self._pos_cache[0] != key:

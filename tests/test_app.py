@@ -39,7 +39,7 @@ def free_port() -> int:
 def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("app") / "outputs"
     env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(out / "gradio"))  # as main() does: Gradio's copies beside ours
+    env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))  # as main() does: outside the served folder
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda text: pipe.count_tokens(text).n_tokens)
     demo = app.create_demo(pipe, enhancer, output_dir=out, notice=app.TINY_NOTICE, queue_size=3)
@@ -229,8 +229,9 @@ def test_launch_is_hardened(server):
     demo = server[0]
     assert demo.analytics_enabled is False
     assert httpx.get(demo.local_url + "monitoring").status_code == 403
-    big = {"files": ("big.bin", os.urandom(2 * 1024 * 1024))}
-    assert httpx.post(demo.local_url + "gradio_api/upload", files=big).status_code == 413
+    small = {"files": ("page.html", b"<script>alert(1)</script>")}
+    refused = httpx.post(demo.local_url + "gradio_api/upload", files=small)
+    assert refused.status_code == 403 and refused.json() == {"detail": "This app takes no uploads."}
     with pytest.raises(SystemExit):
         app.parse_args(["--share"])  # a public link without a password is refused...
     assert app.parse_args(["--share", "--auth", "me:pw"]).auth == [("me", "pw")]
@@ -266,14 +267,14 @@ def test_compile_reaches_the_pipeline(monkeypatch, tmp_path):
 
 def test_old_outputs_are_cleaned_up(server, client):
     demo, _, out = server
-    old = [out / "20200101-000000-0123456789abcdef.mp4", out / "gradio" / "0ld" / "copy.mp4"]
+    old = [out / "20200101-000000-0123456789abcdef.mp4", out / "20200101-000000-0123456789abcdef.json"]
     keep = out / "notes.txt"  # not ours: never deleted
     for path in [*old, keep]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"old")
         os.utime(path, (time.time() - app.OUTPUT_TTL_S - 60,) * 2)
     video, _, _ = client.predict(**GOOD, api_name="/generate")
-    assert not any(p.exists() for p in old) and not (out / "gradio" / "0ld").exists()
+    assert not any(p.exists() for p in old)
     assert keep.exists() and (out / Path(video).name).exists()
     assert demo.delete_cache[1] == app.OUTPUT_TTL_S  # Gradio drops its own cached copies as old
 

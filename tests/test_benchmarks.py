@@ -104,3 +104,92 @@ def test_bench_memory_predicts_every_stage_and_mode(tmp_path):
     )  # fused QKV, in-place adaLN and residuals
     # Tiling exists to bound the decode's working memory.
     assert stages["ours"]["decode tiled"]["peak"] < stages["ours"]["decode untiled"]["peak"]
+
+
+GPU_CHECK_SECTIONS = {"decode_oom", "offload", "attention", "pinned", "compile"}
+
+
+def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
+    out = tmp_path / "check" / "gpu_check.json"
+    proc = run_module("benchmarks.gpu_check", "--device", "cpu", "--tiny", "--threads", "1", "--steps", "2",
+                      "--compile-shapes", "3", "--out", out)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    sections = data["sections"]
+    assert set(sections) == GPU_CHECK_SECTIONS
+    assert all(s["status"] == "ok" and s["verdict"] for s in sections.values()), sections
+    assert "commit" in data["git"] and data["source_digest"] and data["device"]["type"] == "cpu"
+    assert data["next_step"].endswith("-m benchmarks.bench_pipeline --device cuda --modes resident "
+                                      "--ckpt /tmp/cogvideox-2b-random --out cuda-resident.json")  # fmt: skip
+    # What needs CUDA says so instead of a number.
+    decode, offload, pinned = sections["decode_oom"], sections["offload"], sections["pinned"]
+    assert decode["memory_limit"].startswith("skipped: needs CUDA")
+    assert offload["peak_memory"].startswith("skipped: needs CUDA") and "peak_vs_prediction" not in offload
+    assert pinned["comparison"].startswith("skipped: needs CUDA") and "pinned_over_weights" not in pinned
+    # The real code paths ran: the pipeline's decode, the sequential offloader, the picker, compiled blocks.
+    assert decode["attempts"][0]["kwargs"] == {"tiled": False} and decode["latents_unchanged"]
+    assert decode["frames_shape"] == decode["expected_frames_shape"] == [9, 64, 96, 3]
+    assert offload["max_abs_diff"] == 0 and len(offload["sequential"]["step_times"]) == 2
+    assert len(sections["attention"]["picks"]) == 3
+    compiled = sections["compile"]
+    assert compiled["backend"] == "eager" and [len(r["shape"]) for r in compiled["shapes"]] == [4] * 4
+    assert compiled["verdict"] == "pass" and compiled["unique_graphs"] >= 1
+    assert pinned["weight_bytes"] > 0 and pinned["generation"]["frames_shape"] == [1, 64, 96, 3]
+    md = out.with_suffix(".md").read_text()
+    assert "| section | status | verdict | seconds | result |" in md
+    for header in ("attempt kwargs", "s/step (median)", "max abs diff vs efficient", "unique graphs",
+                   "state-dict bytes"):  # fmt: skip
+        assert f"| {header} |" in md
+    assert md in proc.stdout  # the summary is printed too
+
+
+def test_gpu_check_skips_what_the_budget_leaves_no_time_for(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = run_module("benchmarks.gpu_check", "--device", "cpu", "--budget-s", "0", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert set(sections) == GPU_CHECK_SECTIONS
+    assert all(s["status"] == "skipped" and "budget" in s["reason"] for s in sections.values())
+
+
+def test_gpu_check_records_a_failing_or_hung_section_and_runs_the_next(tmp_path, monkeypatch):
+    import time
+
+    import torch
+
+    from benchmarks import gpu_check
+
+    run = gpu_check.Run(gpu_check.parse_args(["--device", "cpu", "--out", str(tmp_path / "g.json")]))
+    monkeypatch.setitem(gpu_check.SECTION_CAPS, "offload", 1)  # seconds
+
+    def out_of_memory(run):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    run.section("decode_oom", out_of_memory)
+    run.section("offload", lambda run: time.sleep(30))
+    run.section("attention", lambda run: {"verdict": "pass", "summary": "ran"})
+    sections = json.loads((tmp_path / "g.json").read_text())["sections"]
+    assert sections["decode_oom"]["status"] == "error"
+    assert sections["decode_oom"]["error"] == "OutOfMemoryError"
+    assert "simulated" in sections["decode_oom"]["traceback"]
+    assert sections["offload"]["error"] == "SectionTimeout" and sections["offload"]["seconds"] < 5
+    assert sections["attention"]["status"] == "ok"
+    assert "| decode_oom | error | n/a |" in (tmp_path / "g.md").read_text()
+
+
+def test_gpu_check_reads_whatever_the_kernel_picker_returns():
+    from benchmarks.gpu_check import call_picker
+
+    def plain(shape, dtype, device):
+        return "FLASH"
+
+    def pair(shape, dtype, device):
+        return "CUDNN", {"CUDNN": 1.0}
+
+    def filling(shape, dtype, device, timings=None):
+        timings["EFFICIENT"] = 2.0
+        return "EFFICIENT"
+
+    assert call_picker(plain, (1,), None, None) == ("FLASH", None)
+    assert call_picker(pair, (1,), None, None) == ("CUDNN", {"CUDNN": 1.0})
+    assert call_picker(filling, (1,), None, None) == ("EFFICIENT", {"EFFICIENT": 2.0})

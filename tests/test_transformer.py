@@ -159,6 +159,103 @@ def test_fastest_sdpa_backend_times_only_kernels_that_run_here():
     assert fastest_sdpa_backend(shape, torch.float32, cpu, (SDPBackend.CUDNN_ATTENTION,)) is None
 
 
+def _clock(durations: list[float]):
+    """A timer whose successive (start, stop) readings are `durations` apart, run after run."""
+    it, now, running = iter(durations), 0.0, False
+
+    def timer() -> float:
+        nonlocal now, running
+        now += next(it) if running else 0.0
+        running = not running
+        return now
+
+    return timer
+
+
+def _record_sdpa(monkeypatch, corrupt=None) -> list:
+    """Patches F.scaled_dot_product_attention to record (backends, q, k, v) per call; the flash kernel's output
+    is replaced by `corrupt(sdpa, out, q, k, v)`, `sdpa` being the unpatched function."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    original, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def sdpa(q, k, v, *args, **kwargs):
+        backends = _cur_sdpa_kernel_backends()
+        calls.append((backends, q, k, v))
+        out = original(q, k, v, *args, **kwargs)
+        if corrupt and backends == [SDPBackend.FLASH_ATTENTION]:
+            return corrupt(original, out, q, k, v)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    return calls
+
+
+def test_kernel_pick_takes_the_median_of_five_synced_runs_after_a_warm_up(monkeypatch):
+    from collections import Counter
+
+    from torch.nn.attention import SDPBackend
+
+    from cogvideox import layers
+
+    flash, math_ = SDPBackend.FLASH_ATTENTION, SDPBackend.MATH
+    calls = _record_sdpa(monkeypatch)
+    synced = []
+    monkeypatch.setattr(layers, "_sync", synced.append)
+    # Flash's five runs, then math's: flash is faster in its best run, its mean and its first three; math in
+    # the median of five.
+    timer = _clock([1, 1, 6, 6, 6, 5, 5, 5, 5, 100])
+    cpu = torch.device("cpu")
+    picked = layers.fastest_sdpa_backend((2, 2, 40, 16), torch.float32, cpu, (flash, math_), timer=timer)
+    assert picked == math_
+    assert Counter(b[0] for b, *_ in calls) == {flash: 6, math_: 6}  # one warm-up and five timed runs each
+    assert synced == [cpu] * 10  # every timed run waits for its own kernel
+
+
+def test_kernel_pick_times_q_k_v_laid_out_as_the_model_passes_them(monkeypatch):
+    from cogvideox.layers import Attention, fastest_sdpa_backend
+
+    calls = _record_sdpa(monkeypatch)
+    Attention(dim=32, heads=2, head_dim=16, bias=True)(torch.randn(2, 40, 32))
+    fastest_sdpa_backend((2, 2, 40, 16), torch.float32, torch.device("cpu"))
+    layouts = {tuple((t.shape, t.stride()) for t in qkv) for _, *qkv in calls}
+    assert len(layouts) == 1  # the kernel pick's q/k/v have the model's shapes and strides
+    _, q, k, v = calls[0]
+    assert q.is_contiguous() and k.is_contiguous() and not v.is_contiguous()  # v: a view into fused q/k/v
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda sdpa, out, q, k, v: sdpa(q, k, v.flip(2)),  # v's rows misread
+        lambda sdpa, out, q, k, v: out * 1.05,  # 5 % off
+    ],
+    ids=["layout", "scale"],
+)
+def test_kernel_pick_drops_a_fast_kernel_that_computes_wrong_attention(monkeypatch, corrupt):
+    from torch.nn.attention import SDPBackend
+
+    from cogvideox.layers import fastest_sdpa_backend
+
+    flash, math_ = SDPBackend.FLASH_ATTENTION, SDPBackend.MATH
+    args = ((2, 2, 40, 16), torch.float16, torch.device("cpu"))
+    flash_fastest = [1] * 5 + [2] * 5
+    assert fastest_sdpa_backend(*args, (flash, math_), timer=_clock(flash_fastest)) == flash
+    _record_sdpa(monkeypatch, corrupt)
+    assert fastest_sdpa_backend(*args, (flash, math_), timer=_clock(flash_fastest)) == math_
+    assert fastest_sdpa_backend(*args, (flash,), timer=_clock(flash_fastest)) is None
+
+
+def test_kernel_pick_waits_for_the_device_it_times(monkeypatch):
+    from cogvideox.layers import _sync
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    _sync(torch.device("cuda", 1))
+    _sync(torch.device("cpu"))
+    assert synced == [torch.device("cuda", 1)]  # not the current device: the pipeline may run on another GPU
+
+
 def test_compiled_blocks_match_eager_and_compile_once(tiny_5b):
     # Regional compilation: one graph for every block, no recompile for a new prompt, seed or step, and the
     # sequential-offload hooks (which run outside the compiled forward) still stream the weights in.
@@ -177,8 +274,24 @@ def test_compiled_blocks_match_eager_and_compile_once(tiny_5b):
         got = compiled(prompt, num_inference_steps=2, num_frames=9, seed=seed).frames
         assert np.abs(got.astype(int) - want).max() <= 1  # inductor reorders float sums
     assert counters["stats"]["unique_graphs"] == 1
-    assert not counters["recompiles"]
     # The kernel was timed once for this attention shape (CFG batch 2, text + 3 x 4 x 6 video tokens) and reused.
     c = compiled.transformer_config
     shape = (2, c.num_attention_heads, c.max_text_seq_length + 3 * 4 * 6, c.attention_head_dim)
     assert compiled.attention_backends == {shape: SDPBackend.FLASH_ATTENTION}
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_attention_kernel_is_timed_per_shape_unless_compiled(tiny_2b, monkeypatch, compile):
+    # Compiled blocks keep the kernel they were traced under for every size: timing another one is wasted.
+    from cogvideox import CogVideoXPipeline
+
+    timed = []
+    monkeypatch.setattr(
+        "cogvideox.pipeline.fastest_sdpa_backend",
+        lambda shape, *_: timed.append(shape) or f"kernel {len(timed)}",
+    )
+    pipe = CogVideoXPipeline.from_pretrained(tiny_2b, compile=compile)
+    first = pipe.attention_kernel(2, 226, (1, 3, 4, 8, 12))
+    second = pipe.attention_kernel(2, 226, (1, 5, 4, 8, 12))
+    assert pipe.attention_kernel(2, 226, (1, 3, 4, 8, 12)) == first == "kernel 1"  # once per shape
+    assert (second, len(timed)) == (("kernel 1", 1) if compile else ("kernel 2", 2))

@@ -1,0 +1,130 @@
+"""HTTP guard for the public app: an ASGI middleware in front of every Gradio route.
+
+What Gradio leaves open and a public Space or share link must not (issue 11):
+- the upload route: the app takes no files, so nothing a visitor sends is stored, let alone served back;
+- request bodies of any size: capped (declared or streamed);
+- content sniffing: every response says `nosniff`;
+- password guessing: after a few failed logins from one address, that address must wait, longer each time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+UPLOAD_PATHS = ("/upload", "/gradio_api/upload")
+# What a file route may show in the page (our clips and their previews); anything else downloads.
+INLINE_TYPES = (b"video/mp4", b"image/gif", b"image/png", b"image/jpeg", b"image/webp")
+LOGIN_PATHS = ("/login", "/login/")
+
+
+class LoginThrottle:
+    """Failed logins per client address: after `free` failures each further attempt waits 2^k seconds
+    (capped at `max_wait_s`) from the last failure. A success clears the address."""
+
+    def __init__(
+        self, free: int = 3, max_wait_s: float = 60.0, clock=time.monotonic, max_clients: int = 10_000
+    ):
+        self.free, self.max_wait_s, self.clock, self.max_clients = free, max_wait_s, clock, max_clients
+        self._failures: dict[str, tuple[int, float]] = {}  # address -> (count, time of the last failure)
+
+    def wait_s(self, address: str) -> float:
+        """Seconds this address must still wait before its next attempt (0: go ahead)."""
+        count, last = self._failures.get(address, (0, 0.0))
+        if count < self.free:
+            return 0.0
+        return max(0.0, last + min(self.max_wait_s, 2.0 ** (count - self.free)) - self.clock())
+
+    def record(self, address: str, success: bool) -> None:
+        if success:
+            self._failures.pop(address, None)
+            return
+        if len(self._failures) >= self.max_clients:  # bounded memory under a spray of addresses
+            self._failures.pop(next(iter(self._failures)))
+        count, _ = self._failures.pop(address, (0, 0.0))
+        self._failures[address] = (count + 1, self.clock())
+
+
+class Guard:
+    """ASGI middleware; pass as `app_kwargs={"middleware": [Middleware(Guard, ...)]}` to `launch()`."""
+
+    def __init__(self, app, max_body_bytes: int = 1 << 20, throttle: LoginThrottle | None = None):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.throttle = throttle or LoginThrottle()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        if method == "POST" and path.rstrip("/").endswith(UPLOAD_PATHS):
+            return await _refuse(send, 403, "This app takes no uploads.")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            return await _refuse(send, 413, f"Request body over {self.max_body_bytes} bytes.")
+        login = method == "POST" and path.endswith(LOGIN_PATHS)
+        address = client_address(scope, headers)
+        if login and (wait := self.throttle.wait_s(address)) > 0:
+            return await _refuse(send, 429, f"Too many failed logins: try again in {wait:.0f} s.", wait)
+
+        received, too_big, status = 0, False, 0
+        file_route = "/file=" in path or "/file/" in path
+
+        async def capped_receive():
+            nonlocal received, too_big
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:  # a chunked body that never declared its length
+                    too_big = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": _safe_headers(message.get("headers", []), file_route)}
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, guarded_send)
+        except Exception:
+            if not too_big or status:
+                raise
+        if too_big and not status:
+            await _refuse(send, 413, f"Request body over {self.max_body_bytes} bytes.")
+        if login and status:
+            self.throttle.record(address, success=status == 200)
+
+
+def _safe_headers(headers: list, file_route: bool) -> list:
+    """`nosniff` on everything; a served file that is not a clip or an image is a download, never a page."""
+    headers = [(k, v) for k, v in headers if k.lower() != b"x-content-type-options"]
+    headers.append((b"x-content-type-options", b"nosniff"))
+    if not file_route:
+        return headers
+    content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"").split(b";")[0].strip()
+    if content_type.lower() in INLINE_TYPES:
+        return headers
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-disposition")]
+    return [*kept, (b"content-type", b"application/octet-stream"), (b"content-disposition", b"attachment")]
+
+
+def client_address(scope, headers: dict[bytes, bytes]) -> str:
+    """The visitor's address: the peer, or behind a local proxy (a share link's tunnel, a Space's front end)
+    the last X-Forwarded-For entry, the one that proxy added (earlier entries are the client's to invent)."""
+    peer = (scope.get("client") or ("unknown", 0))[0]
+    forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1").split(",")[-1].strip()
+    local = peer in ("127.0.0.1", "::1", "localhost") or peer.startswith(("10.", "192.168.", "172."))
+    return forwarded if forwarded and local else peer
+
+
+async def _refuse(send, status: int, message: str, retry_after: float = 0) -> None:
+    body = json.dumps({"detail": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"x-content-type-options", b"nosniff")]  # fmt: skip
+    if retry_after:
+        headers.append((b"retry-after", str(int(retry_after + 0.999)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,106 @@
+"""What a request may ask for, checked before any work: the app's limits, field checks and the token meter.
+
+Every event of the page can be called directly (gradio_client, curl), the UI-only ones included, so each bounds
+its input here first: lengths before tokenizing, numbers by comparison (never converted: `10**400` is valid
+JSON), frame counts against the exact 8N+1 set.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import textwrap
+import threading
+
+from cogvideox.pipeline import MAX_SEED
+from cogvideox.text import is_blank
+
+# Limits; each may be overridden by an environment variable of the same name.
+MAX_PROMPT_CHARS = int(os.environ.get("MAX_PROMPT_CHARS", 2000))  # T5 reads 226 tokens, ~1000 characters
+MAX_STEPS = int(os.environ.get("MAX_STEPS", 100))
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
+MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
+METER_SLOTS = 2  # token meters computing at once; a flood of prompt edits gets skipped, not queued
+
+
+def whole(value) -> int | None:
+    """An integer from JSON, which may send 42.0; None when it is not a whole number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, float) and value.is_integer() else None
+
+
+def frame_counts(max_frames: int) -> range:
+    return range(MIN_FRAMES, max_frames + 1, FRAME_STEP)
+
+
+def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
+    """Raw request values -> (pipeline kwargs, {field: problem}).
+
+    Cheap: it runs before a job is queued, and again inside the job.
+    """
+    errors = {}
+    negative_prompt = "" if negative_prompt is None else negative_prompt
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            errors[name] = "must be text"
+        elif len(text) > MAX_PROMPT_CHARS:
+            errors[name] = f"is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
+    if "prompt" not in errors and is_blank(prompt):
+        errors["prompt"] = "is empty: describe the video you want"
+    seed_value = -1 if seed is None else whole(seed)
+    if seed_value is None or not -1 <= seed_value < MAX_SEED:
+        errors["seed"] = f"must be a whole number from 0 to {MAX_SEED - 1} (or -1 for a random one)"
+    steps_value = whole(steps)
+    if steps_value is None or not 1 <= steps_value <= MAX_STEPS:
+        errors["steps"] = f"must be a whole number from 1 to {MAX_STEPS}"
+    number = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+    if not number or not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:  # NaN fails the comparison too
+        errors["guidance_scale"] = f"must be a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
+    allowed = frame_counts(pipe.max_frames if pipe else 49)
+    if whole(num_frames) not in allowed:
+        errors["num_frames"] = f"must be one of {', '.join(map(str, allowed))}"
+    if pipe is None:
+        errors.setdefault("prompt", "cannot be rendered: no model is loaded (see the notice at the top)")
+    if errors:
+        return None, errors
+    kwargs = dict(
+        prompt=prompt, negative_prompt=negative_prompt, seed=None if seed_value == -1 else seed_value,
+        num_inference_steps=steps_value, guidance_scale=float(guidance_scale), num_frames=whole(num_frames),
+    )  # fmt: skip
+    try:
+        pipe.validate(height=pipe.defaults["height"], width=pipe.defaults["width"], **kwargs)
+    except ValueError as e:  # a model-specific limit the checks above do not know
+        names = {"num_inference_steps": "steps", **{f: f for f in FIELDS}}
+        return None, {next((v for k, v in names.items() if k in str(e)), "prompt"): str(e)}
+    return kwargs, {}
+
+
+class TokenMeter:
+    """The "n / 226 T5 tokens" line under the prompt. Tokenizes only text within the prompt limit, and at most
+    METER_SLOTS at once: a call that finds no free slot returns None (the page keeps its last line)."""
+
+    def __init__(self, pipe, slots: int = METER_SLOTS):
+        self.pipe, self._slots = pipe, threading.BoundedSemaphore(slots)
+
+    def __call__(self, prompt) -> str | None:
+        if self.pipe is None or not isinstance(prompt, str):
+            return ""
+        if len(prompt) > MAX_PROMPT_CHARS:  # before tokenizing: a few MB of text would cost seconds
+            return f'<div class="tokens over">⚠️ over {MAX_PROMPT_CHARS} characters: shorten the prompt</div>'
+        if not self._slots.acquire(blocking=False):
+            return None
+        try:
+            count = self.pipe.count_tokens(prompt)
+        finally:
+            self._slots.release()
+        text = f"<b>{count.n_tokens}</b> / {count.max_tokens} T5 tokens"
+        if not count.dropped_tokens:
+            return f'<div class="tokens">{text}</div>'
+        return (
+            f'<div class="tokens over">⚠️ {text}: the last {count.dropped_tokens} are cut off: '
+            f"<s>{html.escape(textwrap.shorten(count.dropped_text, 400, placeholder=' …'))}</s></div>"
+        )
