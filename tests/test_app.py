@@ -191,7 +191,14 @@ def test_cancel_stops_the_job_within_a_step_and_frees_the_gpu(server, slow_steps
     assert time.monotonic() - start < 20
 
 
-def test_out_of_memory_is_a_friendly_error_and_the_next_request_works(server, client, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+     lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+     lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")],
+    ids=["torch", "cudnn", "cublas"],
+)  # fmt: skip
+def test_out_of_memory_is_a_friendly_error_and_the_next_request_works(server, client, monkeypatch, error):
     pipe = server[1]
     pipe.load()
     released = []
@@ -199,7 +206,7 @@ def test_out_of_memory_is_a_friendly_error_and_the_next_request_works(server, cl
 
     def oom_once(*_):
         handle.remove()
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error()
 
     handle = pipe.transformer.register_forward_pre_hook(oom_once)
     with pytest.raises(AppError, match=r"ran out of memory.*--memory-mode sequential"):
@@ -334,3 +341,15 @@ def test_concurrent_generations_never_overlap_on_the_gpu(server, slow_steps):
         for h in hooks:
             h.remove()
     assert max(overlaps) == 1
+
+
+def test_asking_for_cuda_without_it_is_one_line_and_no_page(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "app.py", "--model", "tiny-random", "--device", "cuda", "--output-dir", str(tmp_path)],
+        cwd=Path(app.__file__).parent, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: CUDA is not available on this machine; use --device cpu"

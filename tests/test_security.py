@@ -351,3 +351,27 @@ def test_the_api_schema_types_frames_and_steps_as_integers(public_app):
         and params["num_frames"]["python_type"]["type"] == "int"
     )
     assert params["steps"]["type"] == {"type": "integer", "minimum": 1, "maximum": 100}
+
+
+def test_token_meters_cannot_pile_up(tiny_2b):
+    from validation import TokenMeter
+
+    pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")
+    entered, release = threading.Barrier(3), threading.Event()
+    real = pipe.count_tokens
+
+    def slow_count(prompt):
+        entered.wait(5)
+        release.wait(5)
+        return real(prompt)
+
+    pipe.count_tokens = slow_count
+    meter = TokenMeter(pipe, slots=2)
+    with futures.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(meter, "a kite") for _ in range(2)]
+        entered.wait(5)  # both slots taken
+        assert meter("a third prompt") is None  # no slot: skipped at once, not queued
+        release.set()
+        assert all("T5 tokens" in f.result() for f in busy)
+    pipe.count_tokens = real
+    assert "T5 tokens" in meter("a kite")  # slots given back
