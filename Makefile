@@ -14,13 +14,20 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# Then the package itself, editable: `import cogvideox` works from any folder and follows this checkout. Built
+# with the venv's own setuptools (--no-build-isolation), so this step downloads nothing; -qq hides setuptools'
+# generic notice about editable installs.
+EDITABLE := $(PIP) install -qq --no-build-isolation -e .
+
 install: $(VENV)/bin/python
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt "setuptools>=77"
+	$(EDITABLE)
 
 install-dev: $(VENV)/bin/python
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt "setuptools>=77"
+	$(EDITABLE)
 
 demo: install
 	$(PY) app.py --model $(MODEL)

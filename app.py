@@ -1,22 +1,20 @@
 """Gradio demo: `python app.py --model THUDM/CogVideoX-2b` (or `--model tiny-random` to try it offline).
 
-`create_demo(pipeline)` builds the UI around a pipeline it is handed (tests hand it a tiny one). Weights load
-on the first generation, so the page is up in seconds; a missing model still gives a page that says why. On a
-Hugging Face ZeroGPU Space they load at start-up instead, and each job runs in ZeroGPU's GPU worker (jobs.py).
+`create_demo(pipeline)` builds the UI around a pipeline it is handed (tests hand it a tiny one); jobs.py runs the
+render jobs, clips.py keeps the clips and each browser's gallery. Weights load on the first generation, so the
+page is up in seconds; a missing model still gives a page that says why. On a Hugging Face ZeroGPU Space they load
+at start-up instead, and each job runs in ZeroGPU's GPU worker (jobs.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import contextvars
+import hashlib
 import json
 import os
-import re
 import secrets
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
@@ -25,12 +23,12 @@ if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
 
 import gradio as gr
 
+import clips as gallery_store
 import jobs
+from clips import CLIP_NAME, GIF, MAX_GALLERY, OUTPUT_TTL_S, clean_outputs  # noqa: F401 (the app's names)
 from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
-from cogvideox.offload import is_out_of_memory
-from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline, GenerationCancelled, check_device
-from cogvideox.video import write_gif, write_mp4, write_sidecar
-from jobs import ZERO_GPU, gpu_seconds, known_error, out_of_memory_error, user_error  # noqa: F401 (gpu_seconds)
+from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline, check_device
+from jobs import ABANDONED_S, HEARTBEAT_S, ZERO_GPU, gpu_seconds, user_error  # noqa: F401 (the app's names)
 from launch import gradio_cache_dir, launch_options, parse_args
 from validation import (
     FIELDS,
@@ -38,6 +36,7 @@ from validation import (
     MAX_PROMPT_CHARS,
     MAX_STEPS,
     MIN_GUIDANCE,
+    PROMPT_BOX_CHARS,
     TokenMeter,
     check_inputs,
     frame_counts,
@@ -49,15 +48,6 @@ EXAMPLES = Path(__file__).resolve().parent / "examples" / "prompts.json"
 # Limits; each may be overridden by an environment variable of the same name (the request limits: validation.py).
 DRAFT_STEPS = int(os.environ.get("DRAFT_STEPS", 10))
 QUEUE_SIZE = int(os.environ.get("QUEUE_SIZE", 8))  # waiting jobs; past it, "busy, try again shortly"
-OUTPUT_TTL_S = int(os.environ.get("OUTPUT_TTL_S", 6 * 3600))  # our clips and Gradio's copies
-MAX_GALLERY = int(os.environ.get("MAX_GALLERY", 24))
-# The Cancel button stops its session's job at the next step. A cancel from elsewhere (gradio_client) or a
-# closed tab is seen another way: a running job yields every HEARTBEAT_S and Gradio resumes it right after
-# each yield until the request is cancelled or its client goes. Gradio does not reliably close the
-# generator, so a job not resumed for ABANDONED_S stops. ZeroGPU runs the job in a forked process that
-# cannot see these signals: there a job runs to its end, and the page says so.
-HEARTBEAT_S = 0.5
-ABANDONED_S = 4 * HEARTBEAT_S
 ZERO_GPU_CANCEL_NOTE = (
     "On this ZeroGPU Space a job runs in a GPU process of its own: **Cancel cannot stop a job that has started**; "
     "it frees the page and the job runs to its end."
@@ -66,7 +56,6 @@ ZERO_GPU_CANCEL_NOTE = (
 RELEASE_DEFAULTS = dict(
     num_frames=49, height=480, width=720, num_inference_steps=50, guidance_scale=6.0, fps=8
 )
-CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
 # System fonts: the page makes no request to a font CDN.
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
                        "sans-serif"], font_mono=["ui-monospace", "monospace"])  # fmt: skip
@@ -74,19 +63,16 @@ TINY_NOTICE = (
     "🎲 **tiny-random**: a tiny model with **random weights**. Its videos are noise; "
     "it is here to try the whole flow offline."
 )
-
-
-def clean_outputs(folder: Path, max_age_s: float) -> int:
-    """Delete our clips older than `max_age_s` (Gradio drops its own copies: `delete_cache`); how many went."""
-    cutoff, removed = time.time() - max_age_s, 0
-    for path in folder.glob("*"):
-        try:
-            if CLIP_NAME.match(path.name) and path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:  # another request's cleanup got there first
-            continue
-    return removed
+CANCEL = "⏹ Cancel"
+IDLE = '<span class="idle">A job\'s progress and its place in the queue show here.</span>'
+STOPPING_JS = "() => ({__type__: 'update', value: '⏹ Stopping…', interactive: false})"
+MAKING_GIF_JS = "() => ({__type__: 'update', value: '🎞️ Making…', interactive: false})"
+# As a job starts: its progress, beside the buttons, scrolled into view if it is not (on a phone, below the fold).
+SHOW_STATUS_JS = """(...inputs) => { document.querySelector("#run-status")?.scrollIntoView({block: "nearest"});
+  return inputs; }"""
+# Starts the download of a file a DownloadButton was just given (the GIF, made on the first click).
+DOWNLOAD_JS = """(file) => { if (file && file.url) { const a = document.createElement("a");
+  a.href = file.url; a.download = file.orig_name || "clip.gif"; document.body.appendChild(a); a.click(); a.remove(); } }"""
 
 
 def _token_html(pipe, prompt) -> str:
@@ -111,29 +97,19 @@ def _model_status(pipe, notice: str) -> str:
     return f"{notice}\n\n{state}" if notice else state
 
 
-def _clip_views(clip: dict, full_steps: int):
-    """Outputs that show one clip: video, seed, settings, the two downloads and the Render-final button."""
-    files = Path(clip["mp4"]).is_file()  # False once the clip's files have been cleaned up
-    draft = clip["settings"]["num_inference_steps"] < full_steps
-    return (
-        clip["mp4"] if files else None,
-        clip["seed"],
-        clip["settings"],
-        gr.DownloadButton(value=clip["mp4"] if files else None, interactive=files),
-        gr.DownloadButton(value=clip["gif"] if files else None, interactive=files),
-        gr.Button(visible=draft, value=f"🎬 Render final ({full_steps} steps)"),
-    )
-
-
-def _gallery(clips: list[dict]) -> list[tuple[str, str]]:
-    return [(c["mp4"], f"seed {c['seed']} · {c['settings']['num_inference_steps']} steps") for c in clips]
-
-
 def _load_presets(max_frames: int) -> tuple[list[list], list[str]]:
+    """Rows for [prompt, seed, steps, guidance, frames, randomize]: a preset keeps its own seed."""
     presets = json.loads(EXAMPLES.read_text()) if EXAMPLES.is_file() else []
     keys = ("prompt", "seed", "num_inference_steps", "guidance_scale")
-    rows = [[*(p[k] for k in keys), min(p["num_frames"], max_frames)] for p in presets]
+    rows = [[*(p[k] for k in keys), min(p["num_frames"], max_frames), False] for p in presets]
     return rows, [p["title"] for p in presets]
+
+
+def _storage(output_dir: Path, name: str) -> dict:
+    """BrowserState keys that stay the same across restarts of the app on one output folder, so a gallery
+    outlives a restart as its clips do. Not a secret (Gradio sends it to the page): what comes back is checked."""
+    digest = hashlib.sha256(f"cogvideox:{output_dir}".encode()).hexdigest()
+    return {"storage_key": f"cogvideox-{name}-{digest[:8]}", "secret": digest[8:40]}
 
 
 def create_demo(
@@ -147,13 +123,12 @@ def create_demo(
     """The Blocks UI around `pipeline` (None: the page says `notice` and cannot generate)."""
     pipe, output_dir = pipeline, Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    gpu_lock = threading.Lock()  # one job on the GPU, even while a cancelled one finishes its last step
-    cancel_flags: dict[str, threading.Event] = {}  # session -> its running job's flag, set by Cancel
+    renderer = jobs.Renderer(pipe, output_dir, enhancer)
     d = pipe.defaults if pipe else RELEASE_DEFAULTS
     full_steps, max_frames, fps = d["num_inference_steps"], pipe.max_frames if pipe else 49, d["fps"]
     # A local prompt model shares the GPU with the video model; a remote endpoint holds only its own caller.
     local_enhancer = bool(enhancer and enhancer.needs_gpu_lock)
-    enhance_lock = gpu_lock if local_enhancer else contextlib.nullcontext()
+    enhance_lock = renderer.gpu_lock if local_enhancer else contextlib.nullcontext()
     meter = TokenMeter(pipe)
     if ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
         jobs.PIPELINE = pipe
@@ -161,94 +136,6 @@ def create_demo(
     def validate(prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
         _, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
         return [gr.validate(f not in errors, errors.get(f, "")) for f in FIELDS]
-
-    # Gradio gives a parameter whose default is a Progress the request's progress tracker.
-    progress_tracker = gr.Progress()
-
-    def generate(
-        prompt, negative_prompt, seed, steps, guidance_scale, num_frames, request: gr.Request,
-        progress=progress_tracker,
-    ):  # fmt: skip
-        """Render a video. seed -1 picks a random one. Returns the MP4, the seed used and the settings."""
-        kwargs, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
-        if errors:
-            raise user_error("; ".join(f"{k}: {v}" for k, v in errors.items()))
-        clean_outputs(output_dir, OUTPUT_TTL_S)
-        # The worker stops at its next step, leaving the GPU to the next job, once the request is gone.
-        session, pulled, latest, box = request.session_hash, [time.monotonic()], [], {}
-        cancel = cancel_flags[session] = threading.Event()
-
-        def wanted():
-            return not cancel.is_set() and (ZERO_GPU or time.monotonic() - pulled[0] < ABANDONED_S)
-
-        def report(*args, **kw):
-            latest[:] = args, kw
-            progress(*args, **kw)
-
-        worker = threading.Thread(
-            target=contextvars.copy_context().run,  # gr.Progress (and ZeroGPU) read the request's context
-            args=(_job, kwargs, wanted, report, box),
-            daemon=True,
-        )
-        worker.start()
-        try:
-            while worker.is_alive():
-                # On ZeroGPU nothing reaches the forked job, and a yield would hide the progress it sends.
-                worker.join(None if ZERO_GPU else HEARTBEAT_S)
-                if ZERO_GPU:
-                    break
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                pulled[0] = time.monotonic()
-                if latest:  # a yield hides the progress bar until its next update: send it again
-                    progress(*latest[0], **latest[1])
-        finally:
-            cancel.set()  # when Gradio does close the generator
-            if cancel_flags.get(session) is cancel:
-                del cancel_flags[session]
-        if "error" in box:
-            raise box["error"]
-        clip = box["clip"]
-        yield clip["mp4"], clip["seed"], clip["settings"], clip
-
-    def _job(kwargs, wanted, progress, box):
-        oom = False
-        try:
-            box["clip"] = _run_job(kwargs, wanted, progress)
-        except Exception as e:
-            oom = is_out_of_memory(e)
-            box["error"] = known_error(e) or e  # a bug is re-raised in the request, where Gradio reports it
-        if oom:  # outside the except block, whose traceback still holds the step's tensors
-            pipe.release()
-            box["error"] = out_of_memory_error()
-
-    def _run_job(kwargs, wanted, progress):
-        started = time.perf_counter()
-        progress(0.0, desc="Waiting for the GPU")
-        with gpu_lock:
-            if not wanted():
-                raise GenerationCancelled("cancelled while waiting for the GPU")
-            if enhancer is not None:
-                enhancer.release()  # a local prompt model makes room for the video model
-            if ZERO_GPU:  # in ZeroGPU's forked worker, which reports its own progress and errors
-                result = jobs.render_on_gpu(kwargs)
-                if not wanted():
-                    raise GenerationCancelled("cancelled while the GPU worker ran")
-            else:
-                if not pipe.loaded:
-                    try:
-                        pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
-                    except (OSError, ValueError) as e:
-                        message = f"Could not load {pipe.model_id}: {e}"
-                        raise user_error(message, title="Model unavailable") from e
-                on_stage, on_step = jobs.progress_reporters(kwargs["num_inference_steps"], progress, wanted)
-                result = pipe(**kwargs, callback=on_step, on_stage=on_stage)
-        progress(1.0, desc="Writing the MP4 and GIF")
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"  # unique and unguessable
-        mp4 = write_mp4(result.frames, output_dir / f"{stem}.mp4", fps=result.fps)
-        gif = write_gif(result.frames, output_dir / f"{stem}.gif", fps=result.fps)
-        settings = {**result.settings, "time_taken_s": round(time.perf_counter() - started, 2)}
-        write_sidecar(mp4, {**settings, "timings": result.timings})
-        return {"mp4": str(mp4), "gif": str(gif), "seed": result.seed, "settings": settings}
 
     def enhance(prompt):
         """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
@@ -266,7 +153,8 @@ def create_demo(
         return result.text, result
 
     # The UI-only events below read this session's State, which only the server writes; each can still be called
-    # directly (before there is anything to read), so each checks first and otherwise changes nothing.
+    # directly (before there is anything to read), so each checks first and otherwise changes nothing. The one
+    # input a browser keeps (its gallery and prompt, gr.BrowserState) is checked entry by entry (clips.py).
     def show_enhanced(result):
         if not isinstance(result, EnhanceResult):
             return gr.skip(), gr.skip(), gr.skip()
@@ -281,12 +169,32 @@ def create_demo(
             return gr.skip(), gr.skip()
         return result.original, gr.Group(visible=False)
 
+    def buttons(running: bool) -> tuple:
+        """Generate, Draft and Render final are off while the session's own job runs or waits; Cancel only then."""
+        can = pipe is not None and not running
+        return gr.Button(interactive=can), gr.Button(interactive=can), gr.Button(interactive=not running), (
+            gr.Button(CANCEL, interactive=running))  # fmt: skip
+
+    def start_run(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize):
+        # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
+        # lock nothing (its validator then says what is wrong, and no event would unlock them).
+        if randomize is True:
+            seed = secrets.randbelow(MAX_SEED)
+        _, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
+        if errors:
+            return (gr.skip(),) * 6
+        return seed if randomize is True else gr.skip(), *buttons(running=True), ""
+
     def add_clip(clip, clips):
         if not isinstance(clip, dict):
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 12
         clips = [clip, *clips][:MAX_GALLERY]
-        gallery_view = gr.Gallery(_gallery(clips), selected_index=None)  # the new clip is the one shown
-        return gallery_view, clips, clip, *_clip_views(clip, full_steps)[3:], _model_status(pipe, notice)
+        gallery_view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)  # the new clip is shown
+        s = clip["settings"]
+        done = f"✅ Done in {s['time_taken_s']:.1f} s: seed {clip['seed']}, {s['num_inference_steps']} steps."
+        view = gallery_store.views(clip, full_steps)
+        return (gallery_view, clips, gallery_store.browser_copy(clips), clip, view[1], *view[3:],
+                _model_status(pipe, notice), done)  # fmt: skip
 
     def show_clip(clips, evt: gr.EventData):
         # The select event's data comes from the client, as anything or nothing: read as gr.EventData (whose
@@ -296,21 +204,45 @@ def create_demo(
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(clips):
             return gr.skip()
         clip = clips[index]
-        s = clip["settings"]
-        if not Path(clip["mp4"]).is_file():
-            gr.Warning("This clip's files were cleaned up; its settings are restored.")
-        inputs = (s["prompt"], s["negative_prompt"], s["seed"], s["num_inference_steps"])
-        return *_clip_views(clip, full_steps), *inputs, s["guidance_scale"], s["num_frames"], clip
+        inputs = [clip["settings"][k] for k in gallery_store.SETTINGS]
+        # Said by the buttons (an unqueued event cannot show a toast): why there is no video, and what to do.
+        note = (f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
+                "restored: Generate renders it again." if gallery_store.expired(clip) else "")  # fmt: skip
+        return *gallery_store.views(clip, full_steps), *inputs, False, clip, note
 
     def cancel(request: gr.Request):
-        if flag := cancel_flags.get(request.session_hash):
-            flag.set()
+        # Where the job stopped, once it has; the result shown is cleared (it is not what was asked for, and it
+        # stays in the gallery), and with it the offer to render it in full.
+        text = f'<span class="cancelled">{renderer.cancel(request.session_hash)}</span>'  # style.css: why
+        return text, *gallery_store.views(None, full_steps), None
 
     def final_inputs(clip):
         if not isinstance(clip, dict):
-            return (gr.skip(),) * len(FIELDS)
-        s = clip["settings"]
-        return s["prompt"], s["negative_prompt"], s["seed"], full_steps, s["guidance_scale"], s["num_frames"]
+            return (gr.skip(),) * (len(FIELDS) + 1)
+        inputs = {**clip["settings"], "num_inference_steps": full_steps}
+        return *(inputs[k] for k in gallery_store.SETTINGS), False
+
+    def make_gif(clip):
+        if not isinstance(clip, dict):
+            return gr.skip(), gr.skip()
+        gif = gallery_store.make_gif(clip)
+        if gif is None:
+            raise user_error(f"This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h).")
+        return gr.DownloadButton(value=str(gif), visible=True), gr.Button(visible=False)
+
+    def restore(saved, saved_prompt):
+        # Each visit: the model's state, a fresh seed, and what this browser kept (checked: clips.restore).
+        fresh = (_model_status(pipe, notice), secrets.randbelow(MAX_SEED))
+        if pipe is None:  # nothing can be checked against a model, nor rendered: leave the browser's copy be
+            return *fresh, *(gr.skip(),) * 5
+        clips = gallery_store.restore(saved, output_dir, pipe)
+        text = saved_prompt.get("prompt") if isinstance(saved_prompt, dict) else None
+        text = text if isinstance(text, str) and 0 < len(text) <= MAX_PROMPT_CHARS else gr.skip()
+        gone = sum(map(gallery_store.expired, clips))
+        note = (f"⌛ {gone} of your {len(clips)} clips expired (clips are kept {OUTPUT_TTL_S / 3600:g} h): their "
+                "settings are still in the gallery." if gone else gr.skip())  # fmt: skip
+        view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)
+        return *fresh, view, clips, gallery_store.browser_copy(clips), text, note
 
     with gr.Blocks(
         title="CogVideoX", analytics_enabled=False, delete_cache=(max(60, OUTPUT_TTL_S // 4), OUTPUT_TTL_S)
@@ -323,24 +255,25 @@ def create_demo(
             elem_id="masthead-wrap",
         )
         status = gr.Markdown(_model_status(pipe, notice), elem_id="model-status")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
+        with gr.Row(equal_height=False, elem_id="main-row"):
+            with gr.Column(scale=5, elem_id="inputs-col"):
                 hint = "One shot in detail: subject, motion, setting, camera, light…"
-                prompt = gr.Textbox(label="Prompt", lines=5, max_length=MAX_PROMPT_CHARS, placeholder=hint,
+                prompt = gr.Textbox(label="Prompt", lines=5, max_length=PROMPT_BOX_CHARS, placeholder=hint,
                                     elem_id="prompt")  # fmt: skip
                 tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
-                with gr.Row():
-                    can_enhance = bool(enhancer and enhancer.available)
-                    enhance_btn = gr.Button("✨ Enhance prompt", size="sm", interactive=can_enhance)
-                    dice = gr.Button("🎲 Random seed", size="sm", elem_id="dice")
+                can_enhance = bool(enhancer and enhancer.available)
+                enhance_btn = gr.Button("✨ Enhance prompt", size="sm", interactive=can_enhance)
                 if enhancer is not None and not enhancer.available:
                     gr.Markdown(f"Enhance is off. {enhancer.unavailable_reason}", elem_classes="hint")
                 with gr.Group(visible=False) as enhanced_box:
                     enhanced_note = gr.Markdown()
                     original = gr.Textbox(show_label=False, interactive=False, lines=2)
                     undo_btn = gr.Button("↩️ Undo: restore the original", size="sm")
-                seed = gr.Number(-1, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED - 1,
-                                 elem_id="seed")  # fmt: skip
+                with gr.Row(equal_height=True, elem_id="seed-row"):
+                    seed = gr.Number(None, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED - 1, min_width=140,
+                                     elem_id="seed")  # fmt: skip
+                    randomize = gr.Checkbox(True, label="🎲 Randomize seed", info="a new one at every run",
+                                            min_width=150, elem_id="randomize")  # fmt: skip
                 with gr.Accordion("Advanced", open=False):
                     steps = gr.Slider(
                         1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps"
@@ -351,75 +284,107 @@ def create_demo(
                     )
                     choices = [(f"{n} ({n / fps:.1f} s)", n) for n in frame_counts(max_frames)]
                     frames = gr.Radio(choices, value=d["num_frames"], label="Frames")
-                    counts = frame_counts(
-                        max_frames
-                    )  # not as an enum: gradio_client shows an enum as strings
+                    counts = frame_counts(max_frames)  # not an enum: gradio_client shows one as strings
                     integer_api(frames, {"minimum": counts[0], "maximum": counts[-1],
                                          "description": f"8N+1: one of {', '.join(map(str, counts))}"})  # fmt: skip
                     negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
-                with gr.Row():
-                    run_btn = gr.Button(
-                        "🎬 Generate", variant="primary", scale=2, interactive=pipe is not None
-                    )
-                    draft_btn = gr.Button(
-                        f"⚡ Draft ({DRAFT_STEPS} steps)", scale=2, interactive=pipe is not None
-                    )
-                    cancel_btn = gr.Button("⏹ Cancel", variant="stop", scale=1)
+                with gr.Row(elem_id="run-buttons"):
+                    can_run = pipe is not None
+                    run_btn = gr.Button("🎬 Generate", variant="primary", scale=3, min_width=100,
+                                        interactive=can_run, elem_id="generate")  # fmt: skip
+                    draft_btn = gr.Button(f"⚡ Draft ({DRAFT_STEPS} steps)", scale=3, min_width=100,
+                                          interactive=can_run, elem_id="draft")  # fmt: skip
+                    cancel_btn = gr.Button(CANCEL, variant="stop", scale=2, min_width=90, interactive=False,
+                                           elem_id="cancel")  # fmt: skip
+                # Where the user looks after a click: the job's progress and queue place, then how it went.
+                run_status = gr.Markdown(IDLE, elem_id="run-status")
                 if ZERO_GPU:
                     gr.Markdown(ZERO_GPU_CANCEL_NOTE, elem_classes="hint", elem_id="cancel-note")
-                rows, labels = _load_presets(max_frames)
-                if rows:
-                    gr.Examples(
-                        rows, [prompt, seed, steps, guidance, frames], label="Presets", example_labels=labels
-                    )
-            with gr.Column(scale=6):
+            with gr.Column(scale=6, elem_id="result-col"):
                 video = gr.Video(
                     label="Result", autoplay=True, loop=True, interactive=False, elem_id="result-video"
                 )
-                with gr.Row():
-                    seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
-                    mp4_btn = gr.DownloadButton("⬇️ MP4", interactive=False, elem_id="download-mp4")
-                    gif_btn = gr.DownloadButton("⬇️ GIF", interactive=False, elem_id="download-gif")
+                with gr.Row(equal_height=True, elem_id="clip-row"):
+                    # A Number shows 0 until it has a value: the seed used is shown as text, empty until a clip.
+                    seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+                    button = dict(min_width=70, size="md")  # the widths: style.css
+                    reuse_btn = gr.Button("♻️ Reuse seed", interactive=False, elem_id="reuse", **button)
+                    mp4_btn = gr.DownloadButton("⬇️ MP4", interactive=False, elem_id="download-mp4", **button)
+                    make_gif_btn = gr.Button(
+                        GIF, interactive=False, elem_id="make-gif", **button
+                    )  # made when asked
+                    gif_btn = gr.DownloadButton("⬇️ GIF", visible=False, elem_id="download-gif", **button)
                 final_btn = gr.Button("🎬 Render final", variant="primary", visible=False, elem_id="final")
                 settings = gr.JSON(label="Settings used", open=True)
-                gallery = gr.Gallery(label="This session's clips, newest first (only you can see them)",
-                                     columns=4, fit_columns=False, object_fit="cover", height=330,
+                gallery = gr.Gallery(label="Your clips, newest first (kept in this browser; only you can see them)",
+                                     columns=3, fit_columns=False, object_fit="cover", height=330,
                                      allow_preview=False, interactive=False, elem_id="gallery")  # fmt: skip
+            with gr.Column(scale=5, elem_id="presets"):  # below the result on a narrow screen (style.css)
+                rows, labels = _load_presets(max_frames)
+                if rows:
+                    gr.Examples(rows, [prompt, seed, steps, guidance, frames, randomize], label="Presets",
+                                example_labels=labels)  # fmt: skip
         clips, current, last_clip, enhanced = gr.State([]), gr.State(None), gr.State(None), gr.State(None)
+        saved_clips = gr.BrowserState([], **_storage(output_dir, "clips"))
+        saved_prompt = gr.BrowserState({"prompt": ""}, **_storage(output_dir, "prompt"))
 
         fields = [prompt, negative, seed, steps, guidance, frames]
-        ui = dict(queue=False, api_visibility="private")  # instant UI updates: not queued, not in the API
-        job = dict(
-            fn=generate, inputs=fields, outputs=[video, seed_used, settings, last_clip], validator=validate,
-            preprocess=False, concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video],
-        )  # fmt: skip
         draft_steps = gr.Number(DRAFT_STEPS, visible=False)  # a draft leaves the Steps slider as it is
+        seed_out = gr.Number(label="Seed used", precision=0, visible=False)  # /generate's seed, an integer
+        draft_fields = [prompt, negative, seed, draft_steps, guidance, frames]
+        ui = dict(queue=False, api_visibility="private")  # instant UI updates: not queued, not in the API
+        controls = [run_btn, draft_btn, final_btn, cancel_btn]
+        lock = dict(
+            fn=start_run, outputs=[seed, *controls, run_status], preprocess=False, js=SHOW_STATUS_JS, **ui
+        )
+        job = dict(
+            fn=renderer.generate, inputs=fields, outputs=[video, seed_out, settings, last_clip], validator=validate,
+            preprocess=False, concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video, run_status],
+        )  # fmt: skip
         runs = [
-            run_btn.click(**job, api_name="generate"),
-            draft_btn.click(
-                **{**job, "inputs": [prompt, negative, seed, draft_steps, guidance, frames]},
-                api_visibility="private",
+            run_btn.click(**lock, inputs=[*fields, randomize]).success(**job, api_name="generate"),
+            draft_btn.click(**lock, inputs=[*draft_fields, randomize]).success(
+                **{**job, "inputs": draft_fields}, api_visibility="private"
             ),
-            final_btn.click(final_inputs, current, fields, **ui).then(**job, api_visibility="private"),
+            final_btn.click(final_inputs, current, [*fields, randomize], **ui)
+            .success(**lock, inputs=[*fields, randomize])
+            .success(**job, api_visibility="private"),
         ]
-        shown = [current, mp4_btn, gif_btn, final_btn, status]
+        views = [video, seed_used, settings, mp4_btn, gif_btn, make_gif_btn, reuse_btn, final_btn]
+        shown = [current, seed_used, *views[3:], status, run_status]
         for run in runs:
-            run.success(add_clip, [last_clip, clips], [gallery, clips, *shown], api_visibility="private")
-        cancel_btn.click(cancel, cancels=runs, **ui)
-        views = [video, seed_used, settings, mp4_btn, gif_btn, final_btn]
-        gallery.select(show_clip, clips, [*views, *fields, current], **ui)
-        dice.click(None, None, seed, js="() => Math.floor(Math.random() * 4294967296)")
+            run.success(add_clip, [last_clip, clips], [gallery, clips, saved_clips, *shown], **ui)
+            # Unlocked after a clip, an error or a cancel (Gradio's page runs `then` after a cancel but not after
+            # an error, `failure` after both).
+            run.then(lambda: buttons(running=False), None, controls, **ui)
+            run.failure(lambda: buttons(running=False), None, controls, **ui)
+        # At once: the click is seen. Then our cancel, which returns once the job has stopped, then Gradio's,
+        # which takes a job still waiting out of its queue (in this order: jobs.Renderer.cancel says why).
+        cancel_btn.click(None, None, cancel_btn, js=STOPPING_JS)
+        cancel_btn.click(
+            cancel, None, [run_status, *views, current], cancels=runs, show_progress="hidden", **ui
+        )
+        gallery.select(show_clip, clips, [*views, *fields, randomize, current, run_status], **ui)
+        reuse = "(s) => (/^[0-9]+$/.test(s || '') ? [Number(s), false] : [undefined, undefined])"
+        reuse_btn.click(None, seed_used, [seed, randomize], js=reuse)
+        seed.input(None, None, randomize, js="() => false")  # a seed typed in is the one to use
+        make_gif_btn.click(None, None, make_gif_btn, js=MAKING_GIF_JS)  # seconds of work: say so at once
+        make_gif_btn.click(
+            make_gif, current, [gif_btn, make_gif_btn], concurrency_limit=1, concurrency_id="gif",
+            show_progress="hidden", api_visibility="private",
+        ).success(None, gif_btn, None, js=DOWNLOAD_JS).failure(
+            lambda: gr.Button(GIF, interactive=False), None, make_gif_btn, **ui
+        )  # fmt: skip
         prompt.change(lambda p: gr.skip() if (line := meter(p)) is None else line, prompt, tokens,
                       show_progress="hidden", trigger_mode="always_last", **ui)  # fmt: skip
+        prompt.change(None, prompt, saved_prompt, js="(p) => ({prompt: p})")  # kept in this browser
         enhance_btn.click(
             enhance, prompt, [prompt, enhanced], api_name="enhance", preprocess=False,
             concurrency_limit=1 if local_enhancer else None, concurrency_id="enhance",
         ).success(show_enhanced, enhanced, [enhanced_box, enhanced_note, original], **ui)  # fmt: skip
         undo_btn.click(undo_enhance, enhanced, [prompt, enhanced_box], **ui)
-        # Each visit: the model's current state, and a fresh seed.
-        demo.load(
-            lambda: (_model_status(pipe, notice), secrets.randbelow(MAX_SEED)), None, [status, seed], **ui
-        )
+        demo.load(restore, [saved_clips, saved_prompt],
+                  [status, seed, gallery, clips, saved_clips, prompt, run_status], **ui)  # fmt: skip
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)
 
 
@@ -458,6 +423,36 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, s
     return pipe, notice
 
 
+def startup_lines(args: argparse.Namespace, pipe, demo: gr.Blocks) -> list[str]:
+    """What the server log says once the page is up: where, which model, and how to share it safely."""
+    lines = [f"CogVideoX demo: {demo.local_url}"]
+    if pipe is None:
+        lines.append(f"  model {args.model}: unavailable (the page says why); it cannot render")
+    else:
+        mode = pipe.offloader.mode
+        mode = "picked from free memory at the first generation" if mode == "auto" else mode
+        where = f"{pipe.device.type}, {str(pipe.dtype).removeprefix('torch.')}"
+        lines.append(f"  model: {args.model} ({where}); memory mode: {mode}")
+    users = len(args.auth or [])
+    login = (
+        f"login required ({users} user{'s' * (users > 1)})"
+        if users
+        else "no login: anyone who reaches it can use it"
+    )
+    if demo.share_url:
+        lines.append(f"  public link: {demo.share_url}, {login}")
+    elif args.host in ("127.0.0.1", "localhost", "::1"):
+        lines.append(
+            "  only this machine can open it. To share it: --share --auth-file users.txt "
+            "(one user:password per line)"
+        )
+    else:
+        lines.append(f"  open to the network on {args.host}:{args.port}, {login}")
+    if not users and (demo.share_url or args.host not in ("127.0.0.1", "localhost", "::1")):
+        lines.append("  to require a login: --auth-file users.txt (one user:password per line)")
+    return lines
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:  # a device this machine lacks is the operator's mistake: one line, not a page that cannot render
@@ -474,7 +469,17 @@ def main(argv=None) -> None:
         except ValueError as e:
             print(f"prompt enhancer disabled: {e}")
     demo = create_demo(pipe, enhancer, output_dir=args.output_dir, notice=notice)
-    demo.launch(**launch_options(args, THEME))
+    # Gradio's own banner is off (quiet): it recommends `share=True` in code and GRADIO_SERVER_PORT, where this
+    # app has --share --auth-file and --port. Our lines follow once the server is up.
+    try:
+        demo.launch(**launch_options(args, THEME), quiet=True, prevent_thread_lock=True)
+    except OSError:  # Gradio's "Cannot find empty port" (a busy port, or an address this machine lacks)
+        raise SystemExit(
+            f"error: cannot listen on {args.host}:{args.port}: the port is in use (or the address is not this "
+            f"machine's); choose another with --port, e.g. --port {args.port + 1}"
+        ) from None
+    print("\n".join(startup_lines(args, pipe, demo)), flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -4,13 +4,21 @@ Hugging Face ZeroGPU (SPACES_ZERO_GPU=true) runs a `spaces.GPU` function in a fo
 the function's arguments and result, forwards its `gr.Progress` updates and `gr.Error`s, and turns any other
 exception into a bare "ZeroGPU worker error". So `render_on_gpu` takes the validated settings and returns the
 frames, reaches the pipeline through PIPELINE (set at start-up; the fork inherits it), and turns every failure
-into the user's own `gr.Error` inside the worker. Elsewhere app.py runs the same job in a thread of its own.
+into the user's own `gr.Error` inside the worker. Elsewhere `Renderer` runs the same job in a thread of its own.
+
+`Renderer` is the page's and the API's /generate: one job on the GPU at a time, each session's stoppable by its
+Cancel, which then says where the job stopped ("Cancelled at step 3 of 50").
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
+import re
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):  # as spaces reads it
     import spaces  # it patches torch as it is imported, so it comes before torch
@@ -19,8 +27,10 @@ else:
 
 import gradio as gr
 
+from clips import OUTPUT_TTL_S, clean_outputs, save_clip
 from cogvideox.offload import is_out_of_memory
 from cogvideox.pipeline import CogVideoXPipeline, GenerationCancelled, GenerationResult
+from validation import check_inputs
 
 ZERO_GPU = spaces is not None
 # The scheduler refuses a longer request ("ZeroGPU illegal duration"). spaces does not hold the cap (the server
@@ -38,6 +48,14 @@ ZERO_GPU_OOM_ADVICE = (  # the Space's owner chose the memory mode; a visitor ca
 # Progress-bar text and position for each stage the pipeline reports.
 STAGES = {"loading model": ("Loading the model", 0.0), "encoding text": ("Encoding the prompt", 0.0),
           "decoding": ("Decoding the frames", 1.0)}  # fmt: skip
+# The Cancel button stops its session's job at the next step. A cancel from elsewhere (gradio_client) or a
+# closed tab is seen another way: a running job yields every HEARTBEAT_S and Gradio resumes it right after
+# each yield until the request is cancelled or its client goes. Gradio does not reliably close the
+# generator, so a job not resumed for ABANDONED_S stops. ZeroGPU runs the job in a forked process that
+# cannot see these signals: there a job runs to its end, and the page says so.
+HEARTBEAT_S = 0.5
+ABANDONED_S = 4 * HEARTBEAT_S
+CANCEL_WAIT_S = float(os.environ.get("CANCEL_WAIT_S", 60))  # Cancel's wait for the job's step to end
 
 PIPELINE: CogVideoXPipeline | None = None  # ZeroGPU: the app's pipeline, loaded before the worker forks
 # Any gr.Progress reports to the current request's bar (its context says which); in ZeroGPU's worker, spaces
@@ -116,3 +134,147 @@ def render_on_gpu(settings: dict, progress=_progress) -> GenerationResult:
 
 if ZERO_GPU:
     render_on_gpu = spaces.GPU(duration=lambda settings, *_: gpu_seconds(PIPELINE, settings))(render_on_gpu)
+
+
+@dataclass
+class Run:
+    """One job of one session: set `cancel` to stop it at its next step. `done`: its thread has ended;
+    `finished`: its request is ending too (after a Cancel)."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    clip: dict | None = None
+    error: Exception | None = None
+    by_cancel_button: bool = False  # the page's Cancel says what happened: the job ends without an error
+
+
+def cancelled_text(run: Run | None) -> str:
+    """What the page says once Cancel has stopped `run` (None: it had not started)."""
+    if run is None:
+        return "⏹ Cancelled before it started."
+    if ZERO_GPU and not run.done.is_set():
+        return "⏹ Cancelled. On this Space a started job runs to its end; its clip will not be shown."
+    if not run.done.is_set():
+        return "⏹ Cancelled: the job stops after the step it is on."
+    if isinstance(run.error, GenerationCancelled):
+        if m := re.search(r"after step (\d+) of (\d+)", str(run.error)):
+            return f"⏹ Cancelled at step {m[1]} of {m[2]}."
+        if "waiting" in str(run.error):
+            return "⏹ Cancelled while waiting for the GPU."
+    if run.clip is not None:
+        return "⏹ Cancelled as it finished: its clip was not kept."
+    return "⏹ Cancelled."
+
+
+class Renderer:
+    """Render jobs for the page and the API, one at a time on the GPU (even while a cancelled one finishes its
+    last step), each in a thread of its own so that its request can notice a cancel or a closed tab."""
+
+    def __init__(self, pipe: CogVideoXPipeline | None, output_dir: Path, enhancer=None):
+        self.pipe, self.output_dir, self.enhancer = pipe, output_dir, enhancer
+        self.gpu_lock = threading.Lock()
+        self.running: dict[str, Run] = {}  # session -> its job, while it runs
+
+    def generate(
+        self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, request: gr.Request,
+        progress=_progress,
+    ):  # fmt: skip
+        """Render a video. seed -1 picks a random one. Returns the MP4, the seed used and the settings."""
+        values = (prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
+        kwargs, errors = check_inputs(self.pipe, *values)
+        if errors:
+            raise user_error("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        clean_outputs(self.output_dir, OUTPUT_TTL_S)
+        # The worker stops at its next step, leaving the GPU to the next job, once the request is gone.
+        session, pulled, latest = request.session_hash, [time.monotonic()], []
+        run = self.running[session] = Run()
+
+        def wanted():
+            return not run.cancel.is_set() and (ZERO_GPU or time.monotonic() - pulled[0] < ABANDONED_S)
+
+        def report(*args, **kw):
+            latest[:] = args, kw
+            progress(*args, **kw)
+
+        worker = threading.Thread(
+            target=contextvars.copy_context().run,  # gr.Progress (and ZeroGPU) read the request's context
+            args=(self._job, run, kwargs, wanted, report),
+            daemon=True,
+        )
+        worker.start()
+        try:
+            while worker.is_alive():
+                # On ZeroGPU nothing reaches the forked job, and a yield would hide the progress it sends.
+                worker.join(None if ZERO_GPU else HEARTBEAT_S)
+                if ZERO_GPU:
+                    break
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                pulled[0] = time.monotonic()
+                if latest:  # a yield hides the progress bar until its next update: send it again
+                    progress(*latest[0], **latest[1])
+        finally:
+            run.cancel.set()  # when Gradio does close the generator
+            if self.running.get(session) is run:
+                del self.running[session]
+        if run.by_cancel_button:  # Cancel says what happened: this request ends with no output, and no error
+            run.finished.set()
+            yield gr.skip(), gr.skip(), gr.skip(), None
+            return
+        if run.error is not None:
+            raise known_error(run.error) or run.error
+        clip = run.clip
+        yield clip["mp4"], clip["seed"], clip["settings"], clip
+
+    def cancel(self, session: str, wait_s: float = CANCEL_WAIT_S) -> str:
+        """Stop the session's job at its next step; once it has stopped (or after `wait_s`), say where.
+
+        The job's request then ends by itself, with no output. So Gradio's own cancel, which the page sends next
+        (for a job still waiting in its queue), never reaches a running one: it answers those with an empty
+        output, which the page, racing it, can show as an "Error" beside our message."""
+        run = self.running.get(session)
+        if run is None:  # waiting in Gradio's queue (which the page's Cancel empties next), or nothing at all
+            return cancelled_text(None)
+        run.by_cancel_button = True
+        run.cancel.set()
+        if not ZERO_GPU and run.done.wait(wait_s):  # (ZeroGPU's started job runs to its end: no use waiting)
+            run.finished.wait(5 * HEARTBEAT_S)  # the request's end, no later than its next heartbeat
+            time.sleep(0.2)  # and its last message on its way to the page
+        return cancelled_text(run)
+
+    def _job(self, run: Run, kwargs, wanted, progress):
+        oom = False
+        try:
+            run.clip = self._render(kwargs, wanted, progress)
+        except Exception as e:
+            oom = is_out_of_memory(e)
+            # A bug is re-raised in the request, where Gradio reports it; a cancel keeps its own words for Cancel.
+            run.error = e if isinstance(e, GenerationCancelled) else known_error(e) or e
+        if oom:  # outside the except block, whose traceback still holds the step's tensors
+            self.pipe.release()
+            run.error = out_of_memory_error()
+        run.done.set()
+
+    def _render(self, kwargs, wanted, progress) -> dict:
+        pipe, started = self.pipe, time.perf_counter()
+        progress(0.0, desc="Waiting for the GPU")
+        with self.gpu_lock:
+            if not wanted():
+                raise GenerationCancelled("cancelled while waiting for the GPU")
+            if self.enhancer is not None:
+                self.enhancer.release()  # a local prompt model makes room for the video model
+            if ZERO_GPU:  # in ZeroGPU's forked worker, which reports its own progress and errors
+                result = render_on_gpu(kwargs)
+                if not wanted():
+                    raise GenerationCancelled("cancelled while the GPU worker ran")
+            else:
+                if not pipe.loaded:
+                    try:
+                        pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
+                    except (OSError, ValueError) as e:
+                        message = f"Could not load {pipe.model_id}: {e}"
+                        raise user_error(message, title="Model unavailable") from e
+                on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
+                result = pipe(**kwargs, callback=on_step, on_stage=on_stage)
+        progress(1.0, desc="Writing the MP4")
+        return save_clip(result, self.output_dir, started)

@@ -17,6 +17,9 @@ from cogvideox.text import is_blank
 
 # Limits; each may be overridden by an environment variable of the same name.
 MAX_PROMPT_CHARS = int(os.environ.get("MAX_PROMPT_CHARS", 2000))  # T5 reads 226 tokens, ~1000 characters
+# The prompt box holds a little more than a prompt may have: a paste over the limit shows by how much, rather
+# than being cut silently by the browser. One that fills the box was cut there, and the meter says so.
+PROMPT_BOX_CHARS = MAX_PROMPT_CHARS + 1000
 MAX_STEPS = int(os.environ.get("MAX_STEPS", 100))
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
 MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
@@ -79,25 +82,36 @@ def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num
     return kwargs, {}
 
 
+def tokenizer_name(pipe) -> str:
+    """The model's tokenizer as people call it: T5Tokenizer / T5TokenizerFast -> "T5"."""
+    name = type(getattr(pipe, "tokenizer", None)).__name__.removesuffix("Fast").removesuffix("Tokenizer")
+    return name if name not in ("", "NoneType") else "text"
+
+
 class TokenMeter:
     """The "n / 226 T5 tokens" line under the prompt. Tokenizes only text within the prompt limit, and at most
     METER_SLOTS at once: a call that finds no free slot returns None (the page keeps its last line)."""
 
     def __init__(self, pipe, slots: int = METER_SLOTS):
         self.pipe, self._slots = pipe, threading.BoundedSemaphore(slots)
+        self.name = tokenizer_name(pipe)
 
     def __call__(self, prompt) -> str | None:
         if self.pipe is None or not isinstance(prompt, str):
             return ""
         if len(prompt) > MAX_PROMPT_CHARS:  # before tokenizing: a few MB of text would cost seconds
-            return f'<div class="tokens over">⚠️ over {MAX_PROMPT_CHARS} characters: shorten the prompt</div>'
+            over = f"over {MAX_PROMPT_CHARS} characters by {len(prompt) - MAX_PROMPT_CHARS}: shorten it"
+            if len(prompt) == PROMPT_BOX_CHARS:  # the box's own limit: the browser cut the paste there
+                return f'<div class="tokens over">⚠️ Your paste was cut to {len(prompt)} characters, {over}.</div>'
+            return f'<div class="tokens over">⚠️ {len(prompt)} characters: {over}.</div>'
         if not self._slots.acquire(blocking=False):
             return None
         try:
             count = self.pipe.count_tokens(prompt)
         finally:
             self._slots.release()
-        text = f"<b>{count.n_tokens}</b> / {count.max_tokens} T5 tokens"
+        used = 0 if is_blank(prompt) else count.n_tokens  # the tokenizer's closing </s> alone is no prompt
+        text = f"<b>{used}</b> / {count.max_tokens} {html.escape(self.name)} tokens"
         if not count.dropped_tokens:
             return f'<div class="tokens">{text}</div>'
         return (

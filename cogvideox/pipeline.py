@@ -17,10 +17,12 @@ from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import __version__, text
+from .cache import StepCache, resolve_step_cache
 from .config import SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, load_module, resolve_model
 from .offload import Offloader
+from .preview import LatentPreview, every
 from .scheduler import dynamic_guidance_scale, make_scheduler
 
 SCHEDULER_NAMES = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}
@@ -76,6 +78,27 @@ def check_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def guided(
+    forward: Callable, embeds: torch.Tensor, guidance: float, steps: int, dynamic_cfg: bool = False
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The model call of one step, (latents, t) -> float32 prediction: classifier-free guidance around
+    `forward(latents, text_embeds, timestep)` (the transformer, or a wrapper of it such as a step cache) when
+    `embeds` holds [negative, positive], one batch of two."""
+    cfg = embeds.shape[0] == 2
+
+    def predict(latents: torch.Tensor, t: int) -> torch.Tensor:
+        x = torch.cat([latents, latents]) if cfg else latents
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        pred = forward(x, embeds, timestep).float()
+        if not cfg:
+            return pred
+        scale = dynamic_guidance_scale(guidance, t, steps) if dynamic_cfg else guidance
+        uncond, cond = pred.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return predict
+
+
 class CogVideoXPipeline:
     """CogVideoX text-to-video. Construction reads configs only; weights load on first use (or `load()`)."""
 
@@ -105,6 +128,7 @@ class CogVideoXPipeline:
         self.tokenizer = text.load_tokenizer(root / "tokenizer")
         self.text_encoder = self.transformer = self.vae = None
         self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._latent_preview: LatentPreview | None = None
         # (B, heads, S, head_dim) of the attention -> the fastest SDPA kernel there (None: PyTorch's pick).
         self.attention_backends: dict[tuple, SDPBackend | None] = {}
 
@@ -170,9 +194,8 @@ class CogVideoXPipeline:
     def count_tokens(self, prompt: str) -> text.TokenCount:
         return text.count_tokens(self.tokenizer, prompt, self.transformer_config.max_text_seq_length)
 
-    def validate(
-        self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale, seed
-    ):
+    def validate(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+                 seed, step_cache=None, preview_every=1):  # fmt: skip
         """Raise ValueError, saying what is allowed, for any argument out of range. No heavy work."""
         if not isinstance(prompt, str) or text.is_blank(prompt):
             raise ValueError("prompt must be a non-empty string (invisible characters alone do not count)")
@@ -196,6 +219,8 @@ class CogVideoXPipeline:
             raise ValueError(f"guidance_scale must be in [1, {MAX_GUIDANCE:g}], got {shown}")
         if seed is not None:
             _check_int("seed", seed, 0, MAX_SEED - 1)
+        resolve_step_cache(step_cache)
+        _check_int("preview_every", preview_every, 1)
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -208,16 +233,20 @@ class CogVideoXPipeline:
         from .transformer import CogVideoXTransformer
         from .vae import CogVideoXVAE
 
-        def report(stage: str, fraction: float) -> None:
-            print(f"[cogvideox] {stage} ({fraction:.0%})", file=sys.stderr, flush=True)
+        def report(stage: str, fraction: float, detail: str = "") -> None:
+            # The detail (a folder) goes to the terminal only: the page may be public.
+            print(f"[cogvideox] {stage}{detail} ({fraction:.0%})", file=sys.stderr, flush=True)
             if progress is not None:
                 progress(stage, fraction)
 
-        report("downloading weights", 0.0)
-        if not all(
+        complete = all(
             any((self.root / c).glob("*.safetensors")) for c in ("transformer", "vae", "text_encoder")
-        ):
-            self.root = resolve_model(self.model_id, ALL_PATTERNS)  # a Hub snapshot that has only the configs
+        )
+        if not complete and not Path(self.model_id).expanduser().is_dir():
+            # A Hub snapshot that has only the configs so far.
+            report("downloading weights", 0.0, f" of {self.model_id} from the Hugging Face Hub")
+            self.root = resolve_model(self.model_id, ALL_PATTERNS)
+        report("loading weights", 0.05, f" from {self.root}")
         report("loading text encoder", 0.1)
         hf_logging.disable_progress_bar()
         text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
@@ -270,7 +299,18 @@ class CogVideoXPipeline:
         callback: Callable[[int, int], bool | None] | None = None,
         on_stage: Callable[[str], None] | None = None,
         use_dynamic_cfg: bool = False,
+        step_cache: str | float | None = None,
+        preview: Callable[[int, int, np.ndarray], object] | None = None,
+        preview_every: int = 1,
     ) -> GenerationResult:
+        """Generate one video.
+
+        callback(step, total) after every step; returning False cancels (GenerationCancelled).
+        step_cache: None computes every step; "quality" or "fast" (TeaCache thresholds 0.1, 0.2) or a threshold
+        >= 0 skips the transformer blocks on steps that would change little (0 computes every step).
+        preview(step, total, frames) every `preview_every` steps and after the last: uint8 (F, h, w, 3), one
+        frame per latent frame at latent resolution, of the clean video predicted at that step.
+        """
         d = self.defaults
         num_frames = d["num_frames"] if num_frames is None else num_frames
         height = d["height"] if height is None else height
@@ -278,7 +318,11 @@ class CogVideoXPipeline:
         steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
         negative_prompt = "" if negative_prompt is None else negative_prompt
-        self.validate(prompt, negative_prompt, num_frames, height, width, steps, guidance, seed)
+        self.validate(prompt, negative_prompt, num_frames, height, width, steps, guidance, seed,
+                      step_cache, preview_every)  # fmt: skip
+        if preview is not None and not callable(preview):
+            raise ValueError(f"preview must be a function (step, total, frames), got {preview!r}")
+        threshold = resolve_step_cache(step_cache)
         seed = secrets.randbelow(MAX_SEED) if seed is None else int(seed)
         stage = on_stage or (lambda name: None)
         timings, t0 = {}, time.perf_counter()
@@ -296,10 +340,14 @@ class CogVideoXPipeline:
 
         stage("denoising")
         t = time.perf_counter()
+        cache = None if threshold is None else StepCache.for_model(threshold, self.transformer_config, steps)
+        on_x0 = None if preview is None else every(preview_every, self.latent_preview(), preview)
         latents = self.denoise(
-            embeds, seed, num_frames, height, width, steps, guidance, callback, use_dynamic_cfg
+            embeds, seed, num_frames, height, width, steps, guidance, callback, use_dynamic_cfg, cache, on_x0
         )
         timings["denoise"] = time.perf_counter() - t
+        if cache is not None:
+            timings["steps_computed"] = cache.computed
 
         stage("decoding")
         t = time.perf_counter()
@@ -315,6 +363,7 @@ class CogVideoXPipeline:
             "num_inference_steps": steps,
             "guidance_scale": float(guidance),
             "use_dynamic_cfg": use_dynamic_cfg,
+            "step_cache": step_cache if step_cache is None or isinstance(step_cache, str) else threshold,
             "num_frames": num_frames,
             "height": height,
             "width": width,
@@ -327,34 +376,46 @@ class CogVideoXPipeline:
         }
         return GenerationResult(frames, seed, self.fps, settings, count.dropped_tokens, timings)
 
-    def denoise(
-        self, embeds, seed, num_frames, height, width, steps, guidance, callback=None, dynamic_cfg=False
-    ):
-        """The sampler: CFG over [negative, positive] embeds; returns latents (1, F, C, h, w) in the model dtype."""
+    def denoise(self, embeds, seed, num_frames, height, width, steps, guidance, callback=None, dynamic_cfg=False,
+                step_cache: StepCache | None = None, on_x0: Callable | None = None):  # fmt: skip
+        """The sampler: CFG over [negative, positive] embeds; returns latents (1, F, C, h, w) in the model dtype.
+
+        step_cache wraps the transformer's forward; on_x0(step, total, x0) sees each step's predicted clean
+        latents (read only: the DPM scheduler keeps them as state)."""
         s = self.vae_config.spatial_compression
         shape = (1, (num_frames - 1) // int(self.vae_config.temporal_compression_ratio) + 1,
                  self.transformer_config.in_channels, height // s, width // s)  # fmt: skip
         generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        latents = self.initial_latents(shape, generator)
         timesteps = self.scheduler.timesteps(steps)
-        cfg = embeds.shape[0] == 2
+        forward = self.transformer if step_cache is None else step_cache.wrap(self.transformer)
+        predict = guided(forward, embeds, guidance, steps, dynamic_cfg)
         old_x0 = None
         backend = self.attention_kernel(embeds.shape[0], embeds.shape[1], shape)
         with self.offloader.use(self.transformer), sdpa_kernel(backend) if backend else nullcontext():
             for i, t in enumerate(timesteps.tolist()):
-                x = torch.cat([latents, latents]) if cfg else latents
-                timestep = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
-                pred = self.transformer(x, embeds, timestep).float()
-                if cfg:
-                    scale = dynamic_guidance_scale(guidance, t, steps) if dynamic_cfg else guidance
-                    uncond, cond = pred.chunk(2)
-                    pred = uncond + scale * (cond - uncond)
+                pred = predict(latents, t)
                 prev_t = int(timesteps[i - 1]) if i > 0 else None
                 latents, old_x0 = self.scheduler.step(pred, t, prev_t, latents, old_x0, generator)
                 latents = latents.to(self.dtype)
+                if on_x0 is not None:
+                    on_x0(i + 1, steps, old_x0)
                 if callback is not None and callback(i + 1, steps) is False:
                     raise GenerationCancelled(f"cancelled after step {i + 1} of {steps}")
         return latents
+
+    def initial_latents(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+        """Where the sampler starts: Gaussian noise from the seeded CPU generator (text to video)."""
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    def latent_preview(self) -> LatentPreview:
+        """The latent -> RGB map of previews, fitted to this checkpoint's VAE on first use (a few encoder passes
+        on small synthetic clips), then kept."""
+        if self._latent_preview is None:
+            self.load()
+            with self.offloader.use(self.vae):
+                self._latent_preview = LatentPreview.fit(self.vae, self.device, self.dtype)
+        return self._latent_preview
 
     def attention_kernel(self, batch: int, text_len: int, latent_shape: tuple) -> SDPBackend | None:
         """The fastest SDPA kernel for the transformer's attention at this video size, timed on first use."""

@@ -72,7 +72,9 @@ def _as_checkpoint_error(what: str):
 
 
 def count_tokens(tokenizer: T5Tokenizer, prompt: str, max_tokens: int = MAX_TOKENS) -> TokenCount:
-    ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    # verbose=False: a prompt longer than the model's 226 tokens is what we are measuring, not a mistake to
+    # warn about ("Token indices sequence length is longer than ...").
+    ids = tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids
     if len(ids) <= max_tokens:
         return TokenCount(len(ids), max_tokens, prompt, "")
     # The last kept slot holds </s>, so max_tokens - 1 prompt tokens survive, as in the reference.

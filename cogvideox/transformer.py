@@ -9,6 +9,7 @@ latent grid on first use and cached, so the model can be built on the meta devic
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,16 @@ from .layers import (
     sincos_pos_embed_3d,
     timestep_embedding,
 )
+
+
+class Tokens(NamedTuple):
+    """What the blocks see: the joint sequence and what conditions every block."""
+
+    x: Tensor  # (B, L + N, D), `[text ‖ video]`
+    text_len: int  # L
+    emb: Tensor  # (B, time_embed_dim), the timestep embedding
+    rope: tuple[Tensor, Tensor] | None  # cos, sin (L + N, head_dim) (5B); None for 2B (sin-cos added)
+    grid: tuple[int, int, int]  # video tokens per axis (frames, height, width)
 
 
 class PatchEmbed(nn.Module):
@@ -151,8 +162,8 @@ class CogVideoXTransformer(nn.Module):
 
         return self._cached(("rope", grid, text_len, device), compute)
 
-    def forward(self, latents: Tensor, text_embeds: Tensor, timestep: Tensor) -> Tensor:
-        """latents (B, F, C, H, W), text_embeds (B, L, text_dim), timestep (B,) -> (B, F, C_out, H, W).
+    def embed(self, latents: Tensor, text_embeds: Tensor, timestep: Tensor) -> Tokens:
+        """latents (B, F, C, H, W), text_embeds (B, L, text_dim), timestep (B,) -> the blocks' input.
 
         Computes in the dtype of `latents`, which must match the weights' dtype.
         """
@@ -175,12 +186,27 @@ class CogVideoXTransformer(nn.Module):
         else:
             video = video + self._sincos(grid, latents.device, latents.dtype)
         x = torch.cat([text, video], dim=1)  # (B, L + N, D)
+        return Tokens(x, text_len, emb, rope, grid)
 
+    def run_blocks(self, tokens: Tokens) -> Tensor:
+        """The transformer blocks on `tokens.x` (updated in place and returned), (B, L + N, D)."""
+        x = tokens.x
         for block in self.transformer_blocks:
-            x = block(x, text_len, emb, rope)
+            x = block(x, tokens.text_len, tokens.emb, tokens.rope)
+        return x
 
-        video = self.norm_out(self.norm_final(x[:, text_len:]), emb)
+    def head(self, x: Tensor, tokens: Tokens) -> Tensor:
+        """The blocks' output (B, L + N, D) -> prediction (B, F, C_out, H, W), from the video tokens."""
+        p = self.config.patch_size
+        frames, height, width = tokens.grid
+        video = self.norm_out(self.norm_final(x[:, tokens.text_len :]), tokens.emb)
         out = self.proj_out(video)  # (B, N, C_out·p·p)
-        return rearrange(
-            out, "b (f h w) (c p q) -> b f c (h p) (w q)", f=frames, h=grid[1], w=grid[2], p=p, q=p
-        )
+        return rearrange(out, "b (f h w) (c p q) -> b f c (h p) (w q)", f=frames, h=height, w=width, p=p, q=p)
+
+    def forward(self, latents: Tensor, text_embeds: Tensor, timestep: Tensor) -> Tensor:
+        """latents (B, F, C, H, W), text_embeds (B, L, text_dim), timestep (B,) -> (B, F, C_out, H, W).
+
+        `embed`, `run_blocks` and `head` in a row; a step cache (cogvideox/cache.py) calls them itself.
+        """
+        tokens = self.embed(latents, text_embeds, timestep)
+        return self.head(self.run_blocks(tokens), tokens)

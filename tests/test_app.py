@@ -15,7 +15,6 @@ import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError, ValidationError
 from gradio_client.utils import QueueError, Status
-from PIL import Image
 
 import app
 from cogvideox import CogVideoXPipeline
@@ -92,8 +91,7 @@ def test_generate_returns_a_decodable_mp4_with_the_settings(server, client):
     stem = Path(video).stem
     assert app.CLIP_NAME.match(Path(video).name)
     assert (out / f"{stem}.mp4").is_file() and (out / f"{stem}.json").is_file()
-    with Image.open(out / f"{stem}.gif") as gif:
-        assert gif.n_frames == 9
+    assert not (out / f"{stem}.gif").exists()  # made only when someone asks for it (test_ui.py)
 
 
 def test_seed_minus_one_picks_a_random_32_bit_seed_and_reports_it(client):

@@ -1,11 +1,14 @@
-"""A real headless Chromium (Debian's, driven by playwright; no browser download) uses the app end to end."""
+"""A real headless Chromium (Debian's, driven by playwright; no browser download) uses the app end to end, at
+desktop and phone widths. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+DESKTOP, PHONE = {"width": 1280, "height": 1000}, {"width": 390, "height": 844}
 IDEA = "a red fox in the snow"
 REWRITE = "A red fox trots across a snowy meadow at sunrise while the camera pans slowly beside it."
+CAPTION = re.compile(r"^(⌛ expired · )?(.+) · (\d+) frames · (\d+) steps · seed (\d+)$")
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +41,10 @@ def server(tiny_2b, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(**app.launch_options(app.parse_args(["--port", str(port), "--output-dir", str(out)])),
+    demo.launch(**app.launch_options(app.parse_args(["--port", str(port), "--output-dir", str(out)]), app.THEME),
                 prevent_thread_lock=True, quiet=True)  # fmt: skip
     try:
-        yield demo.local_url, pipe
+        yield demo.local_url, pipe, out
     finally:
         demo.close()
         env.undo()
@@ -58,27 +63,96 @@ def browser():
         chromium.close()
 
 
+@contextmanager
+def slow_steps(pipe, seconds: float = 0.2):
+    """Each denoising step takes >= `seconds`, so a long job is still running when the test looks at it."""
+    pipe.load()
+    steps = []
+
+    def slow(*_):
+        steps.append(time.monotonic())
+        time.sleep(seconds)
+
+    hook = pipe.transformer.register_forward_pre_hook(slow)
+    try:
+        yield steps
+    finally:
+        hook.remove()
+
+
+# Counts the page's writes to localStorage, where gr.BrowserState keeps this browser's gallery and prompt.
+COUNT_WRITES = """window.__writes = 0; const setItem = Storage.prototype.setItem;
+Storage.prototype.setItem = function (k, v) { window.__writes += 1; return setItem.call(this, k, v); };"""
+
+
+def visit(browser, url: str, viewport=DESKTOP):
+    """A new visitor: a browser context of its own (its own localStorage, as another person's browser)."""
+    context = browser.new_context(viewport=viewport, accept_downloads=True)
+    context.add_init_script(COUNT_WRITES)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#prompt textarea")
+    return page
+
+
+def captions(page) -> list[str]:
+    return page.locator("#gallery .thumbnail-item").all_inner_texts()
+
+
+def seeds(page) -> list[int]:
+    return [int(CAPTION.match(c)[5]) for c in captions(page)]
+
+
+def set_value(page, selector: str, value) -> None:
+    page.locator(selector).fill(str(value))
+    page.locator(selector).press("Tab")
+
+
+def set_steps(page, steps: int) -> None:
+    """The Steps slider's box, then a check that the slider itself took it (the page sends the slider's)."""
+    for _ in range(3):
+        set_value(page, "#steps input[type=number]", steps)
+        try:
+            page.wait_for_function(f"document.querySelector('#steps input[type=range]').value === '{steps}'",
+                                   timeout=2000)  # fmt: skip
+            return
+        except Exception:  # a box filled as the accordion opened: fill it again
+            continue
+    raise AssertionError(f"the Steps slider did not take {steps}")
+
+
 def click_and_wait_for_a_clip(page, button: str):
     count = page.locator("#gallery .thumbnail-item").count()
-    page.get_by_role("button", name=button).click()
+    page.locator(button).click()
     page.wait_for_function(
         f"document.querySelectorAll('#gallery .thumbnail-item').length > {count}", timeout=60_000
     )
+    page.wait_for_function("!document.querySelector('#generate').disabled")  # unlocked once it is done
 
 
-def generate(page, seed: int, steps: int = 2):
-    for selector, value in (("#seed input", seed), ("#steps input[type=number]", steps)):
-        page.locator(selector).fill(str(value))
-        page.locator(selector).press("Tab")
-    click_and_wait_for_a_clip(page, "🎬 Generate")
+def in_view(page, selector: str) -> bool:
+    box, height = page.locator(selector).bounding_box(), page.viewport_size["height"]
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= height
 
 
-def test_prompt_generate_video_gallery_and_screenshot(server, browser):
-    url = server[0]
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.goto(url)
-    page.wait_for_selector("#prompt textarea")
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).locator("textarea, input").first.input_value()
+
+
+def screenshot(page, name: str, full_page: bool = True) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / name, full_page=full_page)
+
+
+def test_prompt_seeds_gallery_gif_final_and_a_reload(server, browser):
+    url, _, out = server
+    page = visit(browser, url)
     assert "random weights" in page.inner_text("#model-status")
+    assert text_of(page, "#seed-used") == "" and page.locator("#cancel").is_disabled()  # nothing yet
+
+    page.locator("#generate").click()  # an empty prompt: refused where it is typed, and nothing stays locked
+    page.get_by_text("is empty: describe the video you want").wait_for()
+    assert page.locator("#generate").is_enabled() and page.locator("#cancel").is_disabled()
 
     page.locator("#prompt textarea").fill(IDEA)
     page.wait_for_function("document.querySelector('#token-count').innerText.includes('/ 226 T5 tokens')")
@@ -88,55 +162,146 @@ def test_prompt_generate_video_gallery_and_screenshot(server, browser):
     page.get_by_role("button", name="↩️ Undo: restore the original").click()  # ...and can undo it
     page.wait_for_function(f"document.querySelector('#prompt textarea').value === {IDEA!r}")
     page.get_by_text("Advanced").click()
-    generate(page, seed=11)
-    generate(page, seed=22)
-
+    set_steps(page, 2)
+    click_and_wait_for_a_clip(page, "#generate")
+    click_and_wait_for_a_clip(page, "#generate")  # "Randomize seed" is on: another seed, another video
+    first, second = seeds(page)[::-1]
+    assert first != second and CAPTION.match(captions(page)[0]).group(2, 3, 4) == (IDEA, "17", "2"), captions(
+        page
+    )
+    assert text_of(page, "#seed-used") == str(second) and text_of(page, "#seed") == str(second)
+    assert f"seed {second}" in page.inner_text("#run-status")
     video = page.locator("#result-video video")
-    assert video.get_attribute("src").endswith(".mp4")
-    assert page.locator("#download-mp4").is_enabled() and page.locator("#download-gif").is_enabled()
-    captions = page.locator("#gallery .thumbnail-item").all_inner_texts()
-    assert captions == ["seed 22 · 2 steps", "seed 11 · 2 steps"]  # newest first
+    assert video.get_attribute("src").endswith(".mp4") and page.locator("#download-mp4").is_enabled()
 
-    page.locator("#gallery .thumbnail-item").nth(1).click()  # the older clip: shown, settings restored
-    page.wait_for_function("document.querySelector('#seed input').value === '11'")
-    click_and_wait_for_a_clip(page, "🎬 Render final (50 steps)")  # the draft's seed and prompt, 50 steps
-    newest = page.locator("#gallery .thumbnail-item").first.inner_text()
-    assert "seed 11 · 50 steps" in newest and page.locator("#seed input").input_value() == "11"
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "app.png", full_page=True)
+    with page.expect_download() as gif:  # made on its first click, then downloaded
+        page.locator("#make-gif").click()
+    assert gif.value.suggested_filename.endswith(".gif") and page.locator("#download-gif").is_visible()
 
-    other = browser.new_context().new_page()  # another visitor sees none of these clips
-    other.goto(url)
-    other.wait_for_selector("#prompt textarea")
-    assert other.locator("#gallery .thumbnail-item").count() == 0
-    assert other.locator("#prompt textarea").input_value() == ""
-    other.wait_for_function("/^[0-9]+$/.test(document.querySelector('#seed input').value)")  # a fresh seed
+    page.locator("#gallery .thumbnail-item").nth(
+        1
+    ).click()  # the older clip: shown, its settings and seed fixed
+    page.wait_for_function(f"document.querySelector('#seed input').value === '{first}'")
+    assert not page.locator("#randomize input").is_checked() and text_of(page, "#seed-used") == str(first)
+    assert not page.locator("#download-gif").is_visible()  # that clip has no GIF yet
+    click_and_wait_for_a_clip(page, "#final")  # the draft's seed and prompt, 50 steps
+    assert captions(page)[0] == f"{IDEA} · 17 frames · 50 steps · seed {first}"
+
+    page.locator("#randomize input").check()
+    page.locator("#reuse").click()  # one click: this seed again, and Randomize off
+    page.wait_for_function("!document.querySelector('#randomize input').checked")
+    assert text_of(page, "#seed") == str(first)
+    screenshot(page, "app.png")
+
+    # A reload keeps the gallery and the prompt; a clip whose files expired says so and keeps its settings.
+    before = captions(page)
+    for path in out.glob(f"{Path(page.locator('#result-video video').get_attribute('src')).stem}.*"):
+        path.unlink()  # the clip on screen (the 50-step render): its files are gone
+    writes = page.evaluate("window.__writes")
+    page.locator("#prompt textarea").fill(IDEA + ", at dusk")
+    page.wait_for_function(
+        f"window.__writes > {writes}"
+    )  # kept in the browser (after the meter's round trip)
+    page.reload()
+    page.wait_for_function(f"document.querySelectorAll('#gallery .thumbnail-item').length === {len(before)}")
+    after = captions(page)
+    assert after[0] == f"⌛ expired · {before[0]}" and after[1:] == before[1:]
+    assert page.locator("#prompt textarea").input_value() == IDEA + ", at dusk"
+    assert f"1 of your {len(before)} clips expired" in page.inner_text("#run-status")
+    page.locator("#gallery .thumbnail-item").first.click()
+    page.wait_for_selector('#run-status :text("This clip\'s files have expired")')
+    page.wait_for_function(f"document.querySelector('#seed input').value === '{first}'")
+    screenshot(page, "app-reloaded.png")
 
 
-def test_the_cancel_button_stops_the_job_at_the_next_step(server, browser):
-    url, pipe = server
-    pipe.load()
-    steps = []
-
-    def slow(*_):  # each step takes >= 0.2 s, so a 100-step job is still running when Cancel is clicked
-        steps.append(time.monotonic())
-        time.sleep(0.2)
-
-    hook = pipe.transformer.register_forward_pre_hook(slow)
-    try:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
-        page.locator("#prompt textarea").fill(IDEA)
-        page.get_by_text("Advanced").click()
-        page.locator("#steps input[type=number]").fill("100")
-        page.locator("#steps input[type=number]").press("Tab")
-        page.get_by_role("button", name="🎬 Generate").click()
-        page.wait_for_selector("#result-video :text('Denoising')")  # the progress bar, with the stage
+def test_cancel_says_where_it_stopped_clears_the_stale_clip_and_unlocks(server, browser):
+    url, pipe, _ = server
+    page = visit(browser, url)
+    page.locator("#prompt textarea").fill(IDEA)
+    page.get_by_text("Advanced").click()  # open: the progress must still show beside the buttons
+    set_steps(page, 2)
+    click_and_wait_for_a_clip(page, "#generate")  # a clip on screen, then a job that is cancelled
+    set_steps(page, 100)
+    with slow_steps(pipe) as steps:
+        page.locator("#generate").click()
+        page.wait_for_selector(
+            "#run-status :text('Denoising')"
+        )  # the progress, with its stage, by the buttons
+        assert page.locator("#generate").is_disabled() and page.locator("#draft").is_disabled()
+        assert page.locator("#cancel").is_enabled()
+        buttons, status = (page.locator(s).bounding_box() for s in ("#run-buttons", "#run-status"))
+        assert 0 <= status["y"] - (buttons["y"] + buttons["height"]) < 40  # right under the buttons
+        assert page.locator("#result-video :text('Denoising')").count()  # and over the video
+        screenshot(page, "app-running.png", full_page=False)
         clicked = time.monotonic()
-        page.get_by_role("button", name="⏹ Cancel").click()
-        time.sleep(1.0)
-        after = [t for t in steps if t > clicked]
-        assert len(after) <= 3, f"{len(after)} steps ran after Cancel"
-        assert len(steps) < 100 and page.locator("#gallery .thumbnail-item").count() == 0
-    finally:
+        page.locator("#cancel").click()
+        page.wait_for_selector("#run-status :text('Cancelled at step')")
+        time.sleep(0.5)
+        assert len([t for t in steps if t > clicked]) <= 3 and len(steps) < 100
+    stopped = re.search(r"⏹ Cancelled at step (\d+) of 100\.", page.inner_text("#run-status"))
+    assert stopped and int(stopped[1]) <= len(steps)
+    assert page.locator("#result-video video").count() == 0 and text_of(page, "#seed-used") == ""  # cleared
+    assert not page.locator("#final").is_visible() and page.locator("#gallery .thumbnail-item").count() == 1
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert page.locator("#cancel").is_disabled() and page.inner_text("#cancel") == "⏹ Cancel"
+    time.sleep(0.5)
+    assert "Error" not in page.inner_text("#run-status") + page.inner_text(
+        "#result-video"
+    )  # a cancel is no error
+    screenshot(page, "app-cancelled.png", full_page=False)
+
+    def out_of_memory(*_):
         hook.remove()
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    hook = pipe.transformer.register_forward_pre_hook(out_of_memory)
+    page.locator("#generate").click()  # an error unlocks the buttons too
+    page.get_by_text("ran out of memory").first.wait_for()
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert page.locator("#cancel").is_disabled()
+
+
+def test_two_visitors_each_see_only_their_own_clips_and_a_waiting_job_shows_its_place(server, browser):
+    url, pipe, _ = server
+    desk, phone = visit(browser, url, DESKTOP), visit(browser, url, PHONE)
+    for page, idea in ((desk, "a lighthouse at night"), (phone, "a kite over a beach")):
+        page.locator("#prompt textarea").fill(idea)
+        page.get_by_text("Advanced").click()
+        set_steps(page, 1)
+        set_value(page, "#seed input", 100 if page is desk else 200)  # typing a seed unticks Randomize
+        assert not page.locator("#randomize input").is_checked()
+        click_and_wait_for_a_clip(page, "#generate")
+    assert captions(desk) == ["a lighthouse at night · 17 frames · 1 steps · seed 100"]
+    assert captions(phone) == ["a kite over a beach · 17 frames · 1 steps · seed 200"]
+    for page in (desk, phone):  # and after a reload, each browser still has its own, and only its own
+        page.reload()
+        page.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length === 1")
+    assert seeds(desk) == [100] and seeds(phone) == [200]
+
+    # The phone: the result comes right after the buttons, above the presets; nothing is wider than the screen.
+    tops = {s: phone.locator(s).bounding_box()["y"] for s in ("#run-buttons", "#result-video", "#presets")}
+    assert tops["#run-buttons"] < tops["#result-video"] < tops["#presets"]
+    assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    screenshot(phone, "app-phone.png")
+
+    # The phone's job waits behind the desktop's: its place in the queue shows by its buttons, and its Cancel
+    # takes it out of the queue.
+    desk.get_by_text("Advanced").click()  # closed again by the reload
+    set_steps(desk, 100)
+    with slow_steps(pipe):
+        desk.locator("#generate").click()
+        desk.wait_for_selector("#run-status :text('Denoising')")
+        phone.locator("#generate").click()
+        phone.wait_for_selector("#run-status :text-matches('queue: 1/1')")
+        assert phone.locator("#run-status").is_visible() and in_view(phone, "#run-status")  # scrolled to it
+        assert phone.locator("#cancel").is_enabled() and phone.locator("#generate").is_disabled()
+        screenshot(phone, "app-phone-queued.png", full_page=False)
+        phone.locator("#cancel").click()
+        phone.wait_for_selector("#run-status :text('Cancelled before it started')")
+        phone.wait_for_function("!document.querySelector('#generate').disabled")
+        time.sleep(0.5)
+        assert "Error" not in phone.inner_text("#run-status") + phone.inner_text("#result-video")
+        desk.locator("#cancel").click()
+        desk.wait_for_selector("#run-status :text('Cancelled at step')")
+    phone.wait_for_function("!document.querySelector('#generate').disabled")
+    assert seeds(phone) == [200] and seeds(desk) == [100]

@@ -1,16 +1,25 @@
 """`python -m cogvideox` end to end on a tiny checkpoint: a real MP4 and its JSON sidecar."""
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
+
+import pytest
 
 from cogvideox import __version__
+from cogvideox.__main__ import MAX_GUIDANCE, MAX_SEED, MAX_SIZE, MAX_STEPS, in_cli_terms, main
 from cogvideox.video import read_mp4
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "cogvideox", *map(str, args)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cogvideox", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -29,13 +38,124 @@ def test_cli_writes_a_playable_mp4_and_sidecar(tiny_2b, tmp_path):
     assert set(meta["timings"]) >= {"text", "denoise", "decode"}
 
 
-def test_cli_refuses_bad_input_with_a_clear_message(tiny_2b, tmp_path):
-    proc = run_cli("--model", tiny_2b, "--prompt", "x", "--output", tmp_path / "a.mp4", "--frames", 10)
-    assert proc.returncode == 2
-    assert "num_frames must be 8N+1" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_refuses_a_model_that_is_not_there(tmp_path):
     proc = run_cli("--model", tmp_path / "nowhere", "--prompt", "x", "--output", tmp_path / "a.mp4")
     assert proc.returncode == 2 and "neither a checkpoint folder" in proc.stderr
     assert not (tmp_path / "a.mp4").exists()
+
+
+def test_cli_tiny_random_needs_no_other_flags_and_is_written_once(tmp_path, monkeypatch):
+    temp = tmp_path / "temp"  # the CLI's temp dir, where the model goes
+    temp.mkdir()
+    out = tmp_path / "out.mp4"
+    proc = run_cli("--model", "tiny-random", "--prompt", "x", "--output", out, "--device", "cpu",
+                   env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "random weights" in notes[0] and "96x64" in notes[0]
+    assert "Writing model shards" not in proc.stderr
+    assert read_mp4(out).shape == (17, 64, 96, 3)  # the model's defaults: 17 frames of 96x64
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model"] == "tiny-random" and meta["num_inference_steps"] == 50
+    model = temp / "cogvideox-tiny-random"
+    assert [p for p in temp.iterdir() if p.name.startswith("cogvideox")] == [model]  # no staging left
+
+    # Reused as it is; a folder without the completion marker (an interrupted write) is replaced.
+    from cogvideox.__main__ import tiny_random_checkpoint
+
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert tiny_random_checkpoint() == model and weights.stat().st_mtime_ns == written
+    (model / ".complete").unlink()
+    weights.unlink()
+    assert tiny_random_checkpoint() == model and weights.is_file() and (model / ".complete").is_file()
+    assert [p for p in temp.iterdir() if p.name.startswith("cogvideox")] == [model]
+
+
+# Runs main() on each argv in a fresh interpreter, as `python -m cogvideox` would, and reports what it imported.
+NOTHING_HEAVY = """
+import contextlib, io, json, sys
+from cogvideox.__main__ import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[2])))
+    results.append([argv, rc, err.getvalue(), heavy])
+print(json.dumps(results))
+"""
+HEAVY = ["torch", "transformers", "safetensors", "numpy", "PIL", "imageio_ffmpeg", "sentencepiece"]
+
+
+def test_help_and_argument_errors_answer_at_once_in_one_line(tmp_path):
+    # Timing asserts flake on a loaded 2-core CI; what made them slow (torch, transformers) is checked instead.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "cogvideox", "--help"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
+    assert imported.isdisjoint(HEAVY), imported & set(HEAVY)
+    assert proc.returncode == 0 and "tiny-random" in proc.stdout
+
+    taken = tmp_path / "taken.mp4"
+    taken.write_bytes(b"")
+    cases = {  # argv after --prompt x: the flag the one-line message must name
+        ("--steps", "0"): "--steps", ("--steps", "1001"): "--steps", ("--steps", "2.5"): "--steps",
+        ("--frames", "0"): "--frames", ("--guidance", "0.99"): "--guidance",
+        ("--guidance", "100.01"): "--guidance", ("--guidance", "nan"): "--guidance",
+        ("--guidance", "inf"): "--guidance", ("--guidance", "1e400"): "--guidance",
+        ("--height", "8"): "--height", ("--height", "0"): "--height", ("--height", "4112"): "--height",
+        ("--width", "100"): "--width", ("--seed", "-1"): "--seed", ("--seed", str(2**32)): "--seed",
+        ("--dtype", "fp8"): "--dtype", ("--memory-mode", "all"): "--memory-mode",
+        ("--output", "clip.gif"): "--output", ("--output", str(taken)): "--overwrite",
+    }  # fmt: skip
+    argvs = [["--prompt", "x", "--model", str(tmp_path / "nowhere"), *argv] for argv in cases]
+    argvs.append(["--steps", "3"])  # no --prompt
+    proc = subprocess.run([sys.executable, "-c", NOTHING_HEAVY, json.dumps(argvs), json.dumps(HEAVY)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    for (argv, rc, err, heavy), flag in zip(results, [*cases.values(), "--prompt"], strict=True):
+        assert rc == 2 and not heavy, (argv, rc, err, heavy)
+        assert err.startswith("error: ") and err.count("\n") == 1 and flag in err, (argv, err)
+
+
+@pytest.mark.parametrize(
+    ("name", "flag", "low", "high"),
+    [("num_inference_steps", "--steps", 1, MAX_STEPS), ("num_frames", "--frames", 1, 17),
+     ("guidance_scale", "--guidance", 1.0, MAX_GUIDANCE), ("height", "--height", 16, MAX_SIZE),
+     ("width", "--width", 16, MAX_SIZE), ("seed", "--seed", 0, MAX_SEED - 1)],
+)  # fmt: skip
+def test_library_limits_are_the_clis_and_its_messages_come_out_in_cli_names(tiny_2b, name, flag, low, high):
+    from cogvideox.pipeline import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")
+    ok = dict(prompt="x", negative_prompt="", num_frames=9, height=64, width=96, num_inference_steps=2,
+              guidance_scale=6.0, seed=None)  # fmt: skip
+    step = 0.01 if name == "guidance_scale" else 1
+    for edge in (low, high):
+        pipe.validate(**{**ok, name: edge})  # the CLI's limits: the library takes them...
+    for outside in (low - step, high + step):  # ...and refuses the value just beyond, in the CLI's words
+        with pytest.raises(ValueError) as caught:
+            pipe.validate(**{**ok, name: outside})
+        message = in_cli_terms(str(caught.value))
+        assert message.startswith(f"{flag} must") and name not in message.replace(flag, ""), message
+
+
+def test_model_dependent_errors_name_the_cli_flags(tiny_2b, tmp_path, capsys):
+    cases = [(["--frames", "10"], "--frames must be 8N+1 (1, 9, 17, ...) and at most 17, got 10"),
+             (["--frames", "25"], "--frames must be in [1, 17], got 25"),
+             (["--frames", "18"], "--frames must be in [1, 17], got 18"),
+             (["--prompt", " \u200b "], "--prompt must be a non-empty string (invisible characters alone do not count)"),
+             (["--device", "cuda:x"], "--device must be like cpu, cuda or cuda:1, got 'cuda:x'")]  # fmt: skip
+    for argv, message in cases:
+        out = tmp_path / "a.mp4"
+        assert main(["--model", str(tiny_2b), "--prompt", "x", "--output", str(out), *argv]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_asking_for_cuda_without_it_says_so_in_one_line(tiny_2b, tmp_path):
@@ -125,3 +245,19 @@ def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
         write_mp4(frames, out)
     assert out.read_bytes() == b"the previous video"
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]  # the partial file is gone
+
+
+def test_step_cache_flag_reaches_the_pipeline_and_the_sidecar(tiny_2b, tmp_path):
+    out = tmp_path / "cached.mp4"
+    proc = run_cli("--model", tiny_2b, "--prompt", "a kite", "--output", out, "--seed", 3, "--steps", 6,
+                   "--frames", 9, "--device", "cpu", "--step-cache", "10")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # The largest threshold: every step that may be skipped is (on random weights); the first and last always run.
+    assert "step cache: 2 of 6 steps computed" in proc.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["step_cache"] == 10 and meta["timings"]["steps_computed"] == 2
+    for bad in ("-0.1", "10.5", "nan", "slow"):
+        proc = run_cli(
+            "--model", tiny_2b, "--prompt", "x", "--output", tmp_path / "b.mp4", "--step-cache", bad
+        )
+        assert proc.returncode == 2 and proc.stderr.startswith("error: argument --step-cache: must be"), bad

@@ -1,0 +1,170 @@
+"""Our clips: their files in the output folder, the page's gallery of them, and the copy a browser keeps.
+
+A clip is an MP4 and a JSON sidecar named `<time>-<16 random hex digits>` (a GIF beside them once someone asks for
+one): unguessable, so a clip's name is the key to it, as its download link already is. The gallery survives a
+reload in the browser's localStorage (gr.BrowserState). Gradio encrypts that copy with a key it sends to the page,
+so the browser can write anything there: each entry is checked here before use. Only names of our own clips are
+opened, in our output folder; a clip's settings come from its sidecar, or once its files have expired from the
+entry, bounded as a request's are. Anything else is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from cogvideox.video import read_mp4, write_gif, write_mp4, write_sidecar
+from validation import check_inputs
+
+CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
+OUTPUT_TTL_S = int(os.environ.get("OUTPUT_TTL_S", 6 * 3600))  # our clips and Gradio's copies
+MAX_GALLERY = int(os.environ.get("MAX_GALLERY", 24))
+SAVED_BYTES = 96 * 1024  # the browser's copy, sent back at each visit: well inside the request cap
+SIDECAR_BYTES = 64 * 1024
+SETTINGS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "num_frames")
+GIF = "🎞️ GIF"  # the button that makes a clip's GIF
+EXPIRED = np.full((90, 135, 3), 40, dtype=np.uint8)  # the thumbnail of a clip whose files are gone
+
+
+def clean_outputs(folder: Path, max_age_s: float) -> int:
+    """Delete our clips older than `max_age_s` (Gradio drops its own copies: `delete_cache`); how many went."""
+    cutoff, removed = time.time() - max_age_s, 0
+    for path in folder.glob("*"):
+        try:
+            if CLIP_NAME.match(path.name) and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # another request's cleanup got there first
+            continue
+    return removed
+
+
+def _clip(mp4: Path, settings: dict) -> dict:
+    return {"name": mp4.name, "mp4": str(mp4), "gif": str(mp4.with_suffix(".gif")), "seed": settings["seed"],
+            "settings": settings}  # fmt: skip
+
+
+def save_clip(result, folder: Path, started: float) -> dict:
+    """Write a generation's MP4 and sidecar (the GIF waits until someone asks: `make_gif`); the clip."""
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
+    mp4 = write_mp4(result.frames, folder / f"{stem}.mp4", fps=result.fps)
+    settings = {**result.settings, "time_taken_s": round(time.perf_counter() - started, 2)}
+    write_sidecar(mp4, {**settings, "timings": result.timings})
+    return _clip(mp4, settings)
+
+
+def make_gif(clip: dict) -> Path | None:
+    """The clip's GIF, made from its MP4 the first time it is asked for; None once the clip has expired."""
+    mp4, gif = Path(clip["mp4"]), Path(clip["gif"])
+    if not gif.is_file():
+        try:
+            frames = read_mp4(mp4)
+        except (OSError, RuntimeError, StopIteration):  # imageio-ffmpeg's errors for a file that is gone
+            return None
+        write_gif(frames, gif, fps=clip["settings"].get("fps", 8))
+    return gif
+
+
+def _checked(values: dict, pipe) -> dict | None:
+    """Settings checked as a request's are (`check_inputs`); None if any is out of bounds or not a fixed seed."""
+    kwargs, errors = check_inputs(pipe, *(values.get(k) for k in SETTINGS))
+    if errors or kwargs["seed"] is None:
+        return None
+    return {k: kwargs[k] for k in SETTINGS}
+
+
+def _read_sidecar(path: Path, pipe) -> dict | None:
+    """The settings our job wrote beside a clip; None when missing or not what we write."""
+    try:
+        with path.open("rb") as f:
+            data = json.loads(f.read(SIDECAR_BYTES + 1))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or _checked(data, pipe) is None:
+        return None
+    return {k: v for k, v in data.items() if k != "timings"}
+
+
+def from_browser(entry, folder: Path, pipe) -> dict | None:
+    """A gallery entry the browser kept -> our clip, or None for anything that is not one (tampered, malformed)."""
+    if not isinstance(entry, dict):
+        return None
+    name = entry.get("name")
+    if not isinstance(name, str) or not CLIP_NAME.match(name) or not name.endswith(".mp4"):
+        return None
+    mp4 = folder / name  # the pattern allows no separator: always a file directly in our folder
+    settings = _read_sidecar(mp4.with_suffix(".json"), pipe) if mp4.is_file() else None
+    if settings is None:  # expired: what the browser remembers, checked as a request would be
+        settings = _checked(entry, pipe)
+        if settings is None:
+            return None
+    return _clip(mp4, settings)
+
+
+def restore(saved, folder: Path, pipe) -> list[dict]:
+    """The browser's copy of a gallery -> the clips in it that are ours, newest first, without repeats."""
+    clips, seen = [], set()
+    for entry in saved[:MAX_GALLERY] if isinstance(saved, list) else []:
+        clip = from_browser(entry, folder, pipe)
+        if clip is not None and clip["name"] not in seen:
+            seen.add(clip["name"])
+            clips.append(clip)
+    return clips
+
+
+def browser_copy(clips: list[dict]) -> list[dict]:
+    """What the browser keeps of the gallery: each clip's name and settings, newest first, within SAVED_BYTES."""
+    saved, size = [], 2
+    for clip in clips:
+        entry = {"name": clip["name"], **{k: clip["settings"][k] for k in SETTINGS}}
+        size += len(json.dumps(entry, ensure_ascii=False).encode()) + 1
+        if size > SAVED_BYTES:
+            break
+        saved.append(entry)
+    return saved
+
+
+def expired(clip: dict) -> bool:
+    return not Path(clip["mp4"]).is_file()
+
+
+def caption(clip: dict) -> str:
+    """The start of the prompt, then frames, steps and seed: what tells one clip from another."""
+    s = clip["settings"]
+    words = " ".join(s["prompt"].split())
+    start = words if len(words) <= 28 else words[:28].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
+    line = f"{start} · {s['num_frames']} frames · {s['num_inference_steps']} steps · seed {s['seed']}"
+    return f"⌛ expired · {line}" if expired(clip) else line
+
+
+def gallery(clips: list[dict]) -> list[tuple]:
+    return [(EXPIRED if expired(c) else c["mp4"], caption(c)) for c in clips]
+
+
+def views(clip: dict | None, full_steps: int) -> tuple:
+    """What shows one clip (or none): video, seed used, settings, MP4 download, GIF download, Make-GIF, Reuse
+    seed, Render final. Render final is offered for a draft only, and always renders the clip shown."""
+    if clip is None:
+        return (None, "", None, gr.DownloadButton(value=None, interactive=False),
+                gr.DownloadButton(value=None, visible=False), gr.Button(GIF, visible=True, interactive=False),
+                gr.Button(interactive=False), gr.Button(visible=False))  # fmt: skip
+    files = not expired(clip)
+    gif = files and Path(clip["gif"]).is_file()
+    draft = clip["settings"]["num_inference_steps"] < full_steps
+    return (
+        clip["mp4"] if files else None,
+        str(clip["seed"]),
+        clip["settings"],
+        gr.DownloadButton(value=clip["mp4"] if files else None, interactive=files),
+        gr.DownloadButton(value=clip["gif"] if gif else None, visible=gif),
+        gr.Button(GIF, visible=not gif, interactive=files),  # its label again after "Making…"
+        gr.Button(interactive=True),
+        gr.Button(visible=draft, value=f"🎬 Render final ({full_steps} steps)"),
+    )
