@@ -32,11 +32,13 @@ from jobs import ABANDONED_S, HEARTBEAT_S, ZERO_GPU, gpu_seconds, user_error  # 
 from launch import gradio_cache_dir, launch_options, parse_args
 from validation import (
     FIELDS,
+    FULL,
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
     MAX_STEPS,
     MIN_GUIDANCE,
     PROMPT_BOX_CHARS,
+    SPEED_CHOICES,
     TokenMeter,
     check_inputs,
     frame_counts,
@@ -133,9 +135,11 @@ def create_demo(
     if ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
         jobs.PIPELINE = pipe
 
-    def validate(prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
-        _, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
-        return [gr.validate(f not in errors, errors.get(f, "")) for f in FIELDS]
+    def validate(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL):
+        _, errors = check_inputs(
+            pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed
+        )
+        return [gr.validate(f not in errors, errors.get(f, "")) for f in (*FIELDS, "speed")]
 
     def enhance(prompt):
         """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
@@ -175,12 +179,14 @@ def create_demo(
         return gr.Button(interactive=can), gr.Button(interactive=can), gr.Button(interactive=not running), (
             gr.Button(CANCEL, interactive=running))  # fmt: skip
 
-    def start_run(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize):
+    def start_run(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize, speed=FULL):
         # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
         # lock nothing (its validator then says what is wrong, and no event would unlock them).
         if randomize is True:
             seed = secrets.randbelow(MAX_SEED)
-        _, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
+        _, errors = check_inputs(
+            pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed
+        )
         if errors:
             return (gr.skip(),) * 6
         return seed if randomize is True else gr.skip(), *buttons(running=True), ""
@@ -190,8 +196,7 @@ def create_demo(
             return (gr.skip(),) * 12
         clips = [clip, *clips][:MAX_GALLERY]
         gallery_view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)  # the new clip is shown
-        s = clip["settings"]
-        done = f"✅ Done in {s['time_taken_s']:.1f} s: seed {clip['seed']}, {s['num_inference_steps']} steps."
+        done = gallery_store.done_text(clip)
         view = gallery_store.views(clip, full_steps)
         return (gallery_view, clips, gallery_store.browser_copy(clips), clip, view[1], *view[3:],
                 _model_status(pipe, notice), done)  # fmt: skip
@@ -288,6 +293,8 @@ def create_demo(
                     integer_api(frames, {"minimum": counts[0], "maximum": counts[-1],
                                          "description": f"8N+1: one of {', '.join(map(str, counts))}"})  # fmt: skip
                     negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
+                speed = gr.Radio(SPEED_CHOICES, value=FULL, label="Speed", elem_id="speed",
+                                 info="Faster and Fastest skip steps that change little (Render final: Full)")  # fmt: skip
                 with gr.Row(elem_id="run-buttons"):
                     can_run = pipe is not None
                     run_btn = gr.Button("🎬 Generate", variant="primary", scale=3, min_width=100,
@@ -332,23 +339,24 @@ def create_demo(
         draft_steps = gr.Number(DRAFT_STEPS, visible=False)  # a draft leaves the Steps slider as it is
         seed_out = gr.Number(label="Seed used", precision=0, visible=False)  # /generate's seed, an integer
         draft_fields = [prompt, negative, seed, draft_steps, guidance, frames]
+        full_speed = gr.Textbox(FULL, visible=False)  # Render final renders without the step cache
         ui = dict(queue=False, api_visibility="private")  # instant UI updates: not queued, not in the API
         controls = [run_btn, draft_btn, final_btn, cancel_btn]
         lock = dict(
             fn=start_run, outputs=[seed, *controls, run_status], preprocess=False, js=SHOW_STATUS_JS, **ui
         )
         job = dict(
-            fn=renderer.generate, inputs=fields, outputs=[video, seed_out, settings, last_clip], validator=validate,
+            fn=renderer.generate, inputs=[*fields, speed], outputs=[video, seed_out, settings, last_clip], validator=validate,
             preprocess=False, concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video, run_status],
         )  # fmt: skip
         runs = [
-            run_btn.click(**lock, inputs=[*fields, randomize]).success(**job, api_name="generate"),
-            draft_btn.click(**lock, inputs=[*draft_fields, randomize]).success(
-                **{**job, "inputs": draft_fields}, api_visibility="private"
+            run_btn.click(**lock, inputs=[*fields, randomize, speed]).success(**job, api_name="generate"),
+            draft_btn.click(**lock, inputs=[*draft_fields, randomize, speed]).success(
+                **{**job, "inputs": [*draft_fields, speed]}, api_visibility="private"
             ),
             final_btn.click(final_inputs, current, [*fields, randomize], **ui)
             .success(**lock, inputs=[*fields, randomize])
-            .success(**job, api_visibility="private"),
+            .success(**{**job, "inputs": [*fields, full_speed]}, api_visibility="private"),
         ]
         views = [video, seed_used, settings, mp4_btn, gif_btn, make_gif_btn, reuse_btn, final_btn]
         shown = [current, seed_used, *views[3:], status, run_status]

@@ -56,8 +56,26 @@ def save_clip(result, folder: Path, started: float) -> dict:
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
     mp4 = write_mp4(result.frames, folder / f"{stem}.mp4", fps=result.fps)
     settings = {**result.settings, "time_taken_s": round(time.perf_counter() - started, 2)}
+    if "steps_computed" in result.timings:  # the step cache was on: how many steps ran the transformer
+        settings["steps_computed"] = result.timings["steps_computed"]
     write_sidecar(mp4, {**settings, "timings": result.timings})
     return _clip(mp4, settings)
+
+
+def write_preview(frames: np.ndarray, folder: Path, fps: int, scale: int = 4) -> Path:
+    """A running job's preview (F, h, w, 3) as a small MP4, upscaled `scale`x (nearest). Named as a clip is:
+    unguessable, so only the session it is sent to can fetch it, and `clean_outputs` removes any left behind."""
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    return write_mp4(frames, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}.mp4", fps=fps)
+
+
+def done_text(clip: dict) -> str:
+    """What the page says once a clip is made: its time, seed and steps (and those computed, with the cache)."""
+    s = clip["settings"]
+    steps = f"{s['num_inference_steps']} steps"
+    if "steps_computed" in s:
+        steps += f" (steps computed {s['steps_computed']} of {s['num_inference_steps']}: step cache {s['step_cache']})"
+    return f"✅ Done in {s['time_taken_s']:.1f} s: seed {clip['seed']}, {steps}."
 
 
 def make_gif(clip: dict) -> Path | None:

@@ -27,10 +27,10 @@ else:
 
 import gradio as gr
 
-from clips import OUTPUT_TTL_S, clean_outputs, save_clip
+from clips import OUTPUT_TTL_S, clean_outputs, save_clip, write_preview
 from cogvideox.offload import is_out_of_memory
 from cogvideox.pipeline import CogVideoXPipeline, GenerationCancelled, GenerationResult
-from validation import check_inputs
+from validation import FULL, check_inputs, preview_every
 
 ZERO_GPU = spaces is not None
 # The scheduler refuses a longer request ("ZeroGPU illegal duration"). spaces does not hold the cap (the server
@@ -147,6 +147,11 @@ class Run:
     clip: dict | None = None
     error: Exception | None = None
     by_cancel_button: bool = False  # the page's Cancel says what happened: the job ends without an error
+    preview: object = None  # the latest preview frames (F, h, w, 3) the pipeline sent, and how many so far
+    previews: int = 0
+
+    def on_preview(self, step, total, frames):
+        self.preview, self.previews = frames, self.previews + 1
 
 
 def cancelled_text(run: Run | None) -> str:
@@ -178,10 +183,11 @@ class Renderer:
 
     def generate(
         self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, request: gr.Request,
-        progress=_progress,
+        speed=FULL, progress=_progress,
     ):  # fmt: skip
-        """Render a video. seed -1 picks a random one. Returns the MP4, the seed used and the settings."""
-        values = (prompt, negative_prompt, seed, steps, guidance_scale, num_frames)
+        """Render a video. seed -1 picks a random one; speed Full, Faster or Fastest (the step cache: Faster and
+        Fastest skip steps that change little). Returns the MP4, the seed used and the settings."""
+        values = (prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed)
         kwargs, errors = check_inputs(self.pipe, *values)
         if errors:
             raise user_error("; ".join(f"{k}: {v}" for k, v in errors.items()))
@@ -203,18 +209,32 @@ class Renderer:
             daemon=True,
         )
         worker.start()
+        shown = [0, None]  # the previews shown so far, and the file of the latest
+        fps = max(
+            1, self.pipe.defaults["fps"] // 4
+        )  # a preview has a frame per latent frame: 4 of the video's
         try:
             while worker.is_alive():
                 # On ZeroGPU nothing reaches the forked job, and a yield would hide the progress it sends.
                 worker.join(None if ZERO_GPU else HEARTBEAT_S)
                 if ZERO_GPU:
                     break
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                # The preview, where the result will show (the MP4 written last was sent already: Gradio copies
+                # an output before it resumes the job).
+                preview = gr.skip()  # the same file again would restart the video: only a new one
+                if worker.is_alive() and run.previews != shown[0] and run.preview is not None:
+                    old, shown[:] = shown[1], [run.previews, write_preview(run.preview, self.output_dir, fps)]
+                    preview = str(shown[1])
+                    if old is not None:
+                        old.unlink(missing_ok=True)
+                yield preview, gr.skip(), gr.skip(), gr.skip()
                 pulled[0] = time.monotonic()
                 if latest:  # a yield hides the progress bar until its next update: send it again
                     progress(*latest[0], **latest[1])
         finally:
             run.cancel.set()  # when Gradio does close the generator
+            if shown[1] is not None:
+                shown[1].unlink(missing_ok=True)
             if self.running.get(session) is run:
                 del self.running[session]
         if run.by_cancel_button:  # Cancel says what happened: this request ends with no output, and no error
@@ -245,7 +265,7 @@ class Renderer:
     def _job(self, run: Run, kwargs, wanted, progress):
         oom = False
         try:
-            run.clip = self._render(kwargs, wanted, progress)
+            run.clip = self._render(run, kwargs, wanted, progress)
         except Exception as e:
             oom = is_out_of_memory(e)
             # A bug is re-raised in the request, where Gradio reports it; a cancel keeps its own words for Cancel.
@@ -255,7 +275,7 @@ class Renderer:
             run.error = out_of_memory_error()
         run.done.set()
 
-    def _render(self, kwargs, wanted, progress) -> dict:
+    def _render(self, run: Run, kwargs, wanted, progress) -> dict:
         pipe, started = self.pipe, time.perf_counter()
         progress(0.0, desc="Waiting for the GPU")
         with self.gpu_lock:
@@ -275,6 +295,10 @@ class Renderer:
                         message = f"Could not load {pipe.model_id}: {e}"
                         raise user_error(message, title="Model unavailable") from e
                 on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
-                result = pipe(**kwargs, callback=on_step, on_stage=on_stage)
+                # The preview: the predicted clean video about ten times in the run (ZeroGPU's forked worker cannot
+                # stream it back, so there is none there).
+                every = preview_every(kwargs["num_inference_steps"])
+                result = pipe(**kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview,
+                              preview_every=every)  # fmt: skip
         progress(1.0, desc="Writing the MP4")
         return save_clip(result, self.output_dir, started)

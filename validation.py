@@ -12,6 +12,7 @@ import os
 import textwrap
 import threading
 
+from cogvideox.cache import PRESETS
 from cogvideox.pipeline import MAX_SEED
 from cogvideox.text import is_blank
 
@@ -24,6 +25,11 @@ MAX_STEPS = int(os.environ.get("MAX_STEPS", 100))
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
 MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
+# Speed: the pipeline's step cache (TeaCache), which skips transformer steps whose input barely changed. Its speed-up
+# is not measured yet, so the labels name the cache's threshold, not a factor.
+SPEEDS = {"Full": None, "Faster": "quality", "Fastest": "fast"}
+SPEED_CHOICES = [("Full", "Full")] + [(f"{k} (step cache {PRESETS[v]:g})", k) for k, v in SPEEDS.items() if v]
+FULL = "Full"
 METER_SLOTS = 2  # token meters computing at once; a flood of prompt edits gets skipped, not queued
 
 
@@ -40,8 +46,13 @@ def frame_counts(max_frames: int) -> range:
     return range(MIN_FRAMES, max_frames + 1, FRAME_STEP)
 
 
-def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames):
-    """Raw request values -> (pipeline kwargs, {field: problem}).
+def preview_every(steps: int) -> int:
+    """How often a job shows its preview: about ten times in all."""
+    return max(1, steps // 10)
+
+
+def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL):
+    """Raw request values -> (pipeline kwargs, {field: problem}). `speed` (None: not given) is one of SPEEDS.
 
     Cheap: it runs before a job is queued, and again inside the job.
     """
@@ -66,6 +77,9 @@ def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num
     allowed = frame_counts(pipe.max_frames if pipe else 49)
     if whole(num_frames) not in allowed:
         errors["num_frames"] = f"must be one of {', '.join(map(str, allowed))}"
+    speed = FULL if speed is None else speed
+    if not isinstance(speed, str) or speed not in SPEEDS:
+        errors["speed"] = f"must be one of {', '.join(SPEEDS)}"
     if pipe is None:
         errors.setdefault("prompt", "cannot be rendered: no model is loaded (see the notice at the top)")
     if errors:
@@ -73,11 +87,12 @@ def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num
     kwargs = dict(
         prompt=prompt, negative_prompt=negative_prompt, seed=None if seed_value == -1 else seed_value,
         num_inference_steps=steps_value, guidance_scale=float(guidance_scale), num_frames=whole(num_frames),
+        step_cache=SPEEDS[speed],
     )  # fmt: skip
     try:
         pipe.validate(height=pipe.defaults["height"], width=pipe.defaults["width"], **kwargs)
     except ValueError as e:  # a model-specific limit the checks above do not know
-        names = {"num_inference_steps": "steps", **{f: f for f in FIELDS}}
+        names = {"num_inference_steps": "steps", "step_cache": "speed", **{f: f for f in FIELDS}}
         return None, {next((v for k, v in names.items() if k in str(e)), "prompt"): str(e)}
     return kwargs, {}
 
