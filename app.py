@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from pathlib import Path
 
 if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
@@ -410,13 +409,10 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, s
             print("ZeroGPU: --memory-mode resident, without --compile")
         memory_mode, compile = "resident", False
     if model == "tiny-random":
-        from cogvideox.testing import write_tiny_checkpoint
+        from cogvideox.testing import tiny_random_checkpoint
 
-        # Outside the output folder, which is served.
-        model, notice = (
-            write_tiny_checkpoint(Path(tempfile.gettempdir()) / "cogvideox-tiny-random"),
-            TINY_NOTICE,
-        )
+        # The CLI's copy, written once (atomically) in the temp dir: outside the served output folder.
+        model, notice = tiny_random_checkpoint(), TINY_NOTICE
     try:
         pipe = CogVideoXPipeline.from_pretrained(
             model, device=args.device, dtype=args.dtype, memory_mode=memory_mode, compile=compile

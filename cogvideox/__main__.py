@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -146,37 +143,6 @@ def check_output(path: Path, overwrite: bool) -> str | None:
     return None
 
 
-def tiny_random_checkpoint() -> Path:
-    """The tiny random model in the temp dir, written once and reused.
-
-    Written beside its final name and renamed into place, with a marker last: a folder with the marker is
-    complete; one without (an interrupted write) is replaced."""
-    from .testing import write_tiny_checkpoint
-
-    path = Path(tempfile.gettempdir()) / "cogvideox-tiny-random"
-    marker = path / ".complete"
-    if marker.is_file():
-        return path
-    staging = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
-            write_tiny_checkpoint(staging)
-        (staging / marker.name).write_text("written by python -m cogvideox --model tiny-random\n")
-        for _ in range(3):
-            try:
-                return staging.rename(path)
-            except OSError:
-                if marker.is_file():  # another run got there first
-                    return path
-                aside = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
-                with contextlib.suppress(FileNotFoundError):  # another run may have moved it already
-                    path.rename(aside)  # onto an empty folder: allowed
-                shutil.rmtree(aside, ignore_errors=True)
-        raise OSError(f"{path} keeps changing under us")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if problem := check_output(args.output, args.overwrite):
@@ -197,6 +163,7 @@ def main(argv=None) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     from .pipeline import CogVideoXPipeline, GenerationCancelled, check_device
+    from .testing import tiny_random_checkpoint
     from .video import write_mp4, write_sidecar
 
     model = args.model

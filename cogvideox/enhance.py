@@ -18,7 +18,6 @@ import os
 import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -43,6 +42,7 @@ from .endpoint import (
 )
 from .endpoint import MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES
 from .endpoint import REASONING_TOKENS as REASONING_TOKENS
+from .text import is_invisible
 
 MAX_TOKENS = 226  # T5 tokens the transformer sees, </s> included
 # Small enough to sit beside the video model for a moment, multilingual, and good at following format rules.
@@ -120,16 +120,6 @@ class EnhanceResult:
     elapsed_s: float  # how long the user waited
 
 
-# What shows nothing: controls, format characters (zero-width space and joiners, word joiner, BOM, bidi marks),
-# spaces and line separators, and the letters that render blank (Hangul fillers, the empty Braille cell).
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
-
-
-def _invisible(char: str) -> bool:
-    return unicodedata.category(char) in _INVISIBLE_CATEGORIES or char in _BLANK_LETTERS
-
-
 def check_idea(prompt: str, max_chars: int = MAX_IDEA_CHARS) -> str:
     """The idea without invisible characters at either end; ValueError if it is too long or shows nothing."""
     if not isinstance(prompt, str):
@@ -137,9 +127,9 @@ def check_idea(prompt: str, max_chars: int = MAX_IDEA_CHARS) -> str:
     if len(prompt) > max_chars:  # first, so a huge paste costs nothing more
         raise ValueError(f"the prompt is {len(prompt)} characters long; enhance takes {max_chars} at most")
     start, end = 0, len(prompt)
-    while start < end and _invisible(prompt[start]):
+    while start < end and is_invisible(prompt[start]):
         start += 1
-    while end > start and _invisible(prompt[end - 1]):
+    while end > start and is_invisible(prompt[end - 1]):
         end -= 1
     if start == end:
         raise ValueError("the prompt is empty: type a short idea to enhance")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -168,3 +173,39 @@ class EchoBackend:
 
     def release(self) -> None:
         pass
+
+
+def tiny_random_checkpoint() -> Path:
+    """The tiny random model in the temp dir, written once and reused.
+
+    Written beside its final name and renamed into place, with a marker last: a folder with the marker is
+    complete; one without (an interrupted write) is replaced."""
+    path = Path(tempfile.gettempdir()) / "cogvideox-tiny-random"
+    marker = path / ".complete"
+    if marker.is_file():
+        return path
+    staging = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
+            write_tiny_checkpoint(staging)
+        (staging / marker.name).write_text("written for --model tiny-random\n")
+        for _ in range(3):
+            try:
+                return staging.rename(path)
+            except OSError:
+                if marker.is_file():  # another run got there first
+                    return path
+                aside = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
+                with contextlib.suppress(FileNotFoundError):  # another run may have moved it already
+                    path.rename(aside)  # onto an empty folder: allowed
+                shutil.rmtree(aside, ignore_errors=True)
+        raise OSError(f"{path} keeps changing under us")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a test server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

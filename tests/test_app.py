@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,19 +18,13 @@ from gradio_client.utils import QueueError, Status
 import app
 from cogvideox import CogVideoXPipeline
 from cogvideox.enhance import PromptEnhancer
-from cogvideox.testing import EchoBackend
+from cogvideox.testing import EchoBackend, free_port
 from cogvideox.text import TokenCount
 from cogvideox.video import read_mp4
 
 GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2,
             guidance_scale=6.0, num_frames=9)  # fmt: skip
 REWRITE = "A red fox with a thick winter coat trots across a snowy meadow at dawn, filmed in a slow pan."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def test_cli_tiny_random_needs_no_other_flags_and_is_written_once(tmp_path, monk
     assert [p for p in temp.iterdir() if p.name.startswith("cogvideox")] == [model]  # no staging left
 
     # Reused as it is; a folder without the completion marker (an interrupted write) is replaced.
-    from cogvideox.__main__ import tiny_random_checkpoint
+    from cogvideox.testing import tiny_random_checkpoint
 
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     weights = model / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from gradio_client.exceptions import AppError
 
 import launch
 from cogvideox import CogVideoXPipeline
+from cogvideox.testing import free_port
 from cogvideox.video import read_mp4
 from guard import LoginThrottle
 from tools import attack
@@ -32,12 +32,6 @@ from validation import check_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = dict(prompt="a red kite", negative_prompt="", seed=7, steps=1, guidance_scale=6.0, num_frames=9)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(tmp: Path, *args: str, env: dict | None = None):

@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import app
 import jobs
 from cogvideox import CogVideoXPipeline
 from cogvideox.pipeline import GenerationCancelled
+from cogvideox.testing import free_port
 from cogvideox.video import read_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,12 +90,6 @@ def zero_gpu_env(tmp: Path, api: DeviceAPI) -> dict:
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
