@@ -24,11 +24,13 @@ import gradio as gr
 
 import clips as gallery_store
 import jobs
+import uploads
 from clips import CLIP_NAME, GIF, MAX_GALLERY, OUTPUT_TTL_S, clean_outputs  # noqa: F401 (the app's names)
 from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
-from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline, check_device
+from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from jobs import ABANDONED_S, HEARTBEAT_S, ZERO_GPU, gpu_seconds, user_error  # noqa: F401 (the app's names)
 from launch import gradio_cache_dir, launch_options, parse_args
+from pool import pick_devices
 from validation import (
     FIELDS,
     FULL,
@@ -43,6 +45,7 @@ from validation import (
     frame_counts,
 )
 
+OPTIONAL_FIELDS = ("speed", "video", "strength", "smooth", "image")  # /generate's inputs after FIELDS
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "prompts.json"
 
@@ -88,12 +91,39 @@ def integer_api(component, info: dict):
     return component
 
 
+def _pipelines(pipeline) -> list[CogVideoXPipeline]:
+    """A pipeline, or a list of them (one per device), or None -> the list."""
+    return list(pipeline) if isinstance(pipeline, (list, tuple)) else [] if pipeline is None else [pipeline]
+
+
+def _document_api(video, strength, smooth, image) -> None:
+    """What /generate's optional parameters mean, in its API page (the schema's description, as integer_api)."""
+    texts = {
+        video: "optional: a video to start from (MP4, WebM, MOV, GIF…), center-cropped to the model's size at "
+        "8 fps; as many frames as it has, up to num_frames",
+        strength: "with a video: how much to change it, 0.05 to 1 (lower keeps more of it)",
+        smooth: "a frame interpolated between each two: 2N-1 frames written at 16 fps (as long, smoother)",
+        image: "the first frame, required by this image-to-video model",
+    }
+    for component, text in texts.items():
+        if component is not None:
+            info = component.api_info()
+            component.api_info = lambda info=info, text=text: {**info, "description": text}
+
+
 def _model_status(pipe, notice: str) -> str:
-    if pipe is None:
+    """The model line: which model, where, whether loaded; `pipe` may be a list, one per device (N jobs at once)."""
+    pipes = _pipelines(pipe)
+    if not pipes:
         return notice
-    where = f"{pipe.device.type}, {str(pipe.dtype).removeprefix('torch.')}"
-    state = f"✅ **{pipe.model_id}** is loaded ({where})." if pipe.loaded else (
-        f"⏳ **{pipe.model_id}** ({where}): the weights load on the first generation, which takes a while."
+    pipe, dtype = pipes[0], str(pipes[0].dtype).removeprefix("torch.")
+    where = f"{pipe.device.type}, {dtype}"
+    if len(pipes) > 1:  # each serves one job at a time
+        kind = "GPUs" if all(p.device.type == "cuda" for p in pipes) else "devices"
+        where = f"{len(pipes)} {kind}: {', '.join(str(p.device) for p in pipes)}, {dtype}"
+    state = f"✅ **{pipe.model_id}** is loaded ({where})." if all(p.loaded for p in pipes) else (
+        f"⏳ **{pipe.model_id}** ({where}): the weights load on the first generation"
+        f"{' on each device' if len(pipes) > 1 else ''}, which takes a while."
     )  # fmt: skip
     return f"{notice}\n\n{state}" if notice else state
 
@@ -121,24 +151,42 @@ def create_demo(
     notice: str = "",
     queue_size: int = QUEUE_SIZE,
 ) -> gr.Blocks:
-    """The Blocks UI around `pipeline` (None: the page says `notice` and cannot generate)."""
-    pipe, output_dir = pipeline, Path(output_dir).resolve()
+    """The Blocks UI around `pipeline` (None: the page says `notice` and cannot generate). A list of pipelines, one
+    per device, serves that many jobs at once."""
+    pipes = _pipelines(pipeline)
+    pipe, output_dir = (pipes[0] if pipes else None), Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    renderer = jobs.Renderer(pipe, output_dir, enhancer)
+    renderer = jobs.Renderer(pipes, output_dir, enhancer)
     d = pipe.defaults if pipe else RELEASE_DEFAULTS
     full_steps, max_frames, fps = d["num_inference_steps"], pipe.max_frames if pipe else 49, d["fps"]
     # A local prompt model shares the GPU with the video model; a remote endpoint holds only its own caller.
     local_enhancer = bool(enhancer and enhancer.needs_gpu_lock)
-    enhance_lock = renderer.gpu_lock if local_enhancer else contextlib.nullcontext()
+
+    def enhance_lock():  # a local model waits for (and holds) the video pipeline on its device, if any
+        if not local_enhancer:
+            return contextlib.nullcontext()
+        return renderer.pool.take(device=enhancer.backend.device)
+
     meter = TokenMeter(pipe)
     if ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
         jobs.PIPELINE = pipe
 
-    def validate(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL):
-        _, errors = check_inputs(
-            pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed
-        )
-        return [gr.validate(f not in errors, errors.get(f, "")) for f in (*FIELDS, "speed")]
+    def problems(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL, video=None,
+                 strength=None, smooth=False, image=None) -> dict:  # fmt: skip
+        """{field: problem} of a request, its upload read if the values pass (remembered for the job)."""
+        kwargs, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames,
+                                      speed, video, strength, smooth, image)  # fmt: skip
+        if errors:
+            return errors
+        try:
+            uploads.prepare(pipe, kwargs)
+        except uploads.UploadError as e:  # not a video, damaged, too long, gone: before the job is queued
+            return {e.field: str(e)}
+        return {}
+
+    def validate(*values):
+        errors, names = problems(*values), (*FIELDS, *OPTIONAL_FIELDS)[: len(values)]
+        return [gr.validate(f not in errors, errors.get(f, "")) for f in names]
 
     def enhance(prompt):
         """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
@@ -147,7 +195,7 @@ def create_demo(
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             raise user_error(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters")
         try:
-            with enhance_lock:
+            with enhance_lock():
                 result = enhancer.enhance(prompt)
         except EnhanceError as e:
             raise user_error(f"{e} (waited {e.elapsed_s:.0f} s)", title="Enhance failed") from e
@@ -178,15 +226,12 @@ def create_demo(
         return gr.Button(interactive=can), gr.Button(interactive=can), gr.Button(interactive=not running), (
             gr.Button(CANCEL, interactive=running))  # fmt: skip
 
-    def start_run(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize, speed=FULL):
+    def start_run(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize, *media):
         # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
         # lock nothing (its validator then says what is wrong, and no event would unlock them).
         if randomize is True:
             seed = secrets.randbelow(MAX_SEED)
-        _, errors = check_inputs(
-            pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed
-        )
-        if errors:
+        if problems(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, *media):
             return (gr.skip(),) * 6
         return seed if randomize is True else gr.skip(), *buttons(running=True), ""
 
@@ -198,7 +243,7 @@ def create_demo(
         done = gallery_store.done_text(clip)
         view = gallery_store.views(clip, full_steps)
         return (gallery_view, clips, gallery_store.browser_copy(clips), clip, view[1], *view[3:],
-                _model_status(pipe, notice), done)  # fmt: skip
+                _model_status(pipes, notice), done)  # fmt: skip
 
     def show_clip(clips, evt: gr.EventData):
         # The select event's data comes from the client, as anything or nothing: read as gr.EventData (whose
@@ -212,7 +257,13 @@ def create_demo(
         # Said by the buttons (an unqueued event cannot show a toast): why there is no video, and what to do.
         note = (f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
                 "restored: Generate renders it again." if gallery_store.expired(clip) else "")  # fmt: skip
-        return *gallery_store.views(clip, full_steps), *inputs, False, clip, note
+        return *gallery_store.views(clip, full_steps), *inputs, False, clip, note, *kept_options(clip)
+
+    def kept_options(clip) -> tuple:
+        """Smooth and Strength as the clip had them (a clip made before these options had neither)."""
+        s = clip["settings"]
+        strength = s.get("strength")
+        return s.get("smooth") is True, strength if isinstance(strength, float) else gr.skip()
 
     def cancel(request: gr.Request):
         # Where the job stopped, once it has; the result shown is cleared (it is not what was asked for, and it
@@ -222,9 +273,13 @@ def create_demo(
 
     def final_inputs(clip):
         if not isinstance(clip, dict):
-            return (gr.skip(),) * (len(FIELDS) + 1)
+            return (gr.skip(),) * (len(FIELDS) + 3)
         inputs = {**clip["settings"], "num_inference_steps": full_steps}
-        return *(inputs[k] for k in gallery_store.SETTINGS), False
+        return *(inputs[k] for k in gallery_store.SETTINGS), False, *kept_options(clip)
+
+    def show_source(value, field):
+        note, count = uploads.describe(pipe, value, field)
+        return note, gr.skip() if count is None else count  # Frames: all of the video, as it will be used
 
     def make_gif(clip):
         if not isinstance(clip, dict):
@@ -236,7 +291,7 @@ def create_demo(
 
     def restore(saved, saved_prompt):
         # Each visit: the model's state, a fresh seed, and what this browser kept (checked: clips.restore).
-        fresh = (_model_status(pipe, notice), secrets.randbelow(MAX_SEED))
+        fresh = (_model_status(pipes, notice), secrets.randbelow(MAX_SEED))
         if pipe is None:  # nothing can be checked against a model, nor rendered: leave the browser's copy be
             return *fresh, *(gr.skip(),) * 5
         clips = gallery_store.restore(saved, output_dir, pipe)
@@ -258,7 +313,7 @@ def create_demo(
             f"at {fps} fps.</p></div></div>",
             elem_id="masthead-wrap",
         )
-        status = gr.Markdown(_model_status(pipe, notice), elem_id="model-status")
+        status = gr.Markdown(_model_status(pipes, notice), elem_id="model-status")
         with gr.Row(equal_height=False, elem_id="main-row"):
             with gr.Column(scale=5, elem_id="inputs-col"):
                 hint = "One shot in detail: subject, motion, setting, camera, light…"
@@ -278,6 +333,7 @@ def create_demo(
                                      elem_id="seed")  # fmt: skip
                     randomize = gr.Checkbox(True, label="🎲 Randomize seed", info="a new one at every run",
                                             min_width=150, elem_id="randomize")  # fmt: skip
+                source_video, strength, source_image, source_note = uploads.source_inputs(pipe)
                 with gr.Accordion("Advanced", open=False):
                     steps = gr.Slider(
                         1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps"
@@ -294,6 +350,8 @@ def create_demo(
                     negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
                 speed = gr.Radio(SPEED_CHOICES, value=FULL, label="Speed", elem_id="speed",
                                  info="Faster and Fastest skip steps that change little (Render final: Full)")  # fmt: skip
+                smooth = gr.Checkbox(False, label="Smooth (16 fps)", elem_id="smooth",
+                                     info="a frame interpolated between each two: as long, smoother motion")  # fmt: skip
                 with gr.Row(elem_id="run-buttons"):
                     can_run = pipe is not None
                     run_btn = gr.Button("🎬 Generate", variant="primary", scale=3, min_width=100,
@@ -339,23 +397,29 @@ def create_demo(
         seed_out = gr.Number(label="Seed used", precision=0, visible=False)  # /generate's seed, an integer
         draft_fields = [prompt, negative, seed, draft_steps, guidance, frames]
         full_speed = gr.Textbox(FULL, visible=False)  # Render final renders without the step cache
+        # /generate's optional parameters after speed, the same for every model (the image: only its own need it).
+        media = [source_video, strength, smooth, *([source_image] if source_image else [])]
+        _document_api(source_video, strength, smooth, source_image)
         ui = dict(queue=False, api_visibility="private")  # instant UI updates: not queued, not in the API
         controls = [run_btn, draft_btn, final_btn, cancel_btn]
         lock = dict(
             fn=start_run, outputs=[seed, *controls, run_status], preprocess=False, js=SHOW_STATUS_JS, **ui
         )
         job = dict(
-            fn=renderer.generate, inputs=[*fields, speed], outputs=[video, seed_out, settings, last_clip], validator=validate,
-            preprocess=False, concurrency_limit=1, concurrency_id="gpu", show_progress_on=[video, run_status],
+            fn=renderer.generate, inputs=[*fields, speed, *media], outputs=[video, seed_out, settings, last_clip], validator=validate,
+            preprocess=False, concurrency_id="gpu", show_progress_on=[video, run_status],
+            concurrency_limit=max(1, len(pipes)),  # a job per device at once
         )  # fmt: skip
         runs = [
-            run_btn.click(**lock, inputs=[*fields, randomize, speed]).success(**job, api_name="generate"),
-            draft_btn.click(**lock, inputs=[*draft_fields, randomize, speed]).success(
-                **{**job, "inputs": [*draft_fields, speed]}, api_visibility="private"
+            run_btn.click(**lock, inputs=[*fields, randomize, speed, *media]).success(
+                **job, api_name="generate"
             ),
-            final_btn.click(final_inputs, current, [*fields, randomize], **ui)
-            .success(**lock, inputs=[*fields, randomize])
-            .success(**{**job, "inputs": [*fields, full_speed]}, api_visibility="private"),
+            draft_btn.click(**lock, inputs=[*draft_fields, randomize, speed, *media]).success(
+                **{**job, "inputs": [*draft_fields, speed, *media]}, api_visibility="private"
+            ),
+            final_btn.click(final_inputs, current, [*fields, randomize, smooth, strength], **ui)
+            .success(**lock, inputs=[*fields, randomize, full_speed, *media])
+            .success(**{**job, "inputs": [*fields, full_speed, *media]}, api_visibility="private"),
         ]
         views = [video, seed_used, settings, mp4_btn, gif_btn, make_gif_btn, reuse_btn, final_btn]
         shown = [current, seed_used, *views[3:], status, run_status]
@@ -371,7 +435,16 @@ def create_demo(
         cancel_btn.click(
             cancel, None, [run_status, *views, current], cancels=runs, show_progress="hidden", **ui
         )
-        gallery.select(show_clip, clips, [*views, *fields, randomize, current, run_status], **ui)
+        gallery.select(
+            show_clip, clips, [*views, *fields, randomize, current, run_status, smooth, strength], **ui
+        )
+        # A file to start from, once uploaded: what of it will be used (or why it cannot be), before any job. Queued
+        # (reading a file is work; and Gradio refuses a malformed file value there as an error, not an HTTP 500).
+        reading = dict(show_progress="minimal", api_visibility="private", concurrency_limit=2,
+                       concurrency_id="read", preprocess=False)  # fmt: skip
+        source_video.change(lambda v: show_source(v, "video"), source_video, [source_note, frames], **reading)
+        if source_image is not None:
+            source_image.change(lambda v: show_source(v, "image")[0], source_image, source_note, **reading)
         reuse = "(s) => (/^[0-9]+$/.test(s || '') ? [Number(s), false] : [undefined, undefined])"
         reuse_btn.click(None, seed_used, [seed, randomize], js=reuse)
         seed.input(None, None, randomize, js="() => false")  # a seed typed in is the one to use
@@ -395,8 +468,9 @@ def create_demo(
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)
 
 
-def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, str]:
-    """The pipeline (configs and tokenizer only) and a notice for the page; (None, why) when unavailable.
+def load_pipeline(args: argparse.Namespace, device=None) -> tuple[CogVideoXPipeline | None, str]:
+    """The pipeline (configs and tokenizer only) on `device` (default: --device) and a notice for the page; (None,
+    why) when unavailable.
 
     On ZeroGPU the weights load now, in the main thread: there spaces records `.to("cuda")` (torch's CUDA is
     emulated in that thread alone) and moves the weights into its GPU worker at each job. All of them stay on
@@ -415,7 +489,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, s
         model, notice = tiny_random_checkpoint(), TINY_NOTICE
     try:
         pipe = CogVideoXPipeline.from_pretrained(
-            model, device=args.device, dtype=args.dtype, memory_mode=memory_mode, compile=compile
+            model, device=device or args.device, dtype=args.dtype, memory_mode=memory_mode, compile=compile
         )
         if ZERO_GPU:
             pipe.load()
@@ -427,15 +501,35 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CogVideoXPipeline | None, s
     return pipe, notice
 
 
+def load_pipelines(args: argparse.Namespace, devices: list) -> tuple[list[CogVideoXPipeline], str]:
+    """A pipeline per device, all alike (model, dtype, memory mode, compile), and the page's notice; ([], why) when
+    unavailable. A memory mode left to pick is picked per device, from its own free memory, as each loads."""
+    if args.compile and len(devices) > 1:  # the blocks' code object: a graph per batch size and device
+        import torch
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(devices))
+    pipes = []
+    for device in devices:
+        pipe, notice = load_pipeline(args, device)
+        if pipe is None:
+            return [], notice
+        pipes.append(pipe)
+    return pipes, notice
+
+
 def startup_lines(args: argparse.Namespace, pipe, demo: gr.Blocks) -> list[str]:
-    """What the server log says once the page is up: where, which model, and how to share it safely."""
-    lines = [f"CogVideoX demo: {demo.local_url}"]
-    if pipe is None:
+    """What the server log says once the page is up: where, which model, and how to share it safely. `pipe`: one
+    pipeline, a list of them (one per device) or None."""
+    lines, pipes = [f"CogVideoX demo: {demo.local_url}"], _pipelines(pipe)
+    if not pipes:
         lines.append(f"  model {args.model}: unavailable (the page says why); it cannot render")
     else:
+        pipe = pipes[0]
         mode = pipe.offloader.mode
         mode = "picked from free memory at the first generation" if mode == "auto" else mode
-        where = f"{pipe.device.type}, {str(pipe.dtype).removeprefix('torch.')}"
+        dtype = str(pipe.dtype).removeprefix("torch.")
+        where = f"{pipe.device.type}, {dtype}" if len(pipes) == 1 else (
+            f"{', '.join(str(p.device) for p in pipes)}: a job on each at once; {dtype}")  # fmt: skip
         lines.append(f"  model: {args.model} ({where}); memory mode: {mode}")
     users = len(args.auth or [])
     login = (
@@ -460,19 +554,20 @@ def startup_lines(args: argparse.Namespace, pipe, demo: gr.Blocks) -> list[str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:  # a device this machine lacks is the operator's mistake: one line, not a page that cannot render
-        check_device(args.device)
+        devices = pick_devices(args.device, args.devices, zero_gpu=ZERO_GPU)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     args.output_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(gradio_cache_dir(args.output_dir)))
-    pipe, notice = load_pipeline(args)
+    pipes, notice = load_pipelines(args, devices)
+    pipe = pipes[0] if pipes else None
     enhancer = None
     if pipe is not None:
         try:
             enhancer = PromptEnhancer.from_env(lambda text: pipe.count_tokens(text).n_tokens)
         except ValueError as e:
             print(f"prompt enhancer disabled: {e}")
-    demo = create_demo(pipe, enhancer, output_dir=args.output_dir, notice=notice)
+    demo = create_demo(pipes, enhancer, output_dir=args.output_dir, notice=notice)
     # Gradio's own banner is off (quiet): it recommends `share=True` in code and GRADIO_SERVER_PORT, where this
     # app has --share --auth-file and --port. Our lines follow once the server is up.
     try:
@@ -482,7 +577,7 @@ def main(argv=None) -> None:
             f"error: cannot listen on {args.host}:{args.port}: the port is in use (or the address is not this "
             f"machine's); choose another with --port, e.g. --port {args.port + 1}"
         ) from None
-    print("\n".join(startup_lines(args, pipe, demo)), flush=True)
+    print("\n".join(startup_lines(args, pipes, demo)), flush=True)
     demo.block_thread()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from cogvideox.video import read_mp4, write_gif, write_mp4, write_sidecar
+from cogvideox.video import read_mp4, smooth_clip, write_gif, write_mp4, write_sidecar
 from validation import check_inputs
 
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
@@ -51,11 +51,19 @@ def _clip(mp4: Path, settings: dict) -> dict:
             "settings": settings}  # fmt: skip
 
 
-def save_clip(result, folder: Path, started: float) -> dict:
-    """Write a generation's MP4 and sidecar (the GIF waits until someone asks: `make_gif`); the clip."""
+def save_clip(result, folder: Path, started: float, smooth: bool = False, source=None) -> dict:
+    """Write a generation's MP4 and sidecar (the GIF waits until someone asks: `make_gif`); the clip.
+
+    smooth: a frame interpolated between each two (2T-1 frames) and twice the fps, so the clip lasts as long.
+    source: the uploads.Source it started from, named in the settings."""
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
-    mp4 = write_mp4(result.frames, folder / f"{stem}.mp4", fps=result.fps)
+    frames, fps = smooth_clip(result.frames, result.fps) if smooth else (result.frames, result.fps)
+    mp4 = write_mp4(frames, folder / f"{stem}.mp4", fps=fps)
     settings = {**result.settings, "time_taken_s": round(time.perf_counter() - started, 2)}
+    if source is not None:
+        settings.update(source.settings(result.fps))
+    if smooth:  # num_frames stays the generated count (what a request asks for); the file has more
+        settings.update(smooth=True, fps=fps, frames_written=len(frames))
     if "steps_computed" in result.timings:  # the step cache was on: how many steps ran the transformer
         settings["steps_computed"] = result.timings["steps_computed"]
     write_sidecar(mp4, {**settings, "timings": result.timings})
@@ -75,7 +83,12 @@ def done_text(clip: dict) -> str:
     steps = f"{s['num_inference_steps']} steps"
     if "steps_computed" in s:
         steps += f" (steps computed {s['steps_computed']} of {s['num_inference_steps']}: step cache {s['step_cache']})"
-    return f"✅ Done in {s['time_taken_s']:.1f} s: seed {clip['seed']}, {steps}."
+    done = f"✅ Done in {s['time_taken_s']:.1f} s: seed {clip['seed']}, {steps}"
+    if isinstance(used := s.get("start_video"), dict):
+        done += f", from {used['frames']} frames of your video (strength {s.get('strength')})"
+    if s.get("smooth") is True:
+        done += f", smoothed to {s['frames_written']} frames at {s['fps']} fps"
+    return done + "."
 
 
 def make_gif(clip: dict) -> Path | None:
@@ -92,10 +105,12 @@ def make_gif(clip: dict) -> Path | None:
 
 def _checked(values: dict, pipe) -> dict | None:
     """Settings checked as a request's are (`check_inputs`); None if any is out of bounds or not a fixed seed."""
-    kwargs, errors = check_inputs(pipe, *(values.get(k) for k in SETTINGS))
+    kwargs, errors = check_inputs(
+        pipe, *(values.get(k) for k in SETTINGS), smooth=values.get("smooth", False)
+    )
     if errors or kwargs["seed"] is None:
         return None
-    return {k: kwargs[k] for k in SETTINGS}
+    return {**{k: kwargs[k] for k in SETTINGS}, "smooth": values.get("smooth") is True}
 
 
 def _read_sidecar(path: Path, pipe) -> dict | None:
@@ -142,6 +157,8 @@ def browser_copy(clips: list[dict]) -> list[dict]:
     saved, size = [], 2
     for clip in clips:
         entry = {"name": clip["name"], **{k: clip["settings"][k] for k in SETTINGS}}
+        if clip["settings"].get("smooth") is True:
+            entry["smooth"] = True
         size += len(json.dumps(entry, ensure_ascii=False).encode()) + 1
         if size > SAVED_BYTES:
             break

@@ -1,7 +1,9 @@
 """HTTP guard for the public app: an ASGI middleware in front of every Gradio route.
 
 What Gradio leaves open and a public Space or share link must not (issue 11):
-- the upload route: the app takes no files, so nothing a visitor sends is stored, let alone served back;
+- the upload route: only videos and images, by name as Gradio will store them, in multipart bodies up to their own
+  cap (every part's headers are read as the body streams past, with Gradio's own parser); the files are then
+  served as media or downloads, never as pages (below), and deleted after UPLOAD_TTL_S (uploads.py);
 - request bodies of any size: capped (declared or streamed);
 - content sniffing: every response says `nosniff`;
 - password guessing: after a few failed logins from one address, that address must wait, longer each time.
@@ -11,10 +13,19 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+from gradio_client.utils import strip_invalid_filename_characters
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 UPLOAD_PATHS = ("/upload", "/gradio_api/upload")
-# What a file route may show in the page (our clips and their previews); anything else downloads.
-INLINE_TYPES = (b"video/mp4", b"image/gif", b"image/png", b"image/jpeg", b"image/webp")
+# What a file route may show in the page (our clips, their previews, a visitor's own video or image); anything else
+# downloads.
+INLINE_TYPES = (b"video/mp4", b"video/webm", b"image/gif", b"image/png", b"image/jpeg", b"image/webp")
+# The names an upload may have: videos and images, none of which a browser renders as a page.
+UPLOAD_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif", ".png", ".jpg", ".jpeg", ".webp",
+                   ".bmp")  # fmt: skip
 LOGIN_PATHS = ("/login", "/login/")
 
 
@@ -45,38 +56,114 @@ class LoginThrottle:
         self._failures[address] = (count + 1, self.clock())
 
 
-class Guard:
-    """ASGI middleware; pass as `app_kwargs={"middleware": [Middleware(Guard, ...)]}` to `launch()`."""
+class UploadCheck:
+    """Reads a multipart upload as it streams past, before Gradio does and with the parser Gradio uses
+    (python-multipart, same header limits), so both see the same parts: each file must be named as a video or an
+    image once Gradio has cleaned the name (the name it stores and serves it under). `problem` says why not."""
 
-    def __init__(self, app, max_body_bytes: int = 1 << 20, throttle: LoginThrottle | None = None):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, content_type: bytes):
+        kind, params = parse_options_header(content_type)
+        charset = params.get(b"charset", b"utf-8")
+        self.charset = charset.decode("latin-1") if isinstance(charset, bytes) else charset
+        self.problem, self._field, self._value, self._disposition = None, b"", b"", b""
+        if kind != b"multipart/form-data" or not params.get(b"boundary"):
+            self.problem = "Uploads must be multipart/form-data."
+            return
+        callbacks = {"on_part_begin": self._begin, "on_header_field": self._header_field,
+                     "on_header_value": self._header_value, "on_header_end": self._header_end,
+                     "on_headers_finished": self._headers_finished}  # fmt: skip
+        self._parser = MultipartParser(params[b"boundary"], callbacks)
+
+    def feed(self, chunk: bytes) -> str | None:
+        """Parse the next piece of the body; the problem, once there is one."""
+        if self.problem is None and chunk:
+            try:
+                self._parser.write(chunk)
+            except MultipartParseError as e:  # Gradio's parser would refuse it too
+                self.problem = f"Malformed upload: {e}"
+        return self.problem
+
+    def _begin(self):
+        self._disposition = b""
+
+    def _header_field(self, data, start, end):
+        self._field += data[start:end]
+
+    def _header_value(self, data, start, end):
+        self._value += data[start:end]
+
+    def _header_end(self):
+        if self._field.lower() == b"content-disposition":
+            self._disposition = self._value
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self):
+        _, options = parse_options_header(self._disposition)
+        if (
+            b"filename" not in options
+        ):  # a form field: Gradio keeps it in memory (within the cap), stores nothing
+            return
+        try:
+            name = options[b"filename"].decode(self.charset)
+        except (UnicodeDecodeError, LookupError):
+            name = options[b"filename"].decode("latin-1")
+        stored = strip_invalid_filename_characters(Path(name).name) if name else ""
+        if Path(stored).suffix.lower() not in UPLOAD_SUFFIXES:
+            self.problem = f"Only videos and images can be uploaded ({', '.join(UPLOAD_SUFFIXES)})."
+
+
+class Guard:
+    """ASGI middleware; pass as `app_kwargs={"middleware": [Middleware(Guard, ...)]}` to `launch()`.
+
+    `max_upload_bytes`: the cap of an upload's body (0: the upload routes are closed); every other request's body
+    is capped at `max_body_bytes`."""
+
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int = 1 << 20,
+        throttle: LoginThrottle | None = None,
+        max_upload_bytes: int = 0,
+    ):
+        self.app, self.max_body_bytes, self.max_upload_bytes = app, max_body_bytes, max_upload_bytes
         self.throttle = throttle or LoginThrottle()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if method == "POST" and path.rstrip("/").endswith(UPLOAD_PATHS):
-            return await _refuse(send, 403, "This app takes no uploads.")
         headers = dict(scope.get("headers") or [])
+        upload = None
+        if method == "POST" and path.rstrip("/").endswith(UPLOAD_PATHS):
+            if not self.max_upload_bytes:
+                return await _refuse(send, 403, "This app takes no uploads.")
+            if path.endswith("/"):  # the app would redirect it, unread, to the route itself
+                return await _refuse(send, 404, "Not Found")
+            upload = UploadCheck(headers.get(b"content-type", b""))
+            if upload.problem:
+                return await _refuse(send, 415, upload.problem)
+        cap = self.max_upload_bytes if upload else self.max_body_bytes
         declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_body_bytes:
-            return await _refuse(send, 413, f"Request body over {self.max_body_bytes} bytes.")
+        if not declared.isdigit() or int(declared) > cap:
+            return await _refuse(send, 413, f"Request body over {cap} bytes.")
         login = method == "POST" and path.endswith(LOGIN_PATHS)
         address = client_address(scope, headers)
         if login and (wait := self.throttle.wait_s(address)) > 0:
             return await _refuse(send, 429, f"Too many failed logins: try again in {wait:.0f} s.", wait)
 
-        received, too_big, status = 0, False, 0
+        received, too_big, refused, status = 0, False, None, 0
         file_route = "/file=" in path or "/file/" in path
 
         async def capped_receive():
-            nonlocal received, too_big
+            nonlocal received, too_big, refused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:  # a chunked body that never declared its length
+                if received > cap:  # a chunked body that never declared its length
                     too_big = True
+                    return {"type": "http.disconnect"}
+                # A part that is not a video or an image: the app never sees its bytes (nor any that follow).
+                if upload and (refused := upload.feed(message.get("body", b""))):
                     return {"type": "http.disconnect"}
             return message
 
@@ -90,10 +177,12 @@ class Guard:
         try:
             await self.app(scope, capped_receive, guarded_send)
         except Exception:
-            if not too_big or status:
+            if not (too_big or refused) or status:
                 raise
         if too_big and not status:
-            await _refuse(send, 413, f"Request body over {self.max_body_bytes} bytes.")
+            await _refuse(send, 413, f"Request body over {cap} bytes.")
+        elif refused and not status:
+            await _refuse(send, 403, refused)
         if login and status:
             self.throttle.record(address, success=status == 200)
 

@@ -6,17 +6,20 @@ exception into a bare "ZeroGPU worker error". So `render_on_gpu` takes the valid
 frames, reaches the pipeline through PIPELINE (set at start-up; the fork inherits it), and turns every failure
 into the user's own `gr.Error` inside the worker. Elsewhere `Renderer` runs the same job in a thread of its own.
 
-`Renderer` is the page's and the API's /generate: one job on the GPU at a time, each session's stoppable by its
-Cancel, which then says where the job stopped ("Cancelled at step 3 of 50").
+`Renderer` is the page's and the API's /generate: one job per device at a time (pool.py lends each job a device's
+pipeline), each session's stoppable by its Cancel, which then says where the job stopped ("Cancelled at step 3 of
+50").
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +29,13 @@ else:
     spaces = None
 
 import gradio as gr
+import torch
 
 from clips import OUTPUT_TTL_S, clean_outputs, save_clip, write_preview
 from cogvideox.offload import is_out_of_memory
 from cogvideox.pipeline import CogVideoXPipeline, GenerationCancelled, GenerationResult
+from pool import DevicePool
+from uploads import UploadError, prepare
 from validation import FULL, check_inputs, preview_every
 
 ZERO_GPU = spaces is not None
@@ -173,24 +179,38 @@ def cancelled_text(run: Run | None) -> str:
 
 
 class Renderer:
-    """Render jobs for the page and the API, one at a time on the GPU (even while a cancelled one finishes its
-    last step), each in a thread of its own so that its request can notice a cancel or a closed tab."""
+    """Render jobs for the page and the API, one at a time per device (even while a cancelled one finishes its
+    last step), each in a thread of its own so that its request can notice a cancel or a closed tab.
 
-    def __init__(self, pipe: CogVideoXPipeline | None, output_dir: Path, enhancer=None):
-        self.pipe, self.output_dir, self.enhancer = pipe, output_dir, enhancer
-        self.gpu_lock = threading.Lock()
+    `pipe`: one pipeline, or a list of them, one per device (all of one model and settings): up to that many jobs
+    run at once, each on a device of its own."""
+
+    def __init__(self, pipe: CogVideoXPipeline | Sequence[CogVideoXPipeline] | None, output_dir: Path,
+                 enhancer=None):  # fmt: skip
+        pipes = list(pipe) if isinstance(pipe, Sequence) else [pipe] if pipe is not None else []
+        self.pool = DevicePool(pipes)
+        self.pipe = pipes[0] if pipes else None  # limits and validation: every pipeline has the same
+        self.output_dir, self.enhancer = output_dir, enhancer
         self.running: dict[str, Run] = {}  # session -> its job, while it runs
 
     def generate(
         self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, request: gr.Request,
-        speed=FULL, progress=_progress,
+        speed=FULL, video=None, strength=None, smooth=False, image=None, progress=_progress,
     ):  # fmt: skip
         """Render a video. seed -1 picks a random one; speed Full, Faster or Fastest (the step cache: Faster and
-        Fastest skip steps that change little). Returns the MP4, the seed used and the settings."""
+        Fastest skip steps that change little). Optional: video, a clip to start from (MP4, WebM, MOV, GIF…:
+        center-cropped to the model's size at 8 fps; the video has as many frames as it has, up to num_frames),
+        changed by strength (0.05 to 1, default 0.8: lower keeps more of it); smooth, a frame interpolated between
+        each two, written at 16 fps (as long, smoother); image, the first frame, which image-to-video models
+        need. Returns the MP4, the seed used and the settings."""
         values = (prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed)
-        kwargs, errors = check_inputs(self.pipe, *values)
+        kwargs, errors = check_inputs(self.pipe, *values, video, strength, smooth, image)
         if errors:
             raise user_error("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        try:  # the upload, read (already, by the check before the queue: remembered)
+            kwargs, extras = prepare(self.pipe, kwargs, smooth)
+        except UploadError as e:
+            raise user_error(f"{e.field}: {e}") from None
         clean_outputs(self.output_dir, OUTPUT_TTL_S)
         # The worker stops at its next step, leaving the GPU to the next job, once the request is gone.
         session, pulled, latest = request.session_hash, [time.monotonic()], []
@@ -205,7 +225,7 @@ class Renderer:
 
         worker = threading.Thread(
             target=contextvars.copy_context().run,  # gr.Progress (and ZeroGPU) read the request's context
-            args=(self._job, run, kwargs, wanted, report),
+            args=(self._job, run, kwargs, wanted, report, extras),
             daemon=True,
         )
         worker.start()
@@ -262,43 +282,51 @@ class Renderer:
             time.sleep(0.2)  # and its last message on its way to the page
         return cancelled_text(run)
 
-    def _job(self, run: Run, kwargs, wanted, progress):
-        oom = False
+    def _job(self, run: Run, kwargs, wanted, progress, extras=None):
+        started = time.perf_counter()
         try:
-            run.clip = self._render(run, kwargs, wanted, progress)
+            result = self._on_a_device(run, kwargs, wanted, progress)
+            progress(1.0, desc="Writing the MP4")  # the device is free again: the next job starts meanwhile
+            run.clip = save_clip(result, self.output_dir, started, **(extras or {}))  # extras: smooth, source
         except Exception as e:
-            oom = is_out_of_memory(e)
             # A bug is re-raised in the request, where Gradio reports it; a cancel keeps its own words for Cancel.
             run.error = e if isinstance(e, GenerationCancelled) else known_error(e) or e
-        if oom:  # outside the except block, whose traceback still holds the step's tensors
-            self.pipe.release()
-            run.error = out_of_memory_error()
         run.done.set()
 
-    def _render(self, run: Run, kwargs, wanted, progress) -> dict:
-        pipe, started = self.pipe, time.perf_counter()
+    def _on_a_device(self, run: Run, kwargs, wanted, progress) -> GenerationResult:
+        """Render on the first device free, held until the render ends (whatever the end); out of memory frees that
+        device's cache only."""
         progress(0.0, desc="Waiting for the GPU")
-        with self.gpu_lock:
+        with self.pool.take(wanted, poll_s=HEARTBEAT_S) as pipe:
+            try:
+                return self._render(pipe, run, kwargs, wanted, progress)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+            pipe.release()  # outside the except block, whose traceback still holds the step's tensors
+            raise out_of_memory_error()
+
+    def _render(self, pipe: CogVideoXPipeline, run: Run, kwargs, wanted, progress) -> GenerationResult:
+        if not wanted():
+            raise GenerationCancelled("cancelled while waiting for the GPU")
+        if self.enhancer is not None:
+            self.enhancer.release()  # a local prompt model makes room for the video model
+        if ZERO_GPU:  # in ZeroGPU's forked worker, which reports its own progress and errors
+            result = render_on_gpu(kwargs)
             if not wanted():
-                raise GenerationCancelled("cancelled while waiting for the GPU")
-            if self.enhancer is not None:
-                self.enhancer.release()  # a local prompt model makes room for the video model
-            if ZERO_GPU:  # in ZeroGPU's forked worker, which reports its own progress and errors
-                result = render_on_gpu(kwargs)
-                if not wanted():
-                    raise GenerationCancelled("cancelled while the GPU worker ran")
-            else:
-                if not pipe.loaded:
-                    try:
-                        pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
-                    except (OSError, ValueError) as e:
-                        message = f"Could not load {pipe.model_id}: {e}"
-                        raise user_error(message, title="Model unavailable") from e
-                on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
-                # The preview: the predicted clean video about ten times in the run (ZeroGPU's forked worker cannot
-                # stream it back, so there is none there).
-                every = preview_every(kwargs["num_inference_steps"])
-                result = pipe(**kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview,
-                              preview_every=every)  # fmt: skip
-        progress(1.0, desc="Writing the MP4")
-        return save_clip(result, self.output_dir, started)
+                raise GenerationCancelled("cancelled while the GPU worker ran")
+            return result
+        # CUDA calls that name no device (compiled kernels, events) mean this job's GPU, in this thread.
+        with torch.cuda.device(pipe.device) if pipe.device.type == "cuda" else contextlib.nullcontext():
+            if not pipe.loaded:
+                try:
+                    pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
+                except (OSError, ValueError) as e:
+                    message = f"Could not load {pipe.model_id}: {e}"
+                    raise user_error(message, title="Model unavailable") from e
+            on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
+            # The preview: the predicted clean video about ten times in the run (ZeroGPU's forked worker cannot
+            # stream it back, so there is none there).
+            every = preview_every(kwargs["num_inference_steps"])
+            return pipe(**kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview,
+                        preview_every=every)  # fmt: skip

@@ -10,12 +10,10 @@ from pathlib import Path
 
 from starlette.middleware import Middleware
 
+import uploads
 from guard import Guard
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-MAX_UPLOAD = os.environ.get(
-    "MAX_UPLOAD", "1mb"
-)  # the upload route is closed (guard.py); Gradio's own cap too
 MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", 256 * 1024))  # a job's JSON is ~5 kB at most
 
 
@@ -66,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", default=env("COGVIDEOX_DTYPE"), help="fp16, bf16 or fp32 (default: the model's)"
     )
     p.add_argument("--device", default=env("COGVIDEOX_DEVICE"), help="default: cuda if available")
+    p.add_argument("--devices", default=env("COGVIDEOX_DEVICES"),
+                   help="cuda:0,cuda:1,... or all: a pipeline per GPU, a job on each at once")  # fmt: skip
     p.add_argument("--compile", action="store_true", default=_flag("COGVIDEOX_COMPILE"),
                    help="torch.compile the transformer blocks: a slower first video, faster after")  # fmt: skip
     p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
@@ -110,6 +110,9 @@ def gradio_cache_dir(output_dir: Path) -> Path:
 
 def launch_options(args: argparse.Namespace, theme=None) -> dict:
     """demo.launch() keyword arguments: the hardened defaults plus what the command line asked for."""
+    cap = uploads.MAX_UPLOAD_BYTES
+    upload_body = cap and cap + (64 << 10)  # a file and its multipart headers
+    caps = dict(max_body_bytes=MAX_REQUEST_BYTES, max_upload_bytes=upload_body)
     return dict(
         server_name=args.host,
         server_port=args.port,
@@ -117,8 +120,10 @@ def launch_options(args: argparse.Namespace, theme=None) -> dict:
         auth=args.auth,
         auth_message="This CogVideoX demo is private: log in to use it.",
         allowed_paths=[str(args.output_dir.resolve())],  # our clips only; Gradio's uploads live elsewhere
-        max_file_size=MAX_UPLOAD,
-        app_kwargs={"middleware": [Middleware(Guard, max_body_bytes=MAX_REQUEST_BYTES)]},
+        # A video or an image to start from (guard.py lets only those through, within the cap; uploads.py deletes
+        # them after UPLOAD_TTL_S); 0 closes the upload route. Gradio's own cap is the file's, the guard's the body's.
+        max_file_size=max(1, cap),
+        app_kwargs={"middleware": [Middleware(Guard, **caps)], "lifespan": uploads.cleaner},
         enable_monitoring=False,
         ssr_mode=False,
         run_history=False,  # prompts stay out of the browser's saved history

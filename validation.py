@@ -12,8 +12,11 @@ import os
 import textwrap
 import threading
 
+import numpy as np
+
 from cogvideox.cache import PRESETS
 from cogvideox.pipeline import MAX_SEED
+from cogvideox.sampling import DEFAULT_STRENGTH, steps_to_run
 from cogvideox.text import is_blank
 
 # Limits; each may be overridden by an environment variable of the same name.
@@ -24,6 +27,7 @@ PROMPT_BOX_CHARS = MAX_PROMPT_CHARS + 1000
 MAX_STEPS = int(os.environ.get("MAX_STEPS", 100))
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
 MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
+MIN_STRENGTH = 0.05  # of a video to start from: lower keeps more of it
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
 # Speed: the pipeline's step cache (TeaCache), which skips transformer steps whose input barely changed. Its speed-up
 # is not measured yet, so the labels name the cache's threshold, not a factor.
@@ -51,10 +55,13 @@ def preview_every(steps: int) -> int:
     return max(1, steps // 10)
 
 
-def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL):
+def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL, video=None,
+                 strength=None, smooth=False, image=None):  # fmt: skip
     """Raw request values -> (pipeline kwargs, {field: problem}). `speed` (None: not given) is one of SPEEDS.
 
-    Cheap: it runs before a job is queued, and again inside the job.
+    Cheap: it runs before a job is queued, and again inside the job. The values only: `video` and `image` (uploads)
+    pass through as they are, for uploads.prepare to check and read, with `strength` (None without a video);
+    `smooth` is checked here, and is not the pipeline's (the clip's file: clips.save_clip).
     """
     errors = {}
     negative_prompt = "" if negative_prompt is None else negative_prompt
@@ -80,6 +87,15 @@ def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num
     speed = FULL if speed is None else speed
     if not isinstance(speed, str) or speed not in SPEEDS:
         errors["speed"] = f"must be one of {', '.join(SPEEDS)}"
+    strength = DEFAULT_STRENGTH if strength is None else strength
+    number = isinstance(strength, (int, float)) and not isinstance(strength, bool)
+    if not number or not MIN_STRENGTH <= strength <= 1:
+        errors["strength"] = f"must be a number from {MIN_STRENGTH:g} to 1"
+    elif video is not None and steps_value is not None and steps_to_run(steps_value, strength) < 1:
+        errors["strength"] = f"{strength:g} of {steps_value} steps runs no step: raise Strength or Steps"
+    smooth = False if smooth is None else smooth
+    if not isinstance(smooth, bool):
+        errors["smooth"] = "must be true or false"
     if pipe is None:
         errors.setdefault("prompt", "cannot be rendered: no model is loaded (see the notice at the top)")
     if errors:
@@ -89,12 +105,16 @@ def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num
         num_inference_steps=steps_value, guidance_scale=float(guidance_scale), num_frames=whole(num_frames),
         step_cache=SPEEDS[speed],
     )  # fmt: skip
+    height, width = pipe.defaults["height"], pipe.defaults["width"]
+    # An image-to-video model's image is checked with the upload (uploads.prepare): here, a stand-in of its size.
+    stand_in = {"image": np.zeros((height, width, 3), np.uint8)} if pipe.needs_image else {}
     try:
-        pipe.validate(height=pipe.defaults["height"], width=pipe.defaults["width"], **kwargs)
+        pipe.validate(height=height, width=width, **kwargs, **stand_in)
     except ValueError as e:  # a model-specific limit the checks above do not know
         names = {"num_inference_steps": "steps", "step_cache": "speed", **{f: f for f in FIELDS}}
         return None, {next((v for k, v in names.items() if k in str(e)), "prompt"): str(e)}
-    return kwargs, {}
+    media = dict(video=video, image=image, strength=float(strength) if video is not None else None)
+    return {**kwargs, **media}, {}
 
 
 def tokenizer_name(pipe) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import re
 import sys
 import tempfile
@@ -35,6 +37,10 @@ CLI_NAMES = {
     "memory_mode": "--memory-mode",
     "scheduler": "--scheduler",
     "step_cache": "--step-cache",
+    "parallel": "--parallel",
+    "strength": "--strength",
+    "video": "--video",
+    "image": "--image",
 }
 _LIBRARY_NAME = re.compile(rf"(?<![\w./-])({'|'.join(CLI_NAMES)})(?= must\b)")
 
@@ -68,6 +74,24 @@ def guidance(text: str) -> float:
     return value
 
 
+def strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def input_file(text: str) -> Path:
+    """--video / --image: an existing file (what it holds is checked once the generation size is known)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{'is not a file' if path.exists() else 'no such file'}: {text}")
+    return path
+
+
 STEP_CACHE_PRESETS = ("quality", "fast")  # cogvideox.cache's names (not imported here: it pulls in torch)
 
 
@@ -94,7 +118,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="python -m cogvideox", description="CogVideoX text-to-video")
+    p = Parser(prog="python -m cogvideox", description="CogVideoX: text, video or image to video")
     p.add_argument(
         "--model",
         default="THUDM/CogVideoX-2b",
@@ -121,8 +145,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-cache", type=step_cache, default=None, metavar="off|quality|fast|THRESHOLD",
                    help="skip transformer passes on steps that change little (TeaCache): quality 0.1, fast 0.2; "
                    "default off (every step computed)")  # fmt: skip
+    p.add_argument("--video", type=input_file, metavar="PATH",
+                   help="video to video: an MP4, MOV, WebM, MKV, AVI or GIF, center-cropped to the size, resampled to "
+                   "8 fps and cut to 8N+1 frames (--frames defaults to its length, at most the model's)")  # fmt: skip
+    p.add_argument("--strength", type=strength, metavar="S",
+                   help="with --video: how much of it is redrawn, in (0, 1]; default 0.8")  # fmt: skip
+    p.add_argument("--image", type=input_file, metavar="PATH",
+                   help="image to video (image-to-video models): a PNG, JPEG, WebP or GIF, center-cropped to the size")  # fmt: skip
+    p.add_argument("--smooth", action="store_true",
+                   help="motion-interpolated frames between the generated ones: 2T-1 frames written at 16 fps, "
+                   "the same duration")  # fmt: skip
+    p.add_argument("--parallel", choices=["cfg", "sp", "cfg,sp"], default=None,
+                   help="under torchrun (torchrun --nproc-per-node N -m cogvideox ...), one clip on all N processes: "
+                   "cfg runs the two CFG passes on 2 of them (with --guidance > 1), sp splits the video tokens over "
+                   "the rest (the heads, 30 for 2B and 48 for 5B, must divide by it); rank 0 writes the output")  # fmt: skip
     p.add_argument("--version", action="version", version=f"cogvideox {__version__}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.strength is not None and args.video is None:
+        p.error("--strength applies to --video only: pass --video too")
+    if args.video is not None and args.image is not None:
+        p.error("pass either --video or --image, not both")
+    return args
 
 
 def check_output(path: Path, overwrite: bool) -> str | None:
@@ -145,7 +188,19 @@ def check_output(path: Path, overwrite: bool) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if problem := check_output(args.output, args.overwrite):
+    if args.parallel and os.environ.get("RANK", "0") != "0":
+        # torchrun's other ranks: rank 0 checks the output, prints and writes for all; a crash still shows.
+        with (
+            open(os.devnull, "w") as quiet,
+            contextlib.redirect_stderr(quiet),
+            contextlib.redirect_stdout(quiet),
+        ):
+            return run(args, main_rank=False)
+    return run(args)
+
+
+def run(args: argparse.Namespace, main_rank: bool = True) -> int:
+    if main_rank and (problem := check_output(args.output, args.overwrite)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
@@ -162,9 +217,11 @@ def main(argv=None) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .pipeline import CogVideoXPipeline, GenerationCancelled, check_device
     from .testing import tiny_random_checkpoint
-    from .video import write_mp4, write_sidecar
+    from .video import MIN_INTERPOLATE_SIZE, smooth_clip, write_mp4, write_sidecar
 
     model = args.model
     if model == TINY_RANDOM:
@@ -174,9 +231,14 @@ def generate(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"error: could not write the {TINY_RANDOM} model: {e}", file=sys.stderr)
             return 1
+    device = args.device
+    if args.parallel:
+        from .parallel import torchrun_device
+
+        device = torchrun_device(args.device)  # cuda:LOCAL_RANK or cpu; an error outside torchrun
     pipe = CogVideoXPipeline.from_pretrained(
         model,
-        device=args.device,
+        device=device,
         dtype=args.dtype,
         memory_mode=args.memory_mode,
         scheduler=args.scheduler,
@@ -192,7 +254,26 @@ def generate(args: argparse.Namespace) -> int:
         guidance_scale=d["guidance_scale"] if args.guidance is None else args.guidance,
         seed=args.seed,
     )
-    pipe.validate(args.prompt, **kwargs, step_cache=args.step_cache)  # the model's limits, before any weights
+    # The model's limits, before any weights; an image-to-video model's checks with a stand-in for --image.
+    size = kwargs["height"], kwargs["width"]
+    stand_in = {"image": np.zeros((*size, 3), np.uint8)} if pipe.needs_image else {}
+    pipe.validate(args.prompt, **kwargs, step_cache=args.step_cache, **stand_in)
+    inputs = load_inputs(args, pipe, kwargs)  # may set num_frames: the video's length
+    if inputs:
+        pipe.validate(args.prompt, **kwargs, step_cache=args.step_cache, **inputs)
+    if args.video is not None:
+        print(f"--video: {kwargs['num_frames']} frames at 8 fps of {size[1]}x{size[0]} (center crop) from "
+              f"{args.video}", file=sys.stderr)  # fmt: skip
+    if args.smooth and kwargs["num_frames"] < 2:
+        raise ValueError("--smooth needs 9 frames or more: it adds frames between the generated ones")
+    if args.smooth and min(size) < MIN_INTERPOLATE_SIZE:
+        raise ValueError(f"--smooth needs --height and --width of at least {MIN_INTERPOLATE_SIZE}")
+    parallel = None
+    if args.parallel:  # the degrees checked against the model first, then the process group starts
+        from .parallel import start_from_torchrun
+
+        parallel = start_from_torchrun(args.parallel, pipe, kwargs["num_frames"], kwargs["height"],
+                                       kwargs["width"], kwargs["guidance_scale"])  # fmt: skip
     if args.model == TINY_RANDOM:
         print(f"note: {TINY_RANDOM} has random weights, so its video is noise ({d['width']}x{d['height']}, "
               f"at most {pipe.max_frames} frames; kept in {model})", file=sys.stderr)  # fmt: skip
@@ -214,20 +295,66 @@ def generate(args: argparse.Namespace) -> int:
         print(f"{name}...", file=sys.stderr, flush=True)
 
     try:
-        result = pipe(args.prompt, callback=progress, on_stage=stage, step_cache=args.step_cache, **kwargs)
+        run = dict(callback=progress, on_stage=stage, step_cache=args.step_cache, parallel=parallel, **inputs)
+        result = pipe(args.prompt, **run, **kwargs)
     except GenerationCancelled as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result.frames is None:  # a parallel run's other ranks: rank 0 decodes and writes
+        return 0
+    frames, fps, timings = result.frames, result.fps, dict(result.timings)
+    if args.smooth:
+        stage("smoothing")
+        try:
+            frames, fps = smooth_clip(frames, fps)  # 2T-1 frames at twice the rate: the same duration
+            timings["smooth"] = time.perf_counter() - stage_start
+        except RuntimeError as e:  # ffmpeg failed: the generated clip is still worth keeping
+            print(f"warning: --smooth failed, writing the clip unsmoothed: {e}", file=sys.stderr)
     # Each file is written beside its final name and renamed: an interrupted write leaves no partial file.
-    write_mp4(result.frames, args.output, fps=result.fps)
+    write_mp4(frames, args.output, fps=fps)
     # The model as asked for: "tiny-random" says more than the temp folder it was written to.
-    sidecar = write_sidecar(args.output, {**result.settings, "model": args.model, "timings": result.timings})
+    settings = {**result.settings, "fps": fps, "smooth": fps != result.fps, "model": args.model}
+    settings["timings"] = timings
+    for flag in ("video", "image"):
+        if getattr(args, flag) is not None:
+            settings[f"input_{flag}"] = str(getattr(args, flag))
+    sidecar = write_sidecar(args.output, settings)
     if "steps_computed" in result.timings:
         print(f"step cache: {result.timings['steps_computed']} of {kwargs['num_inference_steps']} steps computed",
               file=sys.stderr)  # fmt: skip
-    print(f"wrote {args.output} ({len(result.frames)} frames, seed {result.seed}) and {sidecar} "
+    print(f"wrote {args.output} ({len(frames)} frames at {fps} fps, seed {result.seed}) and {sidecar} "
           f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def load_inputs(args: argparse.Namespace, pipe, kwargs: dict) -> dict:
+    """--video / --image as the pipeline's video= (with strength=) / image= at the generation size, or a
+    ValueError naming the flag; a video sets kwargs["num_frames"] to its length. Before any weights load."""
+    from .media import load_image, load_video
+
+    if pipe.needs_image and args.image is None:
+        raise ValueError(f"{args.model} is an image-to-video model: pass --image")
+    if args.image is not None and not pipe.needs_image:
+        raise ValueError(
+            f"--image needs an image-to-video model (like THUDM/CogVideoX-5b-I2V); {args.model} is text to video"
+        )
+    size = kwargs["height"], kwargs["width"]
+    if args.image is not None:
+        try:
+            return {"image": load_image(args.image, *size)}
+        except ValueError as e:
+            raise ValueError(f"--image: {e}") from None
+    if args.video is None:
+        return {}
+    try:
+        video = load_video(args.video, *size, max_frames=args.frames or pipe.max_frames)
+    except ValueError as e:
+        raise ValueError(f"--video: {e}") from None
+    if args.frames is not None and len(video) < args.frames:
+        raise ValueError(f"--frames {args.frames} is more than {args.video.name} gives at 8 fps ({len(video)} "
+                         f"frames): pass fewer or leave --frames out to use its length")  # fmt: skip
+    kwargs["num_frames"] = len(video)
+    return {"video": video, "strength": args.strength}
 
 
 if __name__ == "__main__":

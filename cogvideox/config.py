@@ -123,8 +123,11 @@ class TransformerConfig:
             raise ValueError(f"'freq_shift' must not be negative, got {self.freq_shift}")
         if self.patch_size_t is not None or self.ofs_embed_dim is not None:
             raise ValueError("CogVideoX 1.5 checkpoints (patch_size_t / ofs_embed_dim) are not supported")
-        if self.use_learned_positional_embeddings:
-            raise ValueError("image-to-video checkpoints (learned positional embeddings) are not supported")
+        if self.in_channels not in (self.out_channels, 2 * self.out_channels):
+            raise ValueError(
+                f"'in_channels' must equal 'out_channels' ({self.out_channels}; text to video) or twice it "
+                f"(image to video: noise and image latents), got {self.in_channels}"
+            )
         if self.activation_fn != "gelu-approximate" or self.timestep_activation_fn != "silu":
             raise ValueError(
                 "only activation_fn='gelu-approximate' and timestep_activation_fn='silu' are supported"
@@ -135,6 +138,17 @@ class TransformerConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def image_to_video(self) -> bool:
+        """An I2V checkpoint: the image's latents enter beside the noisy latents, on the channel axis."""
+        return self.in_channels == 2 * self.out_channels
+
+    @property
+    def latent_grid(self) -> tuple[int, int, int]:
+        """(frames, height, width) of latents at the sample size; the learned position table covers exactly these."""
+        frames = (self.sample_frames - 1) // self.temporal_compression_ratio + 1
+        return frames, self.sample_height, self.sample_width
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path = "config") -> TransformerConfig:
@@ -249,6 +263,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "5b": {
         "transformer": TransformerConfig(
             num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True
+        ),
+        "vae": VAEConfig(scaling_factor=0.7),
+        "scheduler": SchedulerConfig(snr_shift_scale=1.0),
+    },
+    "5b-i2v": {
+        "transformer": TransformerConfig(
+            num_attention_heads=48,
+            num_layers=42,
+            in_channels=32,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=True,
         ),
         "vae": VAEConfig(scaling_factor=0.7),
         "scheduler": SchedulerConfig(snr_shift_scale=1.0),

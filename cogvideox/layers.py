@@ -333,11 +333,15 @@ class Attention(nn.Module):
     """Joint self-attention over `[text ‖ video]` with per-head q/k LayerNorm and optional RoPE.
 
     The checkpoint's separate `to_q/to_k/to_v` are held fused as `to_qkv`; hooks convert on load and save.
+    `attend`, when set, replaces the SDPA call: `attend(q, k, v) -> out`, each (B, heads, S, head_dim) with q and
+    k normalised and rotated. Sequence parallelism (cogvideox/parallel.py) sets it for the duration of a call, to
+    attend over the tokens of every process.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
         super().__init__()
         self.heads = heads
+        self.attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_qkv = nn.Linear(dim, 3 * heads * head_dim, bias=bias)
@@ -351,7 +355,7 @@ class Attention(nn.Module):
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
             q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v) if self.attend is None else self.attend(q, k, v)
         return self.to_out[0](rearrange(out, "b h s d -> b s (h d)"))
 
 

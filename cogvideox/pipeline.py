@@ -1,4 +1,5 @@
-"""Text -> video: encode the prompt with T5, denoise latents with the transformer (CFG), decode with the VAE."""
+"""Text (+ a video or an image) -> video: encode the prompt with T5 (and the pixels with the VAE), denoise latents
+with the transformer (CFG), decode with the VAE."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import __version__, text
+from . import __version__, sampling, text
 from .cache import StepCache, resolve_step_cache
 from .config import SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, load_module, resolve_model
 from .offload import Offloader
 from .preview import LatentPreview, every
-from .scheduler import dynamic_guidance_scale, make_scheduler
+from .sampling import Condition, guided
+from .scheduler import make_scheduler
+
+if TYPE_CHECKING:
+    from .parallel import Parallel
 
 SCHEDULER_NAMES = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}
 MAX_SEED = 2**32
@@ -37,7 +43,7 @@ class GenerationCancelled(Exception):
 
 @dataclass
 class GenerationResult:
-    frames: np.ndarray  # (T, H, W, 3) uint8
+    frames: np.ndarray | None  # (T, H, W, 3) uint8; None on the ranks other than 0 of a parallel run
     seed: int
     fps: int
     settings: dict
@@ -78,29 +84,9 @@ def check_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def guided(
-    forward: Callable, embeds: torch.Tensor, guidance: float, steps: int, dynamic_cfg: bool = False
-) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """The model call of one step, (latents, t) -> float32 prediction: classifier-free guidance around
-    `forward(latents, text_embeds, timestep)` (the transformer, or a wrapper of it such as a step cache) when
-    `embeds` holds [negative, positive], one batch of two."""
-    cfg = embeds.shape[0] == 2
-
-    def predict(latents: torch.Tensor, t: int) -> torch.Tensor:
-        x = torch.cat([latents, latents]) if cfg else latents
-        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        pred = forward(x, embeds, timestep).float()
-        if not cfg:
-            return pred
-        scale = dynamic_guidance_scale(guidance, t, steps) if dynamic_cfg else guidance
-        uncond, cond = pred.chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    return predict
-
-
 class CogVideoXPipeline:
-    """CogVideoX text-to-video. Construction reads configs only; weights load on first use (or `load()`)."""
+    """CogVideoX text to video, video to video (`video=`) and, with an I2V checkpoint, image to video (`image=`).
+    Construction reads configs only; weights load on first use (or `load()`)."""
 
     def __init__(
         self,
@@ -191,16 +177,23 @@ class CogVideoXPipeline:
     def loaded(self) -> bool:
         return self.transformer is not None
 
+    @property
+    def needs_image(self) -> bool:
+        """An image-to-video checkpoint: every call needs `image=` (a uint8 (H, W, 3) array)."""
+        return self.transformer_config.image_to_video
+
     def count_tokens(self, prompt: str) -> text.TokenCount:
         return text.count_tokens(self.tokenizer, prompt, self.transformer_config.max_text_seq_length)
 
     def validate(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                 seed, step_cache=None, preview_every=1):  # fmt: skip
+                 seed, step_cache=None, preview_every=1, video=None, image=None, strength=None):  # fmt: skip
         """Raise ValueError, saying what is allowed, for any argument out of range. No heavy work."""
         if not isinstance(prompt, str) or text.is_blank(prompt):
             raise ValueError("prompt must be a non-empty string (invisible characters alone do not count)")
         if not isinstance(negative_prompt, str):
             raise ValueError("negative_prompt must be a string")
+        sampling.check_conditioning(self.transformer_config, self.vae_config.spatial_compression, video, image,
+                                    strength, num_frames, height, width, num_inference_steps)  # fmt: skip
         temporal = int(self.vae_config.temporal_compression_ratio)
         _check_int("num_frames", num_frames, 1, self.max_frames)
         if (num_frames - 1) % (2 * temporal):
@@ -302,6 +295,10 @@ class CogVideoXPipeline:
         step_cache: str | float | None = None,
         preview: Callable[[int, int, np.ndarray], object] | None = None,
         preview_every: int = 1,
+        video: np.ndarray | None = None,
+        image: np.ndarray | None = None,
+        strength: float | None = None,
+        parallel: Parallel | None = None,
     ) -> GenerationResult:
         """Generate one video.
 
@@ -310,20 +307,35 @@ class CogVideoXPipeline:
         >= 0 skips the transformer blocks on steps that would change little (0 computes every step).
         preview(step, total, frames) every `preview_every` steps and after the last: uint8 (F, h, w, 3), one
         frame per latent frame at latent resolution, of the clean video predicted at that step.
+        video: uint8 (T, H, W, 3) at the generation size, 8N+1 frames (num_frames defaults to T): video to video,
+        its latents noised to `strength` in (0, 1] (default 0.8: the last int(steps·strength) steps run).
+        image: uint8 (H, W, 3) at the generation size: image to video, for checkpoints that need it (needs_image).
+        parallel: a `cogvideox.parallel.Parallel` (CFG and/or sequence parallel over torch.distributed), passed on
+        every rank with the same arguments; only rank 0 decodes: the other ranks' `frames` is None.
         """
         d = self.defaults
-        num_frames = d["num_frames"] if num_frames is None else num_frames
+        if num_frames is None:
+            num_frames = len(video) if isinstance(video, np.ndarray) and video.ndim == 4 else d["num_frames"]
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
         steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
         negative_prompt = "" if negative_prompt is None else negative_prompt
         self.validate(prompt, negative_prompt, num_frames, height, width, steps, guidance, seed,
-                      step_cache, preview_every)  # fmt: skip
+                      step_cache, preview_every, video, image, strength)  # fmt: skip
+        if video is not None:
+            strength = float(sampling.DEFAULT_STRENGTH if strength is None else strength)
         if preview is not None and not callable(preview):
             raise ValueError(f"preview must be a function (step, total, frames), got {preview!r}")
         threshold = resolve_step_cache(step_cache)
         seed = secrets.randbelow(MAX_SEED) if seed is None else int(seed)
+        if parallel is not None:  # before any weights: the degrees fit, and every rank runs the same call
+            parallel.check(self.transformer_config, self.vae_config, num_frames, height, width, guidance > 1,
+                           self.compile)  # fmt: skip
+            seed = parallel.agree(seed, (prompt, negative_prompt, num_frames, height, width, steps, guidance,
+                                         use_dynamic_cfg, threshold, strength, video is None, image is None))  # fmt: skip
+            callback = parallel.shared_callback(callback)
+            preview = preview if parallel.is_main else None
         stage = on_stage or (lambda name: None)
         timings, t0 = {}, time.perf_counter()
 
@@ -338,20 +350,27 @@ class CogVideoXPipeline:
         embeds = self.encode_prompts([negative_prompt, prompt] if cfg else [prompt])  # (B, 226, D)
         timings["text"] = time.perf_counter() - t
 
+        condition = None
+        if video is not None or image is not None:
+            stage(f"encoding {'video' if video is not None else 'image'}")
+            t = time.perf_counter()
+            condition = self.encode_condition(video if video is not None else image, strength)
+            timings["encode"] = time.perf_counter() - t
+
         stage("denoising")
         t = time.perf_counter()
-        cache = None if threshold is None else StepCache.for_model(threshold, self.transformer_config, steps)
+        run = steps if strength is None else sampling.steps_to_run(steps, strength)
+        cache = None if threshold is None else StepCache.for_model(threshold, self.transformer_config, run)
         on_x0 = None if preview is None else every(preview_every, self.latent_preview(), preview)
-        latents = self.denoise(
-            embeds, seed, num_frames, height, width, steps, guidance, callback, use_dynamic_cfg, cache, on_x0
-        )
+        latents = self.denoise(embeds, seed, num_frames, height, width, steps, guidance, callback, use_dynamic_cfg,
+                               cache, on_x0, condition, parallel)  # fmt: skip
         timings["denoise"] = time.perf_counter() - t
         if cache is not None:
             timings["steps_computed"] = cache.computed
 
         stage("decoding")
         t = time.perf_counter()
-        frames = self.decode(latents)
+        frames = self.decode(latents) if parallel is None or parallel.is_main else None
         timings["decode"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -361,6 +380,8 @@ class CogVideoXPipeline:
             "negative_prompt": negative_prompt,
             "seed": seed,
             "num_inference_steps": steps,
+            "mode": "text-to-video" if condition is None else f"{condition.kind}-to-video",
+            "strength": strength,
             "guidance_scale": float(guidance),
             "use_dynamic_cfg": use_dynamic_cfg,
             "step_cache": step_cache if step_cache is None or isinstance(step_cache, str) else threshold,
@@ -374,22 +395,35 @@ class CogVideoXPipeline:
             "dropped_tokens": count.dropped_tokens,
             "cogvideox_version": __version__,
         }
+        if parallel is not None:
+            settings["parallel"] = {"cfg": parallel.cfg, "sp": parallel.sp}
         return GenerationResult(frames, seed, self.fps, settings, count.dropped_tokens, timings)
 
     def denoise(self, embeds, seed, num_frames, height, width, steps, guidance, callback=None, dynamic_cfg=False,
-                step_cache: StepCache | None = None, on_x0: Callable | None = None):  # fmt: skip
+                step_cache: StepCache | None = None, on_x0: Callable | None = None,
+                condition: Condition | None = None, parallel: Parallel | None = None):  # fmt: skip
         """The sampler: CFG over [negative, positive] embeds; returns latents (1, F, C, h, w) in the model dtype.
 
-        step_cache wraps the transformer's forward; on_x0(step, total, x0) sees each step's predicted clean
-        latents (read only: the DPM scheduler keeps them as state)."""
+        It starts from noise, or from `condition`, a video's or an image's VAE posterior (`sampling.start`).
+        on_x0(step, total, x0) sees each step's predicted clean latents (read only: the DPM scheduler keeps them
+        as state)."""
         s = self.vae_config.spatial_compression
         shape = (1, (num_frames - 1) // int(self.vae_config.temporal_compression_ratio) + 1,
-                 self.transformer_config.in_channels, height // s, width // s)  # fmt: skip
+                 self.transformer_config.out_channels, height // s, width // s)  # fmt: skip
         generator = torch.Generator("cpu").manual_seed(seed)
-        latents = self.initial_latents(shape, generator)
-        timesteps = self.scheduler.timesteps(steps)
-        forward = self.transformer if step_cache is None else step_cache.wrap(self.transformer)
-        predict = guided(forward, embeds, guidance, steps, dynamic_cfg)
+        begin = sampling.start(self.scheduler, steps, shape, generator, self.device, self.dtype,
+                               self.vae_config.scaling_factor, condition)  # fmt: skip
+        latents, timesteps, total = begin.latents, begin.timesteps, len(begin.timesteps)
+        # Wrappers of the model call forward(latents, text_embeds, timestep), applied in order (innermost first).
+        wrappers = [] if step_cache is None else [step_cache.wrap]
+        if begin.image_latents is not None:
+            wrappers.append(sampling.with_image(begin.image_latents))
+        if parallel is not None:  # outermost: each CFG rank runs its row of the batch
+            wrappers.append(parallel.split_cfg)
+        forward = self.transformer if parallel is None else parallel.shard(self.transformer)
+        for wrap in wrappers:
+            forward = wrap(forward)
+        predict = guided(forward, embeds, guidance, total, dynamic_cfg)
         old_x0 = None
         backend = self.attention_kernel(embeds.shape[0], embeds.shape[1], shape)
         with self.offloader.use(self.transformer), sdpa_kernel(backend) if backend else nullcontext():
@@ -399,14 +433,19 @@ class CogVideoXPipeline:
                 latents, old_x0 = self.scheduler.step(pred, t, prev_t, latents, old_x0, generator)
                 latents = latents.to(self.dtype)
                 if on_x0 is not None:
-                    on_x0(i + 1, steps, old_x0)
-                if callback is not None and callback(i + 1, steps) is False:
-                    raise GenerationCancelled(f"cancelled after step {i + 1} of {steps}")
+                    on_x0(i + 1, total, old_x0)
+                if callback is not None and callback(i + 1, total) is False:
+                    raise GenerationCancelled(f"cancelled after step {i + 1} of {total}")
         return latents
 
-    def initial_latents(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
-        """Where the sampler starts: Gaussian noise from the seeded CPU generator (text to video)."""
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+    def encode_condition(self, pixels: np.ndarray, strength: float | None = None) -> Condition:
+        """A uint8 video (T, H, W, 3) (to be noised to `strength`) or image (H, W, 3) -> its VAE posterior."""
+        x = sampling.pixels_to_tensor(pixels, self.device, self.dtype)  # (1, 3, T, H, W) in [-1, 1]
+        with self.offloader.use(self.vae):
+            moments = self.vae.encode(x, moments=True)  # (1, 2C, F, h, w)
+        if pixels.ndim == 4:
+            return Condition(moments, "video", strength)
+        return Condition(moments, "image")
 
     def latent_preview(self) -> LatentPreview:
         """The latent -> RGB map of previews, fitted to this checkpoint's VAE on first use (a few encoder passes

@@ -28,15 +28,21 @@ _CORPUS = [
 ]
 
 
+STYLES = ("2b", "5b", "i2v")
+
+
 def tiny_configs(style: str = "2b", scheduler: str = "CogVideoXDDIMScheduler"):
-    """Configs of a tiny model shaped like the release: 17 frames of 64x96 pixels (5x8x12 latents)."""
-    if style not in ("2b", "5b"):
-        raise ValueError(f"style must be '2b' or '5b', got {style!r}")
-    five = style == "5b"
+    """Configs of a tiny model shaped like the release: 17 frames of 64x96 pixels (5x8x12 latents).
+
+    style: "2b", "5b" (rotary positions) or "i2v" (CogVideoX-5b-I2V: rotary and learned positions, the image's
+    latents beside the noise on the channel axis)."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    five, i2v = style in ("5b", "i2v"), style == "i2v"
     transformer = TransformerConfig(
         num_attention_heads=2,
         attention_head_dim=16,
-        in_channels=4,
+        in_channels=8 if i2v else 4,
         out_channels=4,
         time_embed_dim=16,
         text_embed_dim=32,
@@ -45,6 +51,7 @@ def tiny_configs(style: str = "2b", scheduler: str = "CogVideoXDDIMScheduler"):
         sample_height=8,
         sample_width=12,
         use_rotary_positional_embeddings=five,
+        use_learned_positional_embeddings=i2v,
     )
     vae = VAEConfig(
         block_out_channels=(8, 16, 16, 16),
@@ -126,10 +133,10 @@ def write_tiny_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a random tiny CogVideoX in the released layout to `path` and return it.
+    """Write a random tiny CogVideoX in the released layout to `path` and return it (style: see `tiny_configs`).
 
     Built with our own modules; diffusers loads the same folder, so it serves as a parity fixture.
-    Its videos are noise: the weights are random.
+    Its videos are noise: the weights are random (the learned position table of "i2v" too).
     """
     from .transformer import CogVideoXTransformer
     from .vae import CogVideoXVAE
@@ -139,7 +146,7 @@ def write_tiny_checkpoint(
     t_cfg, v_cfg, s_cfg = tiny_configs(style, scheduler)
     torch.manual_seed(seed)
     index = {
-        "_class_name": "CogVideoXPipeline",
+        "_class_name": "CogVideoXImageToVideoPipeline" if t_cfg.image_to_video else "CogVideoXPipeline",
         "_diffusers_version": "0.30.0.dev0",
         "scheduler": ["diffusers", s_cfg.class_name],
         "text_encoder": ["transformers", "T5EncoderModel"],
@@ -148,9 +155,10 @@ def write_tiny_checkpoint(
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    _write_module(
-        path / "transformer", CogVideoXTransformer(t_cfg), _config_json(t_cfg, index["transformer"][1]), dtype
-    )
+    transformer = CogVideoXTransformer(t_cfg)
+    if t_cfg.use_learned_positional_embeddings:
+        transformer.patch_embed.pos_embedding.normal_(std=0.5)
+    _write_module(path / "transformer", transformer, _config_json(t_cfg, index["transformer"][1]), dtype)
     _write_module(path / "vae", CogVideoXVAE(v_cfg), _config_json(v_cfg, index["vae"][1]), dtype)
     vocab = _write_tokenizer(path / "tokenizer")
     _write_text_encoder(path / "text_encoder", vocab, t_cfg.text_embed_dim, dtype)

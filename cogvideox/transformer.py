@@ -41,13 +41,20 @@ class Tokens(NamedTuple):
 
 
 class PatchEmbed(nn.Module):
-    """Text: Linear to the model width. Video: non-overlapping p×p patches (a stride-p Conv2d) to tokens."""
+    """Text: Linear to the model width. Video: non-overlapping p×p patches (a stride-p Conv2d) to tokens.
 
-    def __init__(self, in_channels: int, dim: int, text_dim: int, patch_size: int, bias: bool):
+    `learned_positions` (5B-I2V): a trained table over `[text ‖ video]` at the sample grid, the checkpoint's
+    persistent `patch_embed.pos_embedding` (1, L + N, D).
+    """
+
+    def __init__(self, in_channels: int, dim: int, text_dim: int, patch_size: int, bias: bool,
+                 learned_positions: int | None = None):  # fmt: skip
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.text_proj = nn.Linear(text_dim, dim)
+        if learned_positions is not None:
+            self.register_buffer("pos_embedding", torch.zeros(1, learned_positions, dim))
 
     def forward(self, latents: Tensor, text_embeds: Tensor) -> tuple[Tensor, Tensor]:
         # A stride-p conv on p×p patches is one GEMM over flattened patches; tokens come out in (f h w) order.
@@ -104,8 +111,12 @@ class CogVideoXTransformer(nn.Module):
         super().__init__()
         self.config = config
         dim = config.inner_dim
+        learned = None  # rows of the learned position table: the text, then the sample grid's video tokens
+        if config.use_learned_positional_embeddings:
+            f, h, w = config.latent_grid
+            learned = config.max_text_seq_length + f * (h // config.patch_size) * (w // config.patch_size)
         self.patch_embed = PatchEmbed(
-            config.in_channels, dim, config.text_embed_dim, config.patch_size, config.patch_bias
+            config.in_channels, dim, config.text_embed_dim, config.patch_size, config.patch_bias, learned
         )
         self.time_embedding = TimestepEmbedding(dim, config.time_embed_dim)
         self.transformer_blocks = nn.ModuleList([CogVideoXBlock(config) for _ in range(config.num_layers)])
@@ -180,13 +191,31 @@ class CogVideoXTransformer(nn.Module):
         )  # (B, time_embed_dim)
 
         text, video = self.patch_embed(latents, text_embeds)
-        rope = None
-        if c.use_rotary_positional_embeddings:
-            rope = self._rope(grid, text_len, latents.device)
-        else:
+        rope = self._rope(grid, text_len, latents.device) if c.use_rotary_positional_embeddings else None
+        if c.use_learned_positional_embeddings:
+            text, video = self._add_learned(text, video, (frames, height, width))
+        elif not c.use_rotary_positional_embeddings:
             video = video + self._sincos(grid, latents.device, latents.dtype)
         x = torch.cat([text, video], dim=1)  # (B, L + N, D)
         return Tokens(x, text_len, emb, rope, grid)
+
+    def _add_learned(self, text: Tensor, video: Tensor, size: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        """The learned table on text and video tokens. It holds the sample grid only: another height or width is
+        an error; another frame count gets the 3D sin-cos table instead (video tokens), as diffusers does."""
+        c = self.config
+        frames, height, width = size  # of the latents
+        if (height, width) != c.latent_grid[1:]:
+            raise ValueError(
+                f"this checkpoint's learned positional embeddings cover {c.sample_height}x{c.sample_width} "
+                f"latents only, got {height}x{width}"
+            )
+        if frames != c.latent_grid[0]:
+            grid = (frames, height // c.patch_size, width // c.patch_size)
+            return text, video + self._sincos(grid, video.device, video.dtype)
+        if text.shape[1] != c.max_text_seq_length:
+            raise ValueError(f"the learned positional embeddings need {c.max_text_seq_length} text tokens")
+        table = self.patch_embed.pos_embedding.to(video.dtype)  # (1, L + N, D)
+        return text + table[:, : text.shape[1]], video + table[:, text.shape[1] :]
 
     def run_blocks(self, tokens: Tokens) -> Tensor:
         """The transformer blocks on `tokens.x` (updated in place and returned), (B, L + N, D)."""

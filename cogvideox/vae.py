@@ -357,15 +357,15 @@ class Encoder3D(nn.Module):
         self.norm_out = nn.GroupNorm(groups, chans[-1], eps=1e-6)
         self.conv_out = CausalConv3d(chans[-1], 2 * cfg.latent_channels)
 
-    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """(B, 3, T, H, W) -> posterior mean (B, C, T', H/8, W/8); only the mean half of conv_out is computed."""
+    def forward(self, x: torch.Tensor, cache: dict, moments: bool = False) -> torch.Tensor:
+        """(B, 3, T, H, W) -> posterior mean (B, C, T', H/8, W/8), or with `moments` mean ‖ log-variance
+        (B, 2C, T', H/8, W/8); without it only the mean half of conv_out is computed."""
         h = self.conv_in.forward_unpadded(x, cache)
         for block in self.down_blocks:
             h = block(h, None, cache)
         h = self.mid_block(h, None, cache)
-        return self.conv_out(
-            _group_norm_silu(h, self.norm_out), cache, channels=self.conv_out.conv.out_channels // 2
-        )
+        channels = None if moments else self.conv_out.conv.out_channels // 2
+        return self.conv_out(_group_norm_silu(h, self.norm_out), cache, channels=channels)
 
 
 class Decoder3D(nn.Module):
@@ -456,11 +456,10 @@ class CogVideoXVAE(nn.Module):
         sample = (self.config.sample_height // 2, self.config.sample_width // 2)
         return sample, (int(sample[0] / s), int(sample[1] / s))
 
-    def _encode_frames(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode_frames(self, x: torch.Tensor, moments: bool = False) -> torch.Tensor:
         cache: dict = {}
-        return torch.cat(
-            [self.encoder(x[:, :, c], cache) for c in _frame_chunks(x.shape[2], SAMPLE_FRAME_BATCH)], 2
-        )
+        chunks = _frame_chunks(x.shape[2], SAMPLE_FRAME_BATCH)
+        return torch.cat([self.encoder(x[:, :, c], cache, moments) for c in chunks], 2)
 
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         cache: dict = {}
@@ -469,12 +468,14 @@ class CogVideoXVAE(nn.Module):
         )
 
     @torch.inference_mode()
-    def encode(self, x: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
-        """Video (B, 3, T, H, W) in [-1, 1] -> unscaled posterior mean (B, C, (T - 1) // 4 + 1, H / 8, W / 8)."""
+    def encode(self, x: torch.Tensor, *, tiled: bool = False, moments: bool = False) -> torch.Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> unscaled posterior mean (B, C, (T - 1) // 4 + 1, H / 8, W / 8);
+        with `moments`, mean ‖ log-variance (B, 2C, ...) for the caller to sample (`sampling.sample_posterior`)."""
         sample, latent = self.default_tile
+        run = (lambda v: self._encode_frames(v, moments=True)) if moments else self._encode_frames
         if tiled and (x.shape[-1] > sample[1] or x.shape[-2] > sample[0]):
-            return _tiled(x, self._encode_frames, sample, latent)
-        return self._encode_frames(x)
+            return _tiled(x, run, sample, latent)
+        return run(x)
 
     @torch.inference_mode()
     def decode(

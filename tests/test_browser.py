@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ import app
 from cogvideox import CogVideoXPipeline
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.testing import EchoBackend
+from cogvideox.video import write_mp4
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -305,3 +307,43 @@ def test_two_visitors_each_see_only_their_own_clips_and_a_waiting_job_shows_its_
         desk.wait_for_selector("#run-status :text('Cancelled at step')")
     phone.wait_for_function("!document.querySelector('#generate').disabled")
     assert seeds(phone) == [200] and seeds(desk) == [100]
+
+
+def test_start_from_a_video_shows_what_it_uses_and_a_smooth_clip_plays_at_16_fps(server, browser, tmp_path):
+    url, _, _ = server
+    y, x = np.mgrid[0:120, 0:160]
+    frames = np.repeat(((x + y) * 200 // 280).astype(np.uint8)[None, ..., None], 24, 0).repeat(3, -1)
+    for i, frame in enumerate(frames):
+        frame[40:70, i * 5 : i * 5 + 30] = (230, 200, 40)  # a square crossing the picture
+    source = write_mp4(frames, tmp_path / "square.mp4", fps=12)  # 2 s: 17 frames at 8 fps
+    page = visit(browser, url)
+    page.locator("#prompt textarea").fill(IDEA)
+    page.get_by_text("Start from a video").click()
+    page.locator("#source-video input[type=file]").set_input_files(str(source))
+    page.wait_for_selector("#source-note :text('Using 17 frames (2.1 s) of your video, cropped to 96×64.')")
+    page.get_by_text("Advanced").click()
+    assert page.locator("input[type=radio][value='17']").is_checked()  # Frames: all of the video
+    set_steps(page, 2)
+    page.locator("#smooth input").check()
+    screenshot(page, "app-video.png")
+    click_and_wait_for_a_clip(page, "#generate")
+    assert "from 17 frames of your video (strength 0.8), smoothed to 33 frames at 16 fps" in page.inner_text(
+        "#run-status"
+    )
+    page.wait_for_function("document.querySelector('#result-video video').duration > 0")
+    duration = page.evaluate("document.querySelector('#result-video video').duration")
+    assert abs(duration - 33 / 16) < 0.1  # twice the frames, as long as the 17 at 8 fps
+    screenshot(page, "app-video-done.png")
+
+    # A file that is not a video it can read: said on upload, and Generate is refused before any job.
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(source.read_bytes()[:400])
+    page.locator("#source-video").get_by_label("Clear").click()  # the player gives way to the drop zone
+    page.wait_for_function("document.querySelector('#source-note').innerText.trim() === ''")  # cleared too
+    page.locator("#source-video input[type=file]").set_input_files(str(broken))
+    page.wait_for_selector("#source-note :text('⚠️ broken.mp4')")
+    page.locator("#generate").click()
+    page.locator("#from-video").get_by_text("broken.mp4 is").first.wait_for()  # said at the input itself
+    page.locator("#from-video").scroll_into_view_if_needed()
+    screenshot(page, "app-video-refused.png", full_page=False)
+    assert page.locator("#generate").is_enabled() and page.locator("#gallery .thumbnail-item").count() == 1

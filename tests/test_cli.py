@@ -111,6 +111,8 @@ def test_help_and_argument_errors_answer_at_once_in_one_line(tmp_path):
         ("--width", "100"): "--width", ("--seed", "-1"): "--seed", ("--seed", str(2**32)): "--seed",
         ("--dtype", "fp8"): "--dtype", ("--memory-mode", "all"): "--memory-mode",
         ("--output", "clip.gif"): "--output", ("--output", str(taken)): "--overwrite",
+        ("--strength", "0.5"): "--strength", ("--video", str(tmp_path / "none.mp4")): "--video",
+        ("--image", str(tmp_path)): "--image", ("--video", str(taken), "--strength", "0"): "--strength",
     }  # fmt: skip
     argvs = [["--prompt", "x", "--model", str(tmp_path / "nowhere"), *argv] for argv in cases]
     argvs.append(["--steps", "3"])  # no --prompt
@@ -261,3 +263,137 @@ def test_step_cache_flag_reaches_the_pipeline_and_the_sidecar(tiny_2b, tmp_path)
             "--model", tiny_2b, "--prompt", "x", "--output", tmp_path / "b.mp4", "--step-cache", bad
         )
         assert proc.returncode == 2 and proc.stderr.startswith("error: argument --step-cache: must be"), bad
+
+
+# -- --smooth, --video, --image ------------------------------------------------------------------------------
+
+
+def moving_clip(path, seconds: float, fps: int = 30, height: int = 80, width: int = 120):
+    """A bright square crossing a dark frame: an MP4 at `fps`."""
+    import numpy as np
+
+    from cogvideox.video import write_mp4
+
+    count = round(seconds * fps)
+    frames = np.full((count, height, width, 3), 30, np.uint8)
+    for i in range(count):
+        x = (width - 20) * i // max(count - 1, 1)
+        frames[i, 30:50, x : x + 20] = (240, 200, 60)
+    return write_mp4(frames, path, fps=fps)
+
+
+def test_cli_smooth_writes_the_generated_frames_interpolated_at_16_fps(tiny_2b, tmp_path, capsys):
+    import imageio_ffmpeg
+    import numpy as np
+
+    from cogvideox.pipeline import CogVideoXPipeline
+    from cogvideox.video import interpolate, write_mp4
+
+    out = tmp_path / "smooth.mp4"
+    assert main(["--model", str(tiny_2b), "--prompt", "a kite", "--seed", "4", "--steps", "1", "--frames", "9",
+                 "--device", "cpu", "--output", str(out), "--smooth"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "smoothing..." in err and "17 frames at 16 fps" in err
+    doubled = read_mp4(out)
+    assert doubled.shape == (17, 64, 96, 3)
+    reader = imageio_ffmpeg.read_frames(str(out))
+    assert next(reader)["fps"] == 16  # 17 frames at 16 fps: the duration of 9 at 8 fps
+    reader.close()
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["fps"] == 16 and meta["smooth"] is True and meta["num_frames"] == 9
+    assert "smooth" in meta["timings"]
+    # The same seed through the library: the file is its 9 frames, interpolated to 17, encoded at 16 fps.
+    frames = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")("a kite", num_frames=9, num_inference_steps=1,
+                                                                      seed=4).frames  # fmt: skip
+    expected = read_mp4(write_mp4(interpolate(frames), tmp_path / "expected.mp4", fps=16))
+    assert np.abs(doubled.astype(int) - expected).max() <= 1
+
+
+def test_cli_video_to_video_converts_the_clip_and_records_it(tiny_2b, tmp_path, capsys):
+    clip = moving_clip(tmp_path / "clip.mp4", seconds=2)  # 2 s at 30 fps, 120x80: 17 frames at 96x64
+    out = tmp_path / "v2v.mp4"
+    assert main(["--model", str(tiny_2b), "--prompt", "a kite", "--output", str(out), "--video", str(clip),
+                 "--strength", "0.5", "--steps", "4", "--seed", "2", "--device", "cpu"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--video: 17 frames at 8 fps of 96x64" in err and "encoding video..." in err
+    assert "2/2" in err  # strength 0.5 of 4 steps: the last 2 run
+    assert read_mp4(out).shape == (17, 64, 96, 3)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["mode"] == "video-to-video" and meta["strength"] == 0.5 and meta["num_frames"] == 17
+    assert meta["input_video"] == str(clip) and meta["fps"] == 8 and meta["smooth"] is False
+
+
+@pytest.fixture(scope="module")
+def tiny_i2v(tmp_path_factory):
+    from cogvideox.testing import write_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-i2v")
+    return write_tiny_checkpoint(folder, style="i2v", scheduler="CogVideoXDPMScheduler")
+
+
+def test_cli_image_to_video(tiny_i2v, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cogvideox.pipeline import CogVideoXPipeline
+
+    d = CogVideoXPipeline.from_pretrained(tiny_i2v, device="cpu").defaults
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((90, 160, 4), 200, np.uint8)).save(image)  # RGBA, another aspect ratio
+    out = tmp_path / "i2v.mp4"
+    assert main(["--model", str(tiny_i2v), "--prompt", "a kite", "--output", str(out), "--image", str(image),
+                 "--steps", "1", "--frames", "9", "--device", "cpu"]) == 0, capsys.readouterr().err  # fmt: skip
+    assert read_mp4(out).shape == (9, d["height"], d["width"], 3)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["mode"] == "image-to-video" and meta["input_image"] == str(image)
+
+
+def test_cli_input_errors_in_one_line_before_weights(tiny_2b, tiny_i2v, tmp_path, monkeypatch, capsys):
+    from cogvideox.pipeline import CogVideoXPipeline
+
+    def no_weights(self, *args, **kwargs):
+        raise AssertionError("weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr(CogVideoXPipeline, "load", no_weights)
+    files = tmp_path / "files"
+    files.mkdir()
+    clip = moving_clip(files / "clip.mp4", seconds=1)  # 9 frames at 8 fps
+    (files / "random.mp4").write_bytes(bytes(range(256)) * 16)
+    (files / "notes.txt").write_text("not a video\n")
+    (files / "empty.mp4").write_bytes(b"")
+    missing = files / "missing.mp4"
+    cases = [  # (model, argv, the whole stderr line after "error: ")
+        (tiny_2b, ["--video", missing], f"argument --video: no such file: {missing} (see --help)"),
+        (tiny_2b, ["--video", files], f"argument --video: is not a file: {files} (see --help)"),
+        (tiny_2b, ["--video", files / "random.mp4"], "--video: random.mp4 is not a video (MP4, MOV, WebM, MKV, "
+         "AVI, GIF) or an image (PNG, JPEG, WebP) that can be read (moov atom not found)"),
+        (tiny_2b, ["--video", files / "notes.txt"], "--video: notes.txt is not a video (MP4, MOV, WebM, MKV, AVI, "
+         "GIF) or an image (PNG, JPEG, WebP) that can be read (Invalid data found when processing input)"),
+        (tiny_2b, ["--video", files / "empty.mp4"], "--video: empty.mp4 is empty"),
+        (tiny_2b, ["--strength", "0.5"], "--strength applies to --video only: pass --video too (see --help)"),
+        (tiny_2b, ["--video", clip, "--strength", "0"], "argument --strength: must be in (0, 1], got 0 (see --help)"),
+        (tiny_2b, ["--video", clip, "--strength", "1.5"], "argument --strength: must be in (0, 1], got 1.5 (see --help)"),
+        (tiny_2b, ["--video", clip, "--strength", "nan"], "argument --strength: must be in (0, 1], got nan (see --help)"),
+        (tiny_2b, ["--video", clip, "--image", clip], "pass either --video or --image, not both (see --help)"),
+        (tiny_2b, ["--video", clip, "--frames", "17"], "--frames 17 is more than clip.mp4 gives at 8 fps (9 frames): "
+         "pass fewer or leave --frames out to use its length"),
+        (tiny_2b, ["--video", clip, "--frames", "10"], "--frames must be 8N+1 (1, 9, 17, ...) and at most 17, got 10"),
+        (tiny_2b, ["--video", clip, "--strength", "0.1", "--steps", "5"],
+         "strength 0.1 of 5 steps runs no step: raise strength or num_inference_steps"),
+        (tiny_2b, ["--smooth", "--frames", "1"], "--smooth needs 9 frames or more: it adds frames between the generated ones"),
+        (tiny_2b, ["--smooth", "--height", "16"], "--smooth needs --height and --width of at least 32"),
+        (tiny_2b, ["--image", clip], f"--image needs an image-to-video model (like THUDM/CogVideoX-5b-I2V); {tiny_2b} "
+         "is text to video"),
+        (tiny_i2v, [], f"{tiny_i2v} is an image-to-video model: pass --image"),
+        (tiny_i2v, ["--image", files / "random.mp4"], "--image: random.mp4 is not a video (MP4, MOV, WebM, MKV, AVI, "
+         "GIF) or an image (PNG, JPEG, WebP) that can be read (moov atom not found)"),
+    ]  # fmt: skip
+    out = tmp_path / "out" / "a.mp4"
+    for model, argv, message in cases:
+        try:
+            rc = main(["--model", str(model), "--prompt", "x", "--output", str(out), *map(str, argv)])
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and err == f"error: {message}\n", (argv, err)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []

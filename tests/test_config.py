@@ -52,11 +52,28 @@ def test_5b_differs_where_the_release_does():
     assert SchedulerConfig.from_dict({**SCHEDULER_2B, "snr_shift_scale": 1.0}) == PRESETS["5b"]["scheduler"]
 
 
+def test_5b_i2v_differs_where_the_release_does():
+    """CogVideoX-5b-I2V (MODEL_NOTES 1.7): image latents beside the noise (in_channels 32), learned positions."""
+    i2v = {
+        **TRANSFORMER_2B,
+        "num_attention_heads": 48,
+        "num_layers": 42,
+        "in_channels": 32,
+        "use_rotary_positional_embeddings": True,
+        "use_learned_positional_embeddings": True,
+    }
+    config = TransformerConfig.from_dict(i2v)
+    assert config == PRESETS["5b-i2v"]["transformer"]
+    assert config.image_to_video and not PRESETS["5b"]["transformer"].image_to_video
+    assert config.latent_grid == (13, 60, 90)
+    assert not TransformerConfig.from_dict({**i2v, "in_channels": 16}).image_to_video  # 16 in, 16 out: T2V
+
+
 @pytest.mark.parametrize(
     ("cls", "data", "message"),
     [
         (TransformerConfig, {**TRANSFORMER_2B, "patch_size_t": 2}, "1.5"),
-        (TransformerConfig, {**TRANSFORMER_2B, "use_learned_positional_embeddings": True}, "image-to-video"),
+        (TransformerConfig, {**TRANSFORMER_2B, "in_channels": 24}, "in_channels"),
         (TransformerConfig, {**TRANSFORMER_2B, "mystery_option": 1}, "mystery_option"),
         (VAEConfig, {**VAE_2B, "use_quant_conv": True}, "quant"),
         (SchedulerConfig, {**SCHEDULER_2B, "_class_name": "EulerDiscreteScheduler"}, "scheduler must be"),

@@ -19,13 +19,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import launch
 from cogvideox import CogVideoXPipeline
 from cogvideox.testing import free_port
-from cogvideox.video import read_mp4
+from cogvideox.video import read_mp4, write_mp4
 from guard import LoginThrottle
 from tools import attack
 from validation import check_inputs
@@ -73,9 +73,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+UPLOAD_TTL_S = 6  # the public app's: an upload is deleted within seconds (the default is an hour)
+
+
 @pytest.fixture(scope="module")
 def public_app(tmp_path_factory):
-    proc, url, out = start_app(tmp_path_factory.mktemp("public"))
+    proc, url, out = start_app(tmp_path_factory.mktemp("public"), env={"UPLOAD_TTL_S": str(UPLOAD_TTL_S)})
     try:
         yield proc, url, out
     finally:
@@ -117,11 +120,32 @@ def test_what_is_served_is_a_clip_or_a_download(public_app):
         assert r.headers["content-disposition"] == "attachment"
 
 
+def test_an_uploaded_video_is_used_then_deleted_within_its_time(public_app, tmp_path):
+    _proc, url, out = public_app
+    y = np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None, None]
+    source = write_mp4(np.broadcast_to(y, (16, 64, 96, 3)).copy(), tmp_path / "waves.mp4", fps=8)
+    sent = time.monotonic()
+    video, _, settings = Client(url, verbose=False).predict(**{**GOOD, "steps": 2}, video=handle_file(str(source)),
+                                                            api_name="/generate")  # fmt: skip
+    assert settings["start_video"]["file"] == "waves.mp4" and read_mp4(video).shape[0] == 9
+    cache = launch.gradio_cache_dir(out)
+    if time.monotonic() - sent < UPLOAD_TTL_S - 1:  # (a slow machine may have swept it already)
+        assert list(cache.rglob("waves.mp4")), "the upload was not where Gradio keeps uploads"
+    deadline = sent + UPLOAD_TTL_S + 10
+    while list(cache.rglob("waves.mp4")):
+        assert time.monotonic() < deadline, "the upload outlived UPLOAD_TTL_S"
+        time.sleep(0.5)
+    assert (out / Path(video).name).is_file()  # the clip made from it stays
+
+
 def test_huge_prompts_to_every_event_cost_milliseconds_and_memory_stays_bounded(public_app):
     proc, url, _ = public_app
     attacker = attack.Attacker(url)
     deps = attacker.config["dependencies"]
-    meter = next(i for i, d in enumerate(deps) if d.get("targets") and d["targets"][0][1] == "change")
+    (box,) = [c["id"] for c in attacker.config["components"] if c.get("props", {}).get("elem_id") == "prompt"]
+    meter = next(
+        i for i, d in enumerate(deps) if d.get("targets") == [[box, "change"]] and d.get("backend_fn")
+    )
     start = time.monotonic()
     ok, line = attacker.run_event(meter, ["x" * 200_000], queued=False)
     assert ok and "over 2000 characters" in line and time.monotonic() - start < 2

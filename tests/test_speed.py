@@ -106,8 +106,9 @@ def test_generate_and_draft_use_the_speed_chosen_and_render_final_renders_in_ful
     runs = [f for f in demo.fns.values() if f.name == "generate"]  # Generate, Draft, Render final
     assert len(runs) == 3
     finals = [f for f in runs if radio not in f.inputs]
-    assert len(finals) == 1 and all(f.inputs[-1] is radio for f in runs if f not in finals)
-    final_speed = finals[0].inputs[-1]
+    at = len(app.FIELDS)  # speed follows the fields (then the optional video, strength, smooth)
+    assert len(finals) == 1 and all(f.inputs[at] is radio for f in runs if f not in finals)
+    final_speed = finals[0].inputs[at]
     assert final_speed.value == FULL and not final_speed.visible
     # The page's handler, called as Gradio calls it, with each input's value.
     texts = []

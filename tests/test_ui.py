@@ -26,6 +26,7 @@ import clips
 import jobs
 from cogvideox import CogVideoXPipeline
 from cogvideox.pipeline import MAX_SEED, GenerationCancelled
+from cogvideox.video import read_mp4
 from validation import MAX_PROMPT_CHARS, PROMPT_BOX_CHARS, TokenMeter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,14 +60,14 @@ def asked(update) -> dict:
     return update._constructor_args[0]
 
 
-def a_clip(folder: Path, prompt: str = "a fox in the snow", seed: int = 5, steps: int = 2) -> dict:
-    """A clip as a job saves it: MP4 and sidecar."""
+def a_clip(folder: Path, prompt: str = "a fox in the snow", seed: int = 5, steps: int = 2, **options) -> dict:
+    """A clip as a job saves it: MP4 and sidecar. options: smooth, strength (a video-to-video clip's)."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"prompt": prompt, "negative_prompt": "", "seed": seed, "num_inference_steps": steps,
-                "guidance_scale": 6.0, "num_frames": 9, "fps": 8}  # fmt: skip
+                "guidance_scale": 6.0, "num_frames": 9, "fps": 8, "strength": options.get("strength")}  # fmt: skip
     frames = np.random.default_rng(seed).integers(0, 256, (9, 64, 96, 3), dtype=np.uint8)
     result = SimpleNamespace(frames=frames, fps=8, settings=settings, timings={"total": 1.0})
-    return clips.save_clip(result, folder, time.perf_counter())
+    return clips.save_clip(result, folder, time.perf_counter(), smooth=options.get("smooth", False))
 
 
 # -- seeds -------------------------------------------------------------------------------------------------------
@@ -92,11 +93,29 @@ def test_randomize_gives_every_run_a_new_seed_and_a_fixed_seed_stays(demo):
 def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_until_a_clip(demo, out):
     clip = a_clip(out, seed=1234)
     shown = event(demo, "show_clip")([clip], gr.EventData(None, {"index": 0}))
-    *views, _prompt, _negative, seed, _steps, _guidance, _frames, randomize, current, note = shown
+    (
+        *views,
+        _prompt,
+        _negative,
+        seed,
+        _steps,
+        _guidance,
+        _frames,
+        randomize,
+        current,
+        note,
+        smooth,
+        strength,
+    ) = shown
     assert views[1] == "1234" and (seed, randomize, current, note) == (1234, False, clip, "")
-    assert event(demo, "final_inputs")(clip)[2:] == (1234, 50, 6.0, 9, False)
+    assert (smooth, strength) == (False, SKIP)  # a text-to-video clip: Strength stays as it is
+    assert event(demo, "final_inputs")(clip)[2:] == (1234, 50, 6.0, 9, False, False, SKIP)
+    # A smooth draft made from a video: shown again or rendered in full, it keeps Smooth and its Strength.
+    smoothed = a_clip(out, seed=99, smooth=True, strength=0.6)
+    assert event(demo, "final_inputs")(smoothed)[2:] == (99, 50, 6.0, 9, False, True, 0.6)
+    assert event(demo, "show_clip")([clip, smoothed], gr.EventData(None, {"index": 1}))[-2:] == (True, 0.6)
     assert event(demo, "show_clip")([clip], gr.EventData(None, {"index": 5})) == SKIP
-    assert event(demo, "final_inputs")(None) == (SKIP,) * 7
+    assert event(demo, "final_inputs")(None) == (SKIP,) * 9
     seed_used = next(c for c in demo.config["components"] if c["props"].get("elem_id") == "seed-used")
     assert seed_used["props"].get("value") in ("", None)
     assert clips.views(None, 50)[1] == ""  # cleared by Cancel: empty, not 0
@@ -166,6 +185,23 @@ def test_the_browser_keeps_the_newest_clips_within_its_byte_budget(out):
     copy = clips.browser_copy(many)
     assert 0 < len(copy) < len(many) and copy[0]["name"] == many[0]["name"]
     assert len(json.dumps(copy, ensure_ascii=False).encode()) <= clips.SAVED_BYTES
+
+
+def test_a_smooth_clip_says_so_and_the_browser_keeps_it_smooth(pipe, out):
+    clip = a_clip(out, smooth=True)
+    s = clip["settings"]
+    assert (s["smooth"], s["fps"], s["frames_written"], s["num_frames"]) == (True, 16, 17, 9)
+    assert read_mp4(clip["mp4"]).shape[0] == 17
+    assert clips.done_text(clip).endswith(", smoothed to 17 frames at 16 fps.")
+    video = {**clip, "settings": {**s, "strength": 0.6, "start_video": {"file": "a.mp4", "frames": 9}}}
+    assert "2 steps, from 9 frames of your video (strength 0.6), smoothed" in clips.done_text(video)
+    copy = clips.browser_copy([clip])
+    assert copy[0]["smooth"] is True and "smooth" not in clips.browser_copy([a_clip(out, seed=6)])[0]
+    for path in out.glob(f"{Path(clip['mp4']).stem}.*"):
+        path.unlink()
+    (restored,) = clips.restore(copy, out, pipe)  # expired: its settings from the browser, smooth included
+    assert clips.expired(restored) and restored["settings"]["smooth"] is True
+    assert clips.restore([{**copy[0], "smooth": "yes"}], out, pipe) == []  # checked as a request's
 
 
 def test_captions_tell_clips_apart():

@@ -156,6 +156,21 @@ def test_encode_matches_reference(models, frames, height, width):
     assert _max_diff(out, expected) <= TOL
 
 
+def test_encode_moments_and_their_sample_match_reference(models):
+    """The whole posterior (mean ‖ log-variance), and a seeded draw from it as diffusers' `latent_dist.sample`."""
+    from cogvideox.sampling import sample_posterior
+
+    ref, ours = models
+    x = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        expected = dist.sample(torch.Generator().manual_seed(3))
+    moments = ours.encode(x, moments=True)
+    assert _max_diff(moments, torch.cat([dist.mean, dist.logvar], dim=1)) <= TOL
+    assert _max_diff(sample_posterior(moments, torch.Generator().manual_seed(3)), expected) <= TOL
+    assert _max_diff(expected, dist.mean) > 10 * TOL  # the draw is not the mean
+
+
 def test_encode_tiled_matches_reference(models):
     ref, ours = models
     x = torch.rand(1, 3, 9, 112, 96, generator=torch.Generator().manual_seed(4)) * 2 - 1

@@ -1,5 +1,6 @@
-"""MP4 / GIF writers: decode what was written and inspect the container."""
+"""MP4 / GIF writers and frame interpolation: decode what was written and inspect the container."""
 
+import itertools
 import json
 import re
 import struct
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvideox.video import read_mp4, write_gif, write_mp4, write_sidecar
+from cogvideox import video
+from cogvideox.video import interpolate, read_mp4, smooth_clip, write_gif, write_mp4, write_sidecar
 
 
 def smooth_frames(t: int = 9, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
@@ -119,3 +121,114 @@ def test_sidecar_next_to_video(tmp_path):
     path = write_sidecar(tmp_path / "clip.mp4", settings)
     assert path == tmp_path / "clip.json"
     assert json.loads(path.read_text()) == {**settings, "output": str(tmp_path / "clip.mp4")}
+
+
+# -- frame interpolation -------------------------------------------------------------------------------------
+
+BACKGROUND, SQUARE = (20, 40, 60), (230, 200, 40)
+
+
+def square_at(x: int, h: int = 48, w: int = 64) -> np.ndarray:
+    frame = np.empty((h, w, 3), np.uint8)
+    frame[:] = BACKGROUND
+    frame[16:32, x : x + 12] = SQUARE
+    return frame
+
+
+def moving_square(t: int = 9, step: int = 4) -> np.ndarray:
+    return np.stack([square_at(4 + step * i) for i in range(t)])
+
+
+def square_x(frame: np.ndarray) -> float:
+    """The square's left edge: the mean column of its yellow pixels, less half its width."""
+    yellow = (frame[..., 0] > 150) & (frame[..., 2] < 100)
+    return np.nonzero(yellow)[1].mean() - 5.5
+
+
+def mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / ((a.astype(np.float64) - b) ** 2).mean()))
+
+
+def test_interpolate_keeps_the_frames_and_moves_between_them():
+    frames = moving_square()  # 4 px a frame
+    out = interpolate(frames)
+    assert out.shape == (17, 48, 64, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[::2], frames)  # the generated frames, exactly, at the even indices
+    for k in (5, 6, 7):  # past ffmpeg's first estimates (its motion search starts without history)
+        between = out[2 * k + 1]
+        assert square_x(between) == pytest.approx(4 + 4 * k + 2, abs=0.5)  # halfway, not at either end
+        assert mae(between, square_at(4 + 4 * k + 2)) < 0.5  # the square moved, not faded
+        blend = (frames[k].astype(np.float64) + frames[k + 1]) / 2
+        assert min(mae(between, frames[k]), mae(between, frames[k + 1]), mae(between, blend)) > 1.5
+    assert all(4 + 4 * (i // 2) <= square_x(out[i]) <= 4 + 4 * (i // 2 + 1) for i in range(1, 17, 2))
+
+
+@pytest.mark.parametrize("factor", [3, 4])
+def test_interpolate_factors_and_odd_sizes(factor):
+    frames = np.stack([square_at(4 + 6 * i, h=37, w=61) for i in range(5)])
+    out = interpolate(frames, factor)
+    assert out.shape == (factor * 4 + 1, 37, 61, 3)
+    assert np.array_equal(out[::factor], frames)
+    xs = [square_x(frame) for frame in out]
+    assert all(a < b for a, b in itertools.pairwise(xs))  # the square advances at every frame
+
+
+def test_a_smooth_clip_is_written_at_16_fps_and_keeps_its_duration(tmp_path):
+    frames = moving_square()
+    smooth, fps = smooth_clip(frames, fps=8)
+    assert fps == 16
+    path = write_mp4(smooth, tmp_path / "smooth.mp4", fps=fps)
+    plain = write_mp4(frames, tmp_path / "plain.mp4", fps=8)
+    decoded = read_mp4(path)
+    assert decoded.shape == (17, 48, 64, 3)
+    reader = imageio_ffmpeg.read_frames(str(path))
+    assert next(reader)["fps"] == 16
+    reader.close()
+
+    def duration(p: Path) -> float:
+        proc = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(p)], capture_output=True
+        )
+        h, m, s = re.search(r"Duration: (\d+):(\d+):([\d.]+)", proc.stderr.decode()).groups()
+        return 3600 * int(h) + 60 * int(m) + float(s)
+
+    assert duration(path) == pytest.approx(17 / 16, abs=0.011) and duration(plain) == pytest.approx(
+        9 / 8, abs=0.011
+    )
+    assert abs(duration(path) - duration(plain)) <= 1 / 8  # the same clip, within one original frame
+    for i in (0, 8, 16):  # first, middle, last: the generated frames, through H.264
+        assert psnr(decoded[i], frames[i // 2]) > 30, i
+    assert mae(decoded[9], square_at(22)) < 4  # an in-between one: the square halfway from 20 to 24
+
+
+@pytest.mark.parametrize(
+    ("frames", "factor", "message"),
+    [
+        (np.zeros((4, 48, 64, 3), np.float32), 2, "uint8"),
+        (np.zeros((48, 64, 3), np.uint8), 2, "uint8"),
+        (np.zeros((1, 48, 64, 3), np.uint8), 2, "at least 2 frames"),
+        (np.zeros((3, 16, 64, 3), np.uint8), 2, "at least 32 pixels"),
+        (np.zeros((3, 48, 64, 3), np.uint8), 1, "factor"),
+        (np.zeros((3, 48, 64, 3), np.uint8), 5, "factor"),
+        (np.zeros((3, 48, 64, 3), np.uint8), 2.0, "factor"),
+        (np.zeros((3, 48, 64, 3), np.uint8), True, "factor"),
+    ],
+)
+def test_interpolate_refuses_bad_input(frames, factor, message):
+    with pytest.raises(ValueError, match=message):
+        interpolate(frames, factor)
+
+
+def test_interpolate_failures_are_one_runtime_error_with_ffmpegs_reason(monkeypatch):
+    with pytest.raises(RuntimeError, match=r"took longer than 0\.001 s"):
+        interpolate(moving_square(), timeout=0.001)
+    monkeypatch.setattr(
+        video, "MIN_INTERPOLATE_SIZE", 1
+    )  # let frames through that minterpolate itself refuses
+    with pytest.raises(RuntimeError, match=r"frame interpolation failed \(ffmpeg exit code \d+, 0 of 5 frames\): "
+                       r".*Height or width < 32"):  # fmt: skip
+        interpolate(np.zeros((3, 16, 16, 3), np.uint8))
