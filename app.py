@@ -1,20 +1,20 @@
 """Gradio demo: `python app.py --model THUDM/CogVideoX-2b` (or `--model tiny-random` to try it offline).
 
-`create_demo(pipeline)` builds the UI around a pipeline it is handed (tests hand it a tiny one); jobs.py runs the
-render jobs, clips.py keeps the clips and each browser's gallery. Weights load on the first generation, so the
-page is up in seconds; a missing model still gives a page that says why. On a Hugging Face ZeroGPU Space they load
-at start-up instead, and each job runs in ZeroGPU's GPU worker (jobs.py).
+`create_demo(pipeline)` builds the UI around a pipeline it is handed (tests hand it a tiny one): the layout here,
+its event handlers in events.py; jobs.py runs the render jobs, clips.py keeps the clips and each browser's gallery.
+serve.py starts it: weights load on the first generation, so the page is up in seconds; a missing model still
+gives a page that says why. On a Hugging Face ZeroGPU Space they load at start-up instead, and each job runs in
+ZeroGPU's GPU worker (jobs.py). Under torchrun with --parallel, each clip is denoised by all the processes and
+rank 0 serves the page (ranks.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import json
 import os
-import secrets
 from pathlib import Path
+from types import SimpleNamespace
 
 if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
     # Hugging Face ZeroGPU: spaces patches torch as it is imported, so it must come before torch does.
@@ -22,16 +22,27 @@ if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
 
 import gradio as gr
 
-import clips as gallery_store
 import jobs
+import ranks
 import uploads
 from clips import CLIP_NAME, GIF, MAX_GALLERY, OUTPUT_TTL_S, clean_outputs  # noqa: F401 (the app's names)
-from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
+from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
+from events import CANCEL, OPTIONAL_FIELDS, PageEvents, model_status, pipelines  # noqa: F401 (the app's names)
 from jobs import ABANDONED_S, HEARTBEAT_S, ZERO_GPU, gpu_seconds, user_error  # noqa: F401 (the app's names)
-from launch import gradio_cache_dir, launch_options, parse_args
+from launch import gradio_cache_dir, launch_options, parse_args  # noqa: F401 (the app's names)
 from pool import pick_devices
-from validation import (
+from serve import (  # noqa: F401 (the app's names)
+    TINY_NOTICE,
+    load_pipeline,
+    load_pipelines,
+    open_pipeline,
+    prompt_enhancer,
+    serve_until_stopped,
+    start_server,
+    startup_lines,
+)
+from validation import (  # noqa: F401 (the app's names)
     FIELDS,
     FULL,
     MAX_GUIDANCE,
@@ -45,7 +56,6 @@ from validation import (
     frame_counts,
 )
 
-OPTIONAL_FIELDS = ("speed", "video", "strength", "smooth", "image")  # /generate's inputs after FIELDS
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "prompts.json"
 
@@ -63,11 +73,6 @@ RELEASE_DEFAULTS = dict(
 # System fonts: the page makes no request to a font CDN.
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
                        "sans-serif"], font_mono=["ui-monospace", "monospace"])  # fmt: skip
-TINY_NOTICE = (
-    "🎲 **tiny-random**: a tiny model with **random weights**. Its videos are noise; "
-    "it is here to try the whole flow offline."
-)
-CANCEL = "⏹ Cancel"
 IDLE = '<span class="idle">A job\'s progress and its place in the queue show here.</span>'
 STOPPING_JS = "() => ({__type__: 'update', value: '⏹ Stopping…', interactive: false})"
 MAKING_GIF_JS = "() => ({__type__: 'update', value: '🎞️ Making…', interactive: false})"
@@ -77,6 +82,7 @@ SHOW_STATUS_JS = """(...inputs) => { document.querySelector("#run-status")?.scro
 # Starts the download of a file a DownloadButton was just given (the GIF, made on the first click).
 DOWNLOAD_JS = """(file) => { if (file && file.url) { const a = document.createElement("a");
   a.href = file.url; a.download = file.orig_name || "clip.gif"; document.body.appendChild(a); a.click(); a.remove(); } }"""
+UI = dict(queue=False, api_visibility="private")  # instant UI updates: not queued, not in the API
 
 
 def _token_html(pipe, prompt) -> str:
@@ -89,11 +95,6 @@ def integer_api(component, info: dict):
     values): set on the instance, since Gradio writes a .pyi stub beside any module that subclasses a component."""
     component.api_info = lambda: {"type": "integer", **info}
     return component
-
-
-def _pipelines(pipeline) -> list[CogVideoXPipeline]:
-    """A pipeline, or a list of them (one per device), or None -> the list."""
-    return list(pipeline) if isinstance(pipeline, (list, tuple)) else [] if pipeline is None else [pipeline]
 
 
 def _document_api(video, strength, smooth, image) -> None:
@@ -109,23 +110,6 @@ def _document_api(video, strength, smooth, image) -> None:
         if component is not None:
             info = component.api_info()
             component.api_info = lambda info=info, text=text: {**info, "description": text}
-
-
-def _model_status(pipe, notice: str) -> str:
-    """The model line: which model, where, whether loaded; `pipe` may be a list, one per device (N jobs at once)."""
-    pipes = _pipelines(pipe)
-    if not pipes:
-        return notice
-    pipe, dtype = pipes[0], str(pipes[0].dtype).removeprefix("torch.")
-    where = f"{pipe.device.type}, {dtype}"
-    if len(pipes) > 1:  # each serves one job at a time
-        kind = "GPUs" if all(p.device.type == "cuda" for p in pipes) else "devices"
-        where = f"{len(pipes)} {kind}: {', '.join(str(p.device) for p in pipes)}, {dtype}"
-    state = f"✅ **{pipe.model_id}** is loaded ({where})." if all(p.loaded for p in pipes) else (
-        f"⏳ **{pipe.model_id}** ({where}): the weights load on the first generation"
-        f"{' on each device' if len(pipes) > 1 else ''}, which takes a while."
-    )  # fmt: skip
-    return f"{notice}\n\n{state}" if notice else state
 
 
 def _load_presets(max_frames: int) -> tuple[list[list], list[str]]:
@@ -150,162 +134,23 @@ def create_demo(
     output_dir: str | Path = "outputs",
     notice: str = "",
     queue_size: int = QUEUE_SIZE,
+    parallel: ranks.Session | None = None,
 ) -> gr.Blocks:
     """The Blocks UI around `pipeline` (None: the page says `notice` and cannot generate). A list of pipelines, one
-    per device, serves that many jobs at once."""
-    pipes = _pipelines(pipeline)
+    per device, serves that many jobs at once; with `parallel` (one pipeline), each job runs on all torchrun's
+    processes."""
+    pipes = pipelines(pipeline)
     pipe, output_dir = (pipes[0] if pipes else None), Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    renderer = jobs.Renderer(pipes, output_dir, enhancer)
+    renderer = jobs.Renderer(pipes, output_dir, enhancer, parallel)
     d = pipe.defaults if pipe else RELEASE_DEFAULTS
-    full_steps, max_frames, fps = d["num_inference_steps"], pipe.max_frames if pipe else 49, d["fps"]
-    # A local prompt model shares the GPU with the video model; a remote endpoint holds only its own caller.
-    local_enhancer = bool(enhancer and enhancer.needs_gpu_lock)
-
-    def enhance_lock():  # a local model waits for (and holds) the video pipeline on its device, if any
-        if not local_enhancer:
-            return contextlib.nullcontext()
-        return renderer.pool.take(device=enhancer.backend.device)
-
-    meter = TokenMeter(pipe)
+    events = PageEvents(pipes, renderer, enhancer, output_dir, notice, d["num_inference_steps"])
     if ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
         jobs.PIPELINE = pipe
-
-    def problems(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL, video=None,
-                 strength=None, smooth=False, image=None) -> dict:  # fmt: skip
-        """{field: problem} of a request, its upload read if the values pass (remembered for the job)."""
-        kwargs, errors = check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames,
-                                      speed, video, strength, smooth, image)  # fmt: skip
-        if errors:
-            return errors
-        try:
-            uploads.prepare(pipe, kwargs)
-        except uploads.UploadError as e:  # not a video, damaged, too long, gone: before the job is queued
-            return {e.field: str(e)}
-        return {}
-
-    def validate(*values):
-        errors, names = problems(*values), (*FIELDS, *OPTIONAL_FIELDS)[: len(values)]
-        return [gr.validate(f not in errors, errors.get(f, "")) for f in names]
-
-    def enhance(prompt):
-        """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
-        if enhancer is None or not enhancer.available:
-            raise user_error(enhancer.unavailable_reason if enhancer else "No prompt enhancer is configured.")
-        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
-            raise user_error(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters")
-        try:
-            with enhance_lock():
-                result = enhancer.enhance(prompt)
-        except EnhanceError as e:
-            raise user_error(f"{e} (waited {e.elapsed_s:.0f} s)", title="Enhance failed") from e
-        except ValueError as e:
-            raise user_error(str(e), title="Enhance failed") from e
-        return result.text, result
-
-    # The UI-only events below read this session's State, which only the server writes; each can still be called
-    # directly (before there is anything to read), so each checks first and otherwise changes nothing. The one
-    # input a browser keeps (its gallery and prompt, gr.BrowserState) is checked entry by entry (clips.py).
-    def show_enhanced(result):
-        if not isinstance(result, EnhanceResult):
-            return gr.skip(), gr.skip(), gr.skip()
-        trimmed = ", trimmed to fit" if result.trimmed else ""
-        note = (
-            f"✨ Enhanced by {result.backend} in {result.elapsed_s:.1f} s ({result.tokens} tokens{trimmed})."
-        )
-        return gr.Group(visible=True), f"{note} Your original:", result.original
-
-    def undo_enhance(result):
-        if not isinstance(result, EnhanceResult):
-            return gr.skip(), gr.skip()
-        return result.original, gr.Group(visible=False)
-
-    def buttons(running: bool) -> tuple:
-        """Generate, Draft and Render final are off while the session's own job runs or waits; Cancel only then."""
-        can = pipe is not None and not running
-        return gr.Button(interactive=can), gr.Button(interactive=can), gr.Button(interactive=not running), (
-            gr.Button(CANCEL, interactive=running))  # fmt: skip
-
-    def start_run(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize, *media):
-        # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
-        # lock nothing (its validator then says what is wrong, and no event would unlock them).
-        if randomize is True:
-            seed = secrets.randbelow(MAX_SEED)
-        if problems(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, *media):
-            return (gr.skip(),) * 6
-        return seed if randomize is True else gr.skip(), *buttons(running=True), ""
-
-    def add_clip(clip, clips):
-        if not isinstance(clip, dict):
-            return (gr.skip(),) * 12
-        clips = [clip, *clips][:MAX_GALLERY]
-        gallery_view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)  # the new clip is shown
-        done = gallery_store.done_text(clip)
-        view = gallery_store.views(clip, full_steps)
-        return (gallery_view, clips, gallery_store.browser_copy(clips), clip, view[1], *view[3:],
-                _model_status(pipes, notice), done)  # fmt: skip
-
-    def show_clip(clips, evt: gr.EventData):
-        # The select event's data comes from the client, as anything or nothing: read as gr.EventData (whose
-        # SelectData subclass fails inside Gradio on a missing index) and checked here.
-        data = getattr(evt, "_data", None)
-        index = data.get("index") if isinstance(data, dict) else None
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(clips):
-            return gr.skip()
-        clip = clips[index]
-        inputs = [clip["settings"][k] for k in gallery_store.SETTINGS]
-        # Said by the buttons (an unqueued event cannot show a toast): why there is no video, and what to do.
-        note = (f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
-                "restored: Generate renders it again." if gallery_store.expired(clip) else "")  # fmt: skip
-        return *gallery_store.views(clip, full_steps), *inputs, False, clip, note, *kept_options(clip)
-
-    def kept_options(clip) -> tuple:
-        """Smooth and Strength as the clip had them (a clip made before these options had neither)."""
-        s = clip["settings"]
-        strength = s.get("strength")
-        return s.get("smooth") is True, strength if isinstance(strength, float) else gr.skip()
-
-    def cancel(request: gr.Request):
-        # Where the job stopped, once it has; the result shown is cleared (it is not what was asked for, and it
-        # stays in the gallery), and with it the offer to render it in full.
-        text = f'<span class="cancelled">{renderer.cancel(request.session_hash)}</span>'  # style.css: why
-        return text, *gallery_store.views(None, full_steps), None
-
-    def final_inputs(clip):
-        if not isinstance(clip, dict):
-            return (gr.skip(),) * (len(FIELDS) + 3)
-        inputs = {**clip["settings"], "num_inference_steps": full_steps}
-        return *(inputs[k] for k in gallery_store.SETTINGS), False, *kept_options(clip)
-
-    def show_source(value, field):
-        note, count = uploads.describe(pipe, value, field)
-        return note, gr.skip() if count is None else count  # Frames: all of the video, as it will be used
-
-    def make_gif(clip):
-        if not isinstance(clip, dict):
-            return gr.skip(), gr.skip()
-        gif = gallery_store.make_gif(clip)
-        if gif is None:
-            raise user_error(f"This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h).")
-        return gr.DownloadButton(value=str(gif), visible=True), gr.Button(visible=False)
-
-    def restore(saved, saved_prompt):
-        # Each visit: the model's state, a fresh seed, and what this browser kept (checked: clips.restore).
-        fresh = (_model_status(pipes, notice), secrets.randbelow(MAX_SEED))
-        if pipe is None:  # nothing can be checked against a model, nor rendered: leave the browser's copy be
-            return *fresh, *(gr.skip(),) * 5
-        clips = gallery_store.restore(saved, output_dir, pipe)
-        text = saved_prompt.get("prompt") if isinstance(saved_prompt, dict) else None
-        text = text if isinstance(text, str) and 0 < len(text) <= MAX_PROMPT_CHARS else gr.skip()
-        gone = sum(map(gallery_store.expired, clips))
-        note = (f"⌛ {gone} of your {len(clips)} clips expired (clips are kept {OUTPUT_TTL_S / 3600:g} h): their "
-                "settings are still in the gallery." if gone else gr.skip())  # fmt: skip
-        view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)
-        return *fresh, view, clips, gallery_store.browser_copy(clips), text, note
-
     with gr.Blocks(
         title="CogVideoX", analytics_enabled=False, delete_cache=(max(60, OUTPUT_TTL_S // 4), OUTPUT_TTL_S)
     ) as demo:
+        fps = d["fps"]
         logo = (ASSETS / "logo.svg").read_text() if (ASSETS / "logo.svg").is_file() else ""
         gr.HTML(
             f'<div id="masthead">{logo}<div><h1>CogVideoX</h1>'
@@ -313,272 +158,216 @@ def create_demo(
             f"at {fps} fps.</p></div></div>",
             elem_id="masthead-wrap",
         )
-        status = gr.Markdown(_model_status(pipes, notice), elem_id="model-status")
+        c = SimpleNamespace(status=gr.Markdown(events.status(), elem_id="model-status"))
         with gr.Row(equal_height=False, elem_id="main-row"):
             with gr.Column(scale=5, elem_id="inputs-col"):
-                hint = "One shot in detail: subject, motion, setting, camera, light…"
-                prompt = gr.Textbox(label="Prompt", lines=5, max_length=PROMPT_BOX_CHARS, placeholder=hint,
-                                    elem_id="prompt")  # fmt: skip
-                tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
-                can_enhance = bool(enhancer and enhancer.available)
-                enhance_btn = gr.Button("✨ Enhance prompt", size="sm", interactive=can_enhance)
-                if enhancer is not None and not enhancer.available:
-                    gr.Markdown(f"Enhance is off. {enhancer.unavailable_reason}", elem_classes="hint")
-                with gr.Group(visible=False) as enhanced_box:
-                    enhanced_note = gr.Markdown()
-                    original = gr.Textbox(show_label=False, interactive=False, lines=2)
-                    undo_btn = gr.Button("↩️ Undo: restore the original", size="sm")
-                with gr.Row(equal_height=True, elem_id="seed-row"):
-                    seed = gr.Number(None, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED - 1, min_width=140,
-                                     elem_id="seed")  # fmt: skip
-                    randomize = gr.Checkbox(True, label="🎲 Randomize seed", info="a new one at every run",
-                                            min_width=150, elem_id="randomize")  # fmt: skip
-                source_video, strength, source_image, source_note = uploads.source_inputs(pipe)
-                with gr.Accordion("Advanced", open=False):
-                    steps = gr.Slider(
-                        1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps"
-                    )
-                    integer_api(steps, {"minimum": 1, "maximum": MAX_STEPS})
-                    guidance = gr.Slider(
-                        MIN_GUIDANCE, MAX_GUIDANCE, d["guidance_scale"], step=0.5, label="Guidance"
-                    )
-                    choices = [(f"{n} ({n / fps:.1f} s)", n) for n in frame_counts(max_frames)]
-                    frames = gr.Radio(choices, value=d["num_frames"], label="Frames")
-                    counts = frame_counts(max_frames)  # not an enum: gradio_client shows one as strings
-                    integer_api(frames, {"minimum": counts[0], "maximum": counts[-1],
-                                         "description": f"8N+1: one of {', '.join(map(str, counts))}"})  # fmt: skip
-                    negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
-                speed = gr.Radio(SPEED_CHOICES, value=FULL, label="Speed", elem_id="speed",
-                                 info="Faster and Fastest skip steps that change little (Render final: Full)")  # fmt: skip
-                smooth = gr.Checkbox(False, label="Smooth (16 fps)", elem_id="smooth",
-                                     info="a frame interpolated between each two: as long, smoother motion")  # fmt: skip
-                with gr.Row(elem_id="run-buttons"):
-                    can_run = pipe is not None
-                    run_btn = gr.Button("🎬 Generate", variant="primary", scale=3, min_width=100,
-                                        interactive=can_run, elem_id="generate")  # fmt: skip
-                    draft_btn = gr.Button(f"⚡ Draft ({DRAFT_STEPS} steps)", scale=3, min_width=100,
-                                          interactive=can_run, elem_id="draft")  # fmt: skip
-                    cancel_btn = gr.Button(CANCEL, variant="stop", scale=2, min_width=90, interactive=False,
-                                           elem_id="cancel")  # fmt: skip
-                # Where the user looks after a click: the job's progress and queue place, then how it went.
-                run_status = gr.Markdown(IDLE, elem_id="run-status")
-                if ZERO_GPU:
-                    gr.Markdown(ZERO_GPU_CANCEL_NOTE, elem_classes="hint", elem_id="cancel-note")
+                _prompt_inputs(c, pipe, enhancer)
+                _settings_inputs(c, pipe, d)
             with gr.Column(scale=6, elem_id="result-col"):
-                video = gr.Video(
-                    label="Result", autoplay=True, loop=True, interactive=False, elem_id="result-video"
-                )
-                with gr.Row(equal_height=True, elem_id="clip-row"):
-                    # A Number shows 0 until it has a value: the seed used is shown as text, empty until a clip.
-                    seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
-                    button = dict(min_width=70, size="md")  # the widths: style.css
-                    reuse_btn = gr.Button("♻️ Reuse seed", interactive=False, elem_id="reuse", **button)
-                    mp4_btn = gr.DownloadButton("⬇️ MP4", interactive=False, elem_id="download-mp4", **button)
-                    make_gif_btn = gr.Button(
-                        GIF, interactive=False, elem_id="make-gif", **button
-                    )  # made when asked
-                    gif_btn = gr.DownloadButton("⬇️ GIF", visible=False, elem_id="download-gif", **button)
-                final_btn = gr.Button("🎬 Render final", variant="primary", visible=False, elem_id="final")
-                settings = gr.JSON(label="Settings used", open=True)
-                gallery = gr.Gallery(label="Your clips, newest first (kept in this browser; only you can see them)",
-                                     columns=3, fit_columns=False, object_fit="cover", height=330,
-                                     allow_preview=False, interactive=False, elem_id="gallery")  # fmt: skip
+                _result_views(c)
             with gr.Column(scale=5, elem_id="presets"):  # below the result on a narrow screen (style.css)
-                rows, labels = _load_presets(max_frames)
+                rows, labels = _load_presets(pipe.max_frames if pipe else 49)
                 if rows:
-                    gr.Examples(rows, [prompt, seed, steps, guidance, frames, randomize], label="Presets",
-                                example_labels=labels)  # fmt: skip
-        clips, current, last_clip, enhanced = gr.State([]), gr.State(None), gr.State(None), gr.State(None)
-        saved_clips = gr.BrowserState([], **_storage(output_dir, "clips"))
-        saved_prompt = gr.BrowserState({"prompt": ""}, **_storage(output_dir, "prompt"))
-
-        fields = [prompt, negative, seed, steps, guidance, frames]
-        draft_steps = gr.Number(DRAFT_STEPS, visible=False)  # a draft leaves the Steps slider as it is
-        seed_out = gr.Number(label="Seed used", precision=0, visible=False)  # /generate's seed, an integer
-        draft_fields = [prompt, negative, seed, draft_steps, guidance, frames]
-        full_speed = gr.Textbox(FULL, visible=False)  # Render final renders without the step cache
-        # /generate's optional parameters after speed, the same for every model (the image: only its own need it).
-        media = [source_video, strength, smooth, *([source_image] if source_image else [])]
-        _document_api(source_video, strength, smooth, source_image)
-        ui = dict(queue=False, api_visibility="private")  # instant UI updates: not queued, not in the API
-        controls = [run_btn, draft_btn, final_btn, cancel_btn]
-        lock = dict(
-            fn=start_run, outputs=[seed, *controls, run_status], preprocess=False, js=SHOW_STATUS_JS, **ui
+                    gr.Examples(rows, [c.prompt, c.seed, c.steps, c.guidance, c.frames, c.randomize],
+                                label="Presets", example_labels=labels)  # fmt: skip
+        c.clips, c.current, c.last_clip, c.enhanced = (
+            gr.State([]),
+            gr.State(None),
+            gr.State(None),
+            gr.State(None),
         )
-        job = dict(
-            fn=renderer.generate, inputs=[*fields, speed, *media], outputs=[video, seed_out, settings, last_clip], validator=validate,
-            preprocess=False, concurrency_id="gpu", show_progress_on=[video, run_status],
-            concurrency_limit=max(1, len(pipes)),  # a job per device at once
-        )  # fmt: skip
-        runs = [
-            run_btn.click(**lock, inputs=[*fields, randomize, speed, *media]).success(
-                **job, api_name="generate"
-            ),
-            draft_btn.click(**lock, inputs=[*draft_fields, randomize, speed, *media]).success(
-                **{**job, "inputs": [*draft_fields, speed, *media]}, api_visibility="private"
-            ),
-            final_btn.click(final_inputs, current, [*fields, randomize, smooth, strength], **ui)
-            .success(**lock, inputs=[*fields, randomize, full_speed, *media])
-            .success(**{**job, "inputs": [*fields, full_speed, *media]}, api_visibility="private"),
-        ]
-        views = [video, seed_used, settings, mp4_btn, gif_btn, make_gif_btn, reuse_btn, final_btn]
-        shown = [current, seed_used, *views[3:], status, run_status]
-        for run in runs:
-            run.success(add_clip, [last_clip, clips], [gallery, clips, saved_clips, *shown], **ui)
-            # Unlocked after a clip, an error or a cancel (Gradio's page runs `then` after a cancel but not after
-            # an error, `failure` after both).
-            run.then(lambda: buttons(running=False), None, controls, **ui)
-            run.failure(lambda: buttons(running=False), None, controls, **ui)
-        # At once: the click is seen. Then our cancel, which returns once the job has stopped, then Gradio's,
-        # which takes a job still waiting out of its queue (in this order: jobs.Renderer.cancel says why).
-        cancel_btn.click(None, None, cancel_btn, js=STOPPING_JS)
-        cancel_btn.click(
-            cancel, None, [run_status, *views, current], cancels=runs, show_progress="hidden", **ui
-        )
-        gallery.select(
-            show_clip, clips, [*views, *fields, randomize, current, run_status, smooth, strength], **ui
-        )
-        # A file to start from, once uploaded: what of it will be used (or why it cannot be), before any job. Queued
-        # (reading a file is work; and Gradio refuses a malformed file value there as an error, not an HTTP 500).
-        reading = dict(show_progress="minimal", api_visibility="private", concurrency_limit=2,
-                       concurrency_id="read", preprocess=False)  # fmt: skip
-        source_video.change(lambda v: show_source(v, "video"), source_video, [source_note, frames], **reading)
-        if source_image is not None:
-            source_image.change(lambda v: show_source(v, "image")[0], source_image, source_note, **reading)
-        reuse = "(s) => (/^[0-9]+$/.test(s || '') ? [Number(s), false] : [undefined, undefined])"
-        reuse_btn.click(None, seed_used, [seed, randomize], js=reuse)
-        seed.input(None, None, randomize, js="() => false")  # a seed typed in is the one to use
-        make_gif_btn.click(None, None, make_gif_btn, js=MAKING_GIF_JS)  # seconds of work: say so at once
-        make_gif_btn.click(
-            make_gif, current, [gif_btn, make_gif_btn], concurrency_limit=1, concurrency_id="gif",
-            show_progress="hidden", api_visibility="private",
-        ).success(None, gif_btn, None, js=DOWNLOAD_JS).failure(
-            lambda: gr.Button(GIF, interactive=False), None, make_gif_btn, **ui
-        )  # fmt: skip
-        prompt.change(lambda p: gr.skip() if (line := meter(p)) is None else line, prompt, tokens,
-                      show_progress="hidden", trigger_mode="always_last", **ui)  # fmt: skip
-        prompt.change(None, prompt, saved_prompt, js="(p) => ({prompt: p})")  # kept in this browser
-        enhance_btn.click(
-            enhance, prompt, [prompt, enhanced], api_name="enhance", preprocess=False,
-            concurrency_limit=1 if local_enhancer else None, concurrency_id="enhance",
-        ).success(show_enhanced, enhanced, [enhanced_box, enhanced_note, original], **ui)  # fmt: skip
-        undo_btn.click(undo_enhance, enhanced, [prompt, enhanced_box], **ui)
-        demo.load(restore, [saved_clips, saved_prompt],
-                  [status, seed, gallery, clips, saved_clips, prompt, run_status], **ui)  # fmt: skip
+        c.saved_clips = gr.BrowserState([], **_storage(output_dir, "clips"))
+        c.saved_prompt = gr.BrowserState({"prompt": ""}, **_storage(output_dir, "prompt"))
+        _connect_runs(c, events, renderer, concurrency=max(1, len(pipes)))  # a job per device at once
+        _connect_views(c, events, TokenMeter(pipe))
+        demo.load(events.restore, [c.saved_clips, c.saved_prompt],
+                  [c.status, c.seed, c.gallery, c.clips, c.saved_clips, c.prompt, c.run_status], **UI)  # fmt: skip
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)
 
 
-def load_pipeline(args: argparse.Namespace, device=None) -> tuple[CogVideoXPipeline | None, str]:
-    """The pipeline (configs and tokenizer only) on `device` (default: --device) and a notice for the page; (None,
-    why) when unavailable.
-
-    On ZeroGPU the weights load now, in the main thread: there spaces records `.to("cuda")` (torch's CUDA is
-    emulated in that thread alone) and moves the weights into its GPU worker at each job. All of them stay on
-    the device (no streams or pinned memory, which need a real GPU in this process), and nothing is compiled.
-    """
-    model, notice = args.model, ""
-    memory_mode, compile = args.memory_mode, args.compile
-    if ZERO_GPU:
-        if (memory_mode or "resident") != "resident" or compile:
-            print("ZeroGPU: --memory-mode resident, without --compile")
-        memory_mode, compile = "resident", False
-    if model == "tiny-random":
-        from cogvideox.testing import tiny_random_checkpoint
-
-        # The CLI's copy, written once (atomically) in the temp dir: outside the served output folder.
-        model, notice = tiny_random_checkpoint(), TINY_NOTICE
-    try:
-        pipe = CogVideoXPipeline.from_pretrained(
-            model, device=device or args.device, dtype=args.dtype, memory_mode=memory_mode, compile=compile
-        )
-        if ZERO_GPU:
-            pipe.load()
-    except Exception as e:  # offline, no such repo, a broken folder: the page must still come up and say so
-        return None, (
-            f"⚠️ **The model {args.model} is unavailable**: {e}\n\nThe page works but cannot render. Check "
-            "the path or your Hub access, or run `python app.py --model tiny-random` to try the app offline."
-        )
-    return pipe, notice
-
-
-def load_pipelines(args: argparse.Namespace, devices: list) -> tuple[list[CogVideoXPipeline], str]:
-    """A pipeline per device, all alike (model, dtype, memory mode, compile), and the page's notice; ([], why) when
-    unavailable. A memory mode left to pick is picked per device, from its own free memory, as each loads."""
-    if args.compile and len(devices) > 1:  # the blocks' code object: a graph per batch size and device
-        import torch
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(devices))
-    pipes = []
-    for device in devices:
-        pipe, notice = load_pipeline(args, device)
-        if pipe is None:
-            return [], notice
-        pipes.append(pipe)
-    return pipes, notice
-
-
-def startup_lines(args: argparse.Namespace, pipe, demo: gr.Blocks) -> list[str]:
-    """What the server log says once the page is up: where, which model, and how to share it safely. `pipe`: one
-    pipeline, a list of them (one per device) or None."""
-    lines, pipes = [f"CogVideoX demo: {demo.local_url}"], _pipelines(pipe)
-    if not pipes:
-        lines.append(f"  model {args.model}: unavailable (the page says why); it cannot render")
-    else:
-        pipe = pipes[0]
-        mode = pipe.offloader.mode
-        mode = "picked from free memory at the first generation" if mode == "auto" else mode
-        dtype = str(pipe.dtype).removeprefix("torch.")
-        where = f"{pipe.device.type}, {dtype}" if len(pipes) == 1 else (
-            f"{', '.join(str(p.device) for p in pipes)}: a job on each at once; {dtype}")  # fmt: skip
-        lines.append(f"  model: {args.model} ({where}); memory mode: {mode}")
-    users = len(args.auth or [])
-    login = (
-        f"login required ({users} user{'s' * (users > 1)})"
-        if users
-        else "no login: anyone who reaches it can use it"
+def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
+    """The prompt, its token meter and the enhancer; the seed; a file to start from."""
+    hint = "One shot in detail: subject, motion, setting, camera, light…"
+    c.prompt = gr.Textbox(
+        label="Prompt", lines=5, max_length=PROMPT_BOX_CHARS, placeholder=hint, elem_id="prompt"
     )
-    if demo.share_url:
-        lines.append(f"  public link: {demo.share_url}, {login}")
-    elif args.host in ("127.0.0.1", "localhost", "::1"):
-        lines.append(
-            "  only this machine can open it. To share it: --share --auth-file users.txt "
-            "(one user:password per line)"
+    c.tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
+    can_enhance = bool(enhancer and enhancer.available)
+    c.enhance_btn = gr.Button("✨ Enhance prompt", size="sm", interactive=can_enhance)
+    if enhancer is not None and not enhancer.available:
+        gr.Markdown(f"Enhance is off. {enhancer.unavailable_reason}", elem_classes="hint")
+    with gr.Group(visible=False) as c.enhanced_box:
+        c.enhanced_note = gr.Markdown()
+        c.original = gr.Textbox(show_label=False, interactive=False, lines=2)
+        c.undo_btn = gr.Button("↩️ Undo: restore the original", size="sm")
+    with gr.Row(equal_height=True, elem_id="seed-row"):
+        c.seed = gr.Number(None, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED - 1, min_width=140,
+                           elem_id="seed")  # fmt: skip
+        c.randomize = gr.Checkbox(True, label="🎲 Randomize seed", info="a new one at every run", min_width=150,
+                                  elem_id="randomize")  # fmt: skip
+    c.source_video, c.strength, c.source_image, c.source_note = uploads.source_inputs(pipe)
+
+
+def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
+    """Advanced settings, speed, smoothing, the run buttons and the job's status."""
+    fps, max_frames = d["fps"], pipe.max_frames if pipe else 49
+    with gr.Accordion("Advanced", open=False):
+        c.steps = gr.Slider(1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps")
+        integer_api(c.steps, {"minimum": 1, "maximum": MAX_STEPS})
+        c.guidance = gr.Slider(MIN_GUIDANCE, MAX_GUIDANCE, d["guidance_scale"], step=0.5, label="Guidance")
+        choices = [(f"{n} ({n / fps:.1f} s)", n) for n in frame_counts(max_frames)]
+        c.frames = gr.Radio(choices, value=d["num_frames"], label="Frames")
+        counts = frame_counts(max_frames)  # not an enum: gradio_client shows one as strings
+        integer_api(c.frames, {"minimum": counts[0], "maximum": counts[-1],
+                               "description": f"8N+1: one of {', '.join(map(str, counts))}"})  # fmt: skip
+        c.negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
+    c.speed = gr.Radio(SPEED_CHOICES, value=FULL, label="Speed", elem_id="speed",
+                       info="Faster and Fastest skip steps that change little (Render final: Full)")  # fmt: skip
+    c.smooth = gr.Checkbox(False, label="Smooth (16 fps)", elem_id="smooth",
+                           info="a frame interpolated between each two: as long, smoother motion")  # fmt: skip
+    with gr.Row(elem_id="run-buttons"):
+        can_run = pipe is not None
+        c.run_btn = gr.Button("🎬 Generate", variant="primary", scale=3, min_width=100, interactive=can_run,
+                              elem_id="generate")  # fmt: skip
+        c.draft_btn = gr.Button(f"⚡ Draft ({DRAFT_STEPS} steps)", scale=3, min_width=100, interactive=can_run,
+                                elem_id="draft")  # fmt: skip
+        c.cancel_btn = gr.Button(CANCEL, variant="stop", scale=2, min_width=90, interactive=False,
+                                 elem_id="cancel")  # fmt: skip
+    # Where the user looks after a click: the job's progress and queue place, then how it went.
+    c.run_status = gr.Markdown(IDLE, elem_id="run-status")
+    if ZERO_GPU:
+        gr.Markdown(ZERO_GPU_CANCEL_NOTE, elem_classes="hint", elem_id="cancel-note")
+
+
+def _result_views(c: SimpleNamespace) -> None:
+    """The result, its seed and downloads, Render final, its settings, and the gallery."""
+    c.video = gr.Video(label="Result", autoplay=True, loop=True, interactive=False, elem_id="result-video")
+    with gr.Row(equal_height=True, elem_id="clip-row"):
+        # A Number shows 0 until it has a value: the seed used is shown as text, empty until a clip.
+        c.seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+        button = dict(min_width=70, size="md")  # the widths: style.css
+        c.reuse_btn = gr.Button("♻️ Reuse seed", interactive=False, elem_id="reuse", **button)
+        c.mp4_btn = gr.DownloadButton("⬇️ MP4", interactive=False, elem_id="download-mp4", **button)
+        c.make_gif_btn = gr.Button(GIF, interactive=False, elem_id="make-gif", **button)  # made when asked
+        c.gif_btn = gr.DownloadButton("⬇️ GIF", visible=False, elem_id="download-gif", **button)
+    c.final_btn = gr.Button("🎬 Render final", variant="primary", visible=False, elem_id="final")
+    c.settings = gr.JSON(label="Settings used", open=True)
+    c.gallery = gr.Gallery(label="Your clips, newest first (kept in this browser; only you can see them)",
+                           columns=3, fit_columns=False, object_fit="cover", height=330, allow_preview=False,
+                           interactive=False, elem_id="gallery")  # fmt: skip
+
+
+def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, concurrency: int) -> None:
+    """Generate, Draft and Render final (each: lock the buttons, run the job, show the clip, unlock), and Cancel."""
+    fields = [c.prompt, c.negative, c.seed, c.steps, c.guidance, c.frames]
+    draft_steps = gr.Number(DRAFT_STEPS, visible=False)  # a draft leaves the Steps slider as it is
+    seed_out = gr.Number(label="Seed used", precision=0, visible=False)  # /generate's seed, an integer
+    draft_fields = [c.prompt, c.negative, c.seed, draft_steps, c.guidance, c.frames]
+    full_speed = gr.Textbox(FULL, visible=False)  # Render final renders without the step cache
+    # /generate's optional parameters after speed, the same for every model (the image: only its own need it).
+    media = [c.source_video, c.strength, c.smooth, *([c.source_image] if c.source_image else [])]
+    _document_api(c.source_video, c.strength, c.smooth, c.source_image)
+    controls = [c.run_btn, c.draft_btn, c.final_btn, c.cancel_btn]
+    lock = dict(fn=ev.start_run, outputs=[c.seed, *controls, c.run_status], preprocess=False, js=SHOW_STATUS_JS,
+                **UI)  # fmt: skip
+    job = dict(
+        fn=renderer.generate, inputs=[*fields, c.speed, *media],
+        outputs=[c.video, seed_out, c.settings, c.last_clip], validator=ev.validate, preprocess=False,
+        concurrency_id="gpu", show_progress_on=[c.video, c.run_status], concurrency_limit=concurrency,
+    )  # fmt: skip
+    runs = [
+        c.run_btn.click(**lock, inputs=[*fields, c.randomize, c.speed, *media]).success(
+            **job, api_name="generate"
+        ),
+        c.draft_btn.click(**lock, inputs=[*draft_fields, c.randomize, c.speed, *media]).success(
+            **{**job, "inputs": [*draft_fields, c.speed, *media]}, api_visibility="private"
+        ),
+        c.final_btn.click(ev.final_inputs, c.current, [*fields, c.randomize, c.smooth, c.strength], **UI)
+        .success(**lock, inputs=[*fields, c.randomize, full_speed, *media])
+        .success(**{**job, "inputs": [*fields, full_speed, *media]}, api_visibility="private"),
+    ]
+    c.views = [
+        c.video,
+        c.seed_used,
+        c.settings,
+        c.mp4_btn,
+        c.gif_btn,
+        c.make_gif_btn,
+        c.reuse_btn,
+        c.final_btn,
+    ]
+    shown = [c.current, c.seed_used, *c.views[3:], c.status, c.run_status]
+    for run in runs:
+        run.success(ev.add_clip, [c.last_clip, c.clips], [c.gallery, c.clips, c.saved_clips, *shown], **UI)
+        # Unlocked after a clip, an error or a cancel (Gradio's page runs `then` after a cancel but not after
+        # an error, `failure` after both).
+        run.then(lambda: ev.buttons(running=False), None, controls, **UI)
+        run.failure(lambda: ev.buttons(running=False), None, controls, **UI)
+    # At once: the click is seen. Then our cancel, which returns once the job has stopped, then Gradio's,
+    # which takes a job still waiting out of its queue (in this order: jobs.Renderer.cancel says why).
+    c.cancel_btn.click(None, None, c.cancel_btn, js=STOPPING_JS)
+    c.cancel_btn.click(ev.cancel, None, [c.run_status, *c.views, c.current], cancels=runs, show_progress="hidden",
+                       **UI)  # fmt: skip
+
+
+def _connect_views(c: SimpleNamespace, ev: PageEvents, meter: TokenMeter) -> None:
+    """The gallery, uploads, seeds, the GIF, the token meter, the enhancer and each visit's restore."""
+    fields = [c.prompt, c.negative, c.seed, c.steps, c.guidance, c.frames]
+    c.gallery.select(ev.show_clip, c.clips, [*c.views, *fields, c.randomize, c.current, c.run_status, c.smooth,
+                                             c.strength], **UI)  # fmt: skip
+    # A file to start from, once uploaded: what of it will be used (or why it cannot be), before any job. Queued
+    # (reading a file is work; and Gradio refuses a malformed file value there as an error, not an HTTP 500).
+    reading = dict(show_progress="minimal", api_visibility="private", concurrency_limit=2,
+                   concurrency_id="read", preprocess=False)  # fmt: skip
+    c.source_video.change(lambda v: ev.show_source(v, "video"), c.source_video, [c.source_note, c.frames],
+                          **reading)  # fmt: skip
+    if c.source_image is not None:
+        c.source_image.change(
+            lambda v: ev.show_source(v, "image")[0], c.source_image, c.source_note, **reading
         )
-    else:
-        lines.append(f"  open to the network on {args.host}:{args.port}, {login}")
-    if not users and (demo.share_url or args.host not in ("127.0.0.1", "localhost", "::1")):
-        lines.append("  to require a login: --auth-file users.txt (one user:password per line)")
-    return lines
+    reuse = "(s) => (/^[0-9]+$/.test(s || '') ? [Number(s), false] : [undefined, undefined])"
+    c.reuse_btn.click(None, c.seed_used, [c.seed, c.randomize], js=reuse)
+    c.seed.input(None, None, c.randomize, js="() => false")  # a seed typed in is the one to use
+    c.make_gif_btn.click(None, None, c.make_gif_btn, js=MAKING_GIF_JS)  # seconds of work: say so at once
+    c.make_gif_btn.click(
+        ev.make_gif, c.current, [c.gif_btn, c.make_gif_btn], concurrency_limit=1, concurrency_id="gif",
+        show_progress="hidden", api_visibility="private",
+    ).success(None, c.gif_btn, None, js=DOWNLOAD_JS).failure(
+        lambda: gr.Button(GIF, interactive=False), None, c.make_gif_btn, **UI
+    )  # fmt: skip
+    c.prompt.change(lambda p: gr.skip() if (line := meter(p)) is None else line, c.prompt, c.tokens,
+                    show_progress="hidden", trigger_mode="always_last", **UI)  # fmt: skip
+    c.prompt.change(None, c.prompt, c.saved_prompt, js="(p) => ({prompt: p})")  # kept in this browser
+    c.enhance_btn.click(
+        ev.enhance, c.prompt, [c.prompt, c.enhanced], api_name="enhance", preprocess=False,
+        concurrency_limit=1 if ev.local_enhancer else None, concurrency_id="enhance",
+    ).success(ev.show_enhanced, c.enhanced, [c.enhanced_box, c.enhanced_note, c.original], **UI)  # fmt: skip
+    c.undo_btn.click(ev.undo_enhance, c.enhanced, [c.prompt, c.enhanced_box], **UI)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.parallel:  # every rank of torchrun's: rank 0 serves the page, the others its jobs
+        ranks.main(args, open_pipeline, lambda pipe, notice, session: serve(args, [pipe], notice, session),
+                   zero_gpu=ZERO_GPU)  # fmt: skip
+        return
     try:  # a device this machine lacks is the operator's mistake: one line, not a page that cannot render
         devices = pick_devices(args.device, args.devices, zero_gpu=ZERO_GPU)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    pipes, notice = load_pipelines(args, devices)
+    serve(args, pipes, notice)
+
+
+def serve(args, pipes: list[CogVideoXPipeline], notice: str, parallel: ranks.Session | None = None) -> None:
+    """The page around `pipes`, served until Ctrl-C."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(gradio_cache_dir(args.output_dir)))
-    pipes, notice = load_pipelines(args, devices)
-    pipe = pipes[0] if pipes else None
-    enhancer = None
-    if pipe is not None:
-        try:
-            enhancer = PromptEnhancer.from_env(lambda text: pipe.count_tokens(text).n_tokens)
-        except ValueError as e:
-            print(f"prompt enhancer disabled: {e}")
-    demo = create_demo(pipes, enhancer, output_dir=args.output_dir, notice=notice)
-    # Gradio's own banner is off (quiet): it recommends `share=True` in code and GRADIO_SERVER_PORT, where this
-    # app has --share --auth-file and --port. Our lines follow once the server is up.
-    try:
-        demo.launch(**launch_options(args, THEME), quiet=True, prevent_thread_lock=True)
-    except OSError:  # Gradio's "Cannot find empty port" (a busy port, or an address this machine lacks)
-        raise SystemExit(
-            f"error: cannot listen on {args.host}:{args.port}: the port is in use (or the address is not this "
-            f"machine's); choose another with --port, e.g. --port {args.port + 1}"
-        ) from None
-    print("\n".join(startup_lines(args, pipes, demo)), flush=True)
-    demo.block_thread()
+    enhancer = prompt_enhancer(pipes[0] if pipes else None)
+    demo = create_demo(pipes, enhancer, output_dir=args.output_dir, notice=notice, parallel=parallel)
+    start_server(demo, args, THEME)
+    print("\n".join(startup_lines(args, pipes, demo, parallel)), flush=True)
+    serve_until_stopped(demo)
 
 
 if __name__ == "__main__":

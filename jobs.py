@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from clips import OUTPUT_TTL_S, clean_outputs, save_clip, write_preview
 from cogvideox.offload import is_out_of_memory
 from cogvideox.pipeline import CogVideoXPipeline, GenerationCancelled, GenerationResult
 from pool import DevicePool
+from ranks import LoadFailed
 from uploads import UploadError, prepare
 from validation import FULL, check_inputs, preview_every
 
@@ -62,6 +64,7 @@ STAGES = {"loading model": ("Loading the model", 0.0), "encoding text": ("Encodi
 HEARTBEAT_S = 0.5
 ABANDONED_S = 4 * HEARTBEAT_S
 CANCEL_WAIT_S = float(os.environ.get("CANCEL_WAIT_S", 60))  # Cancel's wait for the job's step to end
+STOP_AFTER_S = 2.0  # --parallel, a process failed mid-run: the page gets the message, then the server stops
 
 PIPELINE: CogVideoXPipeline | None = None  # ZeroGPU: the app's pipeline, loaded before the worker forks
 # Any gr.Progress reports to the current request's bar (its context says which); in ZeroGPU's worker, spaces
@@ -183,14 +186,19 @@ class Renderer:
     last step), each in a thread of its own so that its request can notice a cancel or a closed tab.
 
     `pipe`: one pipeline, or a list of them, one per device (all of one model and settings): up to that many jobs
-    run at once, each on a device of its own."""
+    run at once, each on a device of its own. `parallel` (ranks.Session, with one pipeline): each job runs on all
+    of torchrun's processes."""
 
     def __init__(self, pipe: CogVideoXPipeline | Sequence[CogVideoXPipeline] | None, output_dir: Path,
-                 enhancer=None):  # fmt: skip
+                 enhancer=None, parallel=None):  # fmt: skip
         pipes = list(pipe) if isinstance(pipe, Sequence) else [pipe] if pipe is not None else []
+        if parallel is not None and len(pipes) > 1:
+            raise ValueError(
+                "parallel runs each job on all processes: give it one pipeline, not one per device"
+            )
         self.pool = DevicePool(pipes)
         self.pipe = pipes[0] if pipes else None  # limits and validation: every pipeline has the same
-        self.output_dir, self.enhancer = output_dir, enhancer
+        self.output_dir, self.enhancer, self.parallel = output_dir, enhancer, parallel
         self.running: dict[str, Run] = {}  # session -> its job, while it runs
 
     def generate(
@@ -205,6 +213,8 @@ class Renderer:
         need. Returns the MP4, the seed used and the settings."""
         values = (prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed)
         kwargs, errors = check_inputs(self.pipe, *values, video, strength, smooth, image)
+        if not errors and self.parallel is not None:
+            errors = self.parallel.problems(self.pipe, kwargs)
         if errors:
             raise user_error("; ".join(f"{k}: {v}" for k, v in errors.items()))
         try:  # the upload, read (already, by the check before the queue: remembered)
@@ -301,6 +311,8 @@ class Renderer:
             try:
                 return self._render(pipe, run, kwargs, wanted, progress)
             except Exception as e:
+                if self.parallel is not None and self.parallel.broken:
+                    raise self._stop_all() from e
                 if not is_out_of_memory(e):
                     raise
             pipe.release()  # outside the except block, whose traceback still holds the step's tensors
@@ -318,6 +330,8 @@ class Renderer:
             return result
         # CUDA calls that name no device (compiled kernels, events) mean this job's GPU, in this thread.
         with torch.cuda.device(pipe.device) if pipe.device.type == "cuda" else contextlib.nullcontext():
+            if self.parallel is not None:
+                return self._render_parallel(pipe, run, kwargs, wanted, progress)
             if not pipe.loaded:
                 try:
                     pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
@@ -330,3 +344,26 @@ class Renderer:
             every = preview_every(kwargs["num_inference_steps"])
             return pipe(**kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview,
                         preview_every=every)  # fmt: skip
+
+    def _render_parallel(
+        self, pipe: CogVideoXPipeline, run: Run, kwargs, wanted, progress
+    ) -> GenerationResult:
+        """The job on every process of --parallel (ranks.py): they load the weights together, then denoise."""
+        on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
+        try:
+            return self.parallel.run(
+                pipe, kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview,
+                preview_every=preview_every(kwargs["num_inference_steps"]),
+                load_progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"),
+            )  # fmt: skip
+        except LoadFailed as e:
+            raise user_error(str(e), title="Model unavailable") from e
+
+    def _stop_all(self) -> gr.Error:
+        """A process failed while the processes exchanged activations: the others wait for it in vain, so every one
+        stops (this one once the page has the message; torchrun then stops the rest)."""
+        message = (f"{self.parallel.broken}. The processes cannot go on together, so the server stops; start it "
+                   "again (torchrun --max-restarts K does so by itself).")  # fmt: skip
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        threading.Timer(STOP_AFTER_S, os._exit, args=(1,)).start()
+        return user_error(message, title="Server stopping")

@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=env("COGVIDEOX_DEVICE"), help="default: cuda if available")
     p.add_argument("--devices", default=env("COGVIDEOX_DEVICES"),
                    help="cuda:0,cuda:1,... or all: a pipeline per GPU, a job on each at once")  # fmt: skip
+    p.add_argument("--parallel", default=env("COGVIDEOX_PARALLEL"),
+                   help="cfg, sp or cfg,sp, under torchrun (torchrun --nproc-per-node N app.py --parallel cfg,sp): "
+                   "each clip denoised by all N processes, one GPU each; rank 0 serves the page")  # fmt: skip
     p.add_argument("--compile", action="store_true", default=_flag("COGVIDEOX_COMPILE"),
                    help="torch.compile the transformer blocks: a slower first video, faster after")  # fmt: skip
     p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
@@ -73,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, choices in (
         ("memory_mode", ("resident", "model", "sequential")),
         ("dtype", ("fp16", "bf16", "fp32")),
+        ("parallel", ("cfg", "sp", "cfg,sp")),
     ):
         if getattr(args, name) not in (None, *choices):
             p.error(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")

@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .config import TransformerConfig
-from .scheduler import Scheduler, _randn, dynamic_guidance_scale
+from .scheduler import Scheduler, dynamic_guidance_scale, randn
 
 DEFAULT_STRENGTH = 0.8  # diffusers' video-to-video default
 
@@ -50,7 +50,9 @@ def steps_to_run(steps: int, strength: float) -> int:
 
 def pixels_to_tensor(pixels: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
     """uint8 video (T, H, W, 3) or image (H, W, 3) -> (1, 3, T, H, W) in [-1, 1], as diffusers' video processor."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32) / 255.0
+    x = (
+        torch.from_numpy(np.array(pixels, copy=True)).to(torch.float32) / 255.0
+    )  # a copy: read-only arrays too
     x = rearrange(x if x.ndim == 4 else x[None], "t h w c -> 1 c t h w")
     return (2 * x - 1).to(device, dtype)
 
@@ -60,7 +62,7 @@ def sample_posterior(moments: Tensor, generator: torch.Generator) -> Tensor:
     the noise comes from `generator` on its device, in the moments' dtype."""
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return mean + std * _randn(mean.shape, generator, mean.device, mean.dtype)
+    return mean + std * randn(mean.shape, generator, mean.device, mean.dtype)
 
 
 def add_noise(scheduler: Scheduler, clean: Tensor, noise: Tensor, timestep: int) -> Tensor:
@@ -81,7 +83,7 @@ def start(scheduler: Scheduler, steps: int, shape: tuple, generator: torch.Gener
         return Start(noise.to(device, dtype), timesteps)
     encoded = sample_posterior(condition.moments, generator).to(dtype)
     clean = scaling_factor * rearrange(encoded, "b c f h w -> b f c h w")
-    noise = _randn(torch.Size(shape), generator, device, dtype)
+    noise = randn(torch.Size(shape), generator, device, dtype)
     if condition.kind == "video":
         timesteps = timesteps[steps - steps_to_run(steps, condition.strength) :]
         return Start(add_noise(scheduler, clean, noise, int(timesteps[0])), timesteps)

@@ -45,7 +45,7 @@ def dynamic_guidance_scale(guidance_scale: float, timestep: int, num_inference_s
     return 1 + guidance_scale * ((1 - math.cos(math.pi * ((n - timestep) / n) ** 5.0)) / 2)
 
 
-def _randn(shape: torch.Size, generator: torch.Generator, device: torch.device, dtype: torch.dtype):
+def randn(shape: torch.Size, generator: torch.Generator, device: torch.device, dtype: torch.dtype):
     """diffusers' `randn_tensor`: draw on the generator's device in the target dtype, then move.
 
     On CUDA the CPU draw lands in page-locked memory and is copied without blocking, so the CPU keeps queueing
@@ -149,14 +149,14 @@ class DPMScheduler(Scheduler):
 
         # diffusers always draws this first-order noise, even when it then takes the second-order branch;
         # drawing it too keeps the generator in step with theirs.
-        noise = _randn(sample.shape, generator, sample.device, sample.dtype)
+        noise = randn(sample.shape, generator, sample.device, sample.dtype)
         if old_x0 is None or prev_timestep is None or target < 0:
             return mult_sample * sample - mult_x0 * x0 + mult_noise * noise, x0
 
         alpha_back = self.alphas_cumprod[int(prev_timestep)]
         r = (lamb - ((alpha_back / (1 - alpha_back)) ** 0.5).log()) / h
         denoised = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
-        noise = _randn(sample.shape, generator, sample.device, sample.dtype)
+        noise = randn(sample.shape, generator, sample.device, sample.dtype)
         return mult_sample * sample - mult_x0 * denoised + mult_noise * noise, x0
 
 

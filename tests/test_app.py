@@ -298,7 +298,7 @@ def test_without_a_model_the_page_still_builds_and_says_why(tmp_path):
     pipe, notice = app.load_pipeline(args)
     assert pipe is None and "unavailable" in notice and "tiny-random" in notice
     demo = app.create_demo(None, output_dir=tmp_path, notice=notice)
-    assert notice in app._model_status(None, notice)
+    assert notice in app.model_status(None, notice)
     assert {"/generate", "/enhance"} <= {f"/{fn.api_name}" for fn in demo.fns.values() if fn.api_name}
 
 

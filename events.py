@@ -1,0 +1,217 @@
+"""The page's event handlers (app.py wires them to its components): checks before a job is queued, the buttons'
+states, the gallery, Cancel, the GIF, the prompt enhancer, and each visit's restore.
+
+The UI-only events read this session's State, which only the server writes; each can still be called directly
+(before there is anything to read), so each checks first and otherwise changes nothing. The one input a browser
+keeps (its gallery and prompt, gr.BrowserState) is checked entry by entry (clips.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from pathlib import Path
+
+import gradio as gr
+
+import clips as gallery_store
+import uploads
+from clips import MAX_GALLERY, OUTPUT_TTL_S
+from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
+from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
+from jobs import Renderer, user_error
+from validation import FIELDS, FULL, MAX_PROMPT_CHARS, check_inputs
+
+OPTIONAL_FIELDS = ("speed", "video", "strength", "smooth", "image")  # /generate's inputs after FIELDS
+CANCEL = "⏹ Cancel"
+
+
+def pipelines(pipeline) -> list[CogVideoXPipeline]:
+    """A pipeline, or a list of them (one per device), or None -> the list."""
+    return list(pipeline) if isinstance(pipeline, (list, tuple)) else [] if pipeline is None else [pipeline]
+
+
+def model_status(pipe, notice: str, parallel=None) -> str:
+    """The model line: which model, where, whether loaded; `pipe` may be a list, one per device (N jobs at once);
+    `parallel` (ranks.Session): each clip is rendered by that many processes."""
+    pipes = pipelines(pipe)
+    if not pipes:
+        return notice
+    pipe, dtype = pipes[0], str(pipes[0].dtype).removeprefix("torch.")
+    where = f"{pipe.device.type}, {dtype}"
+    if len(pipes) > 1:  # each serves one job at a time
+        kind = "GPUs" if all(p.device.type == "cuda" for p in pipes) else "devices"
+        where = f"{len(pipes)} {kind}: {', '.join(str(p.device) for p in pipes)}, {dtype}"
+    if parallel is not None:
+        where = f"{parallel.describe(pipe.device)}, {dtype}"
+    everywhere = " on each device" if len(pipes) > 1 else " on each process" if parallel is not None else ""
+    state = f"✅ **{pipe.model_id}** is loaded ({where})." if all(p.loaded for p in pipes) else (
+        f"⏳ **{pipe.model_id}** ({where}): the weights load on the first generation{everywhere}, which takes a "
+        "while."
+    )  # fmt: skip
+    return f"{notice}\n\n{state}" if notice else state
+
+
+class PageEvents:
+    """The handlers of one page, around its pipelines (none, one, or one per device), job runner and enhancer.
+    Gradio names each event after its method (tests look them up by it)."""
+
+    def __init__(self, pipes: list[CogVideoXPipeline], renderer: Renderer, enhancer: PromptEnhancer | None,
+                 output_dir: Path, notice: str, full_steps: int):  # fmt: skip
+        self.pipes, self.pipe = pipes, (pipes[0] if pipes else None)
+        self.renderer, self.enhancer, self.output_dir = renderer, enhancer, output_dir
+        self.notice, self.full_steps = notice, full_steps
+        # A local prompt model shares the GPU with the video model; a remote endpoint holds only its own caller.
+        self.local_enhancer = bool(enhancer and enhancer.needs_gpu_lock)
+
+    def status(self) -> str:
+        return model_status(self.pipes, self.notice, self.renderer.parallel)
+
+    # -- before a job ----------------------------------------------------------------------------------------
+
+    def problems(self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL, video=None,
+                 strength=None, smooth=False, image=None) -> dict:  # fmt: skip
+        """{field: problem} of a request, its upload read if the values pass (remembered for the job)."""
+        kwargs, errors = check_inputs(self.pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames,
+                                      speed, video, strength, smooth, image)  # fmt: skip
+        if not errors and self.renderer.parallel is not None:  # what these processes can split
+            errors = self.renderer.parallel.problems(self.pipe, kwargs)
+        if errors:
+            return errors
+        try:
+            uploads.prepare(self.pipe, kwargs)
+        except uploads.UploadError as e:  # not a video, damaged, too long, gone: before the job is queued
+            return {e.field: str(e)}
+        return {}
+
+    def validate(self, *values):
+        errors, names = self.problems(*values), (*FIELDS, *OPTIONAL_FIELDS)[: len(values)]
+        return [gr.validate(f not in errors, errors.get(f, "")) for f in names]
+
+    def buttons(self, running: bool) -> tuple:
+        """Generate, Draft and Render final are off while the session's own job runs or waits; Cancel only then."""
+        can = self.pipe is not None and not running
+        return gr.Button(interactive=can), gr.Button(interactive=can), gr.Button(interactive=not running), (
+            gr.Button(CANCEL, interactive=running))  # fmt: skip
+
+    def start_run(self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize, *media):
+        # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
+        # lock nothing (its validator then says what is wrong, and no event would unlock them).
+        if randomize is True:
+            seed = secrets.randbelow(MAX_SEED)
+        if self.problems(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, *media):
+            return (gr.skip(),) * 6
+        return seed if randomize is True else gr.skip(), *self.buttons(running=True), ""
+
+    def final_inputs(self, clip):
+        if not isinstance(clip, dict):
+            return (gr.skip(),) * (len(FIELDS) + 3)
+        inputs = {**clip["settings"], "num_inference_steps": self.full_steps}
+        return *(inputs[k] for k in gallery_store.SETTINGS), False, *kept_options(clip)
+
+    def show_source(self, value, field):
+        note, count = uploads.describe(self.pipe, value, field)
+        return note, gr.skip() if count is None else count  # Frames: all of the video, as it will be used
+
+    # -- after a job -----------------------------------------------------------------------------------------
+
+    def add_clip(self, clip, clips):
+        if not isinstance(clip, dict):
+            return (gr.skip(),) * 12
+        clips = [clip, *clips][:MAX_GALLERY]
+        gallery_view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)  # the new clip is shown
+        done = gallery_store.done_text(clip)
+        view = gallery_store.views(clip, self.full_steps)
+        return (gallery_view, clips, gallery_store.browser_copy(clips), clip, view[1], *view[3:], self.status(),
+                done)  # fmt: skip
+
+    def show_clip(self, clips, evt: gr.EventData):
+        # The select event's data comes from the client, as anything or nothing: read as gr.EventData (whose
+        # SelectData subclass fails inside Gradio on a missing index) and checked here.
+        data = getattr(evt, "_data", None)
+        index = data.get("index") if isinstance(data, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(clips):
+            return gr.skip()
+        clip = clips[index]
+        inputs = [clip["settings"][k] for k in gallery_store.SETTINGS]
+        # Said by the buttons (an unqueued event cannot show a toast): why there is no video, and what to do.
+        note = (f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
+                "restored: Generate renders it again." if gallery_store.expired(clip) else "")  # fmt: skip
+        return *gallery_store.views(clip, self.full_steps), *inputs, False, clip, note, *kept_options(clip)
+
+    def cancel(self, request: gr.Request):
+        # Where the job stopped, once it has; the result shown is cleared (it is not what was asked for, and it
+        # stays in the gallery), and with it the offer to render it in full.
+        text = (
+            f'<span class="cancelled">{self.renderer.cancel(request.session_hash)}</span>'  # style.css: why
+        )
+        return text, *gallery_store.views(None, self.full_steps), None
+
+    def make_gif(self, clip):
+        if not isinstance(clip, dict):
+            return gr.skip(), gr.skip()
+        gif = gallery_store.make_gif(clip)
+        if gif is None:
+            raise user_error(f"This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h).")
+        return gr.DownloadButton(value=str(gif), visible=True), gr.Button(visible=False)
+
+    def restore(self, saved, saved_prompt):
+        # Each visit: the model's state, a fresh seed, and what this browser kept (checked: clips.restore).
+        fresh = (self.status(), secrets.randbelow(MAX_SEED))
+        if (
+            self.pipe is None
+        ):  # nothing can be checked against a model, nor rendered: leave the browser's copy be
+            return *fresh, *(gr.skip(),) * 5
+        clips = gallery_store.restore(saved, self.output_dir, self.pipe)
+        text = saved_prompt.get("prompt") if isinstance(saved_prompt, dict) else None
+        text = text if isinstance(text, str) and 0 < len(text) <= MAX_PROMPT_CHARS else gr.skip()
+        gone = sum(map(gallery_store.expired, clips))
+        note = (f"⌛ {gone} of your {len(clips)} clips expired (clips are kept {OUTPUT_TTL_S / 3600:g} h): their "
+                "settings are still in the gallery." if gone else gr.skip())  # fmt: skip
+        view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)
+        return *fresh, view, clips, gallery_store.browser_copy(clips), text, note
+
+    # -- the prompt enhancer ---------------------------------------------------------------------------------
+
+    def enhance_lock(self):
+        """A local model waits for (and holds) the video pipeline on its device, if any."""
+        if not self.local_enhancer:
+            return contextlib.nullcontext()
+        return self.renderer.pool.take(device=self.enhancer.backend.device)
+
+    def enhance(self, prompt):
+        """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
+        enhancer = self.enhancer
+        if enhancer is None or not enhancer.available:
+            raise user_error(enhancer.unavailable_reason if enhancer else "No prompt enhancer is configured.")
+        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+            raise user_error(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters")
+        try:
+            with self.enhance_lock():
+                result = enhancer.enhance(prompt)
+        except EnhanceError as e:
+            raise user_error(f"{e} (waited {e.elapsed_s:.0f} s)", title="Enhance failed") from e
+        except ValueError as e:
+            raise user_error(str(e), title="Enhance failed") from e
+        return result.text, result
+
+    def show_enhanced(self, result):
+        if not isinstance(result, EnhanceResult):
+            return gr.skip(), gr.skip(), gr.skip()
+        trimmed = ", trimmed to fit" if result.trimmed else ""
+        note = (
+            f"✨ Enhanced by {result.backend} in {result.elapsed_s:.1f} s ({result.tokens} tokens{trimmed})."
+        )
+        return gr.Group(visible=True), f"{note} Your original:", result.original
+
+    def undo_enhance(self, result):
+        if not isinstance(result, EnhanceResult):
+            return gr.skip(), gr.skip()
+        return result.original, gr.Group(visible=False)
+
+
+def kept_options(clip) -> tuple:
+    """Smooth and Strength as the clip had them (a clip made before these options had neither)."""
+    s = clip["settings"]
+    strength = s.get("strength")
+    return s.get("smooth") is True, strength if isinstance(strength, float) else gr.skip()
