@@ -154,7 +154,8 @@ def create_demo(
         logo = (ASSETS / "logo.svg").read_text() if (ASSETS / "logo.svg").is_file() else ""
         gr.HTML(
             f'<div id="masthead">{logo}<div><h1>CogVideoX</h1>'
-            f"<p>Text to video: {d['num_frames'] / fps:.0f}-second clips, {d['width']}×{d['height']} "
+            f"<p>{'Image' if pipe is not None and pipe.needs_image else 'Text'} to video: {d['num_frames'] / fps:.0f}-second clips, "
+            f"{d['width']}×{d['height']} "
             f"at {fps} fps.</p></div></div>",
             elem_id="masthead-wrap",
         )

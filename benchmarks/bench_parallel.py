@@ -114,6 +114,8 @@ def write_checkpoint(path: str | Path, size: str = "tiny", style: str = "2b", he
     config = dataclasses.replace(tiny_configs(style)[0], num_attention_heads=heads)
     torch.manual_seed(1)
     state = {k: v.contiguous() for k, v in CogVideoXTransformer(config).state_dict().items()}
+    if "patch_embed.pos_embedding" in state:  # i2v: a learned table that is not zeros, so its rows matter
+        state["patch_embed.pos_embedding"] = torch.randn_like(state["patch_embed.pos_embedding"])
     folder = path / "transformer"
     save_file(state, folder / "diffusion_pytorch_model.safetensors")
     data = json.loads((folder / "config.json").read_text())

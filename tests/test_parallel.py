@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ODD = dict(num_frames=9, height=48, width=80, num_inference_steps=2, seed=3)
 FORTY = dict(num_frames=17, height=32, width=64, num_inference_steps=2, seed=5)
 CACHED = dict(ODD, num_inference_steps=5, step_cache=0.3)
+SAMPLE = dict(
+    num_frames=17, height=64, width=96, num_inference_steps=2, seed=5
+)  # i2v: its learned table's grid
 
 
 # -- the layout, without processes ----------------------------------------------------------------------------
@@ -135,7 +138,7 @@ def checkpoints(tmp_path_factory, tiny_2b):
     """6-head tiny models (2 and 3 divide the heads): 2B style (sin-cos, DDIM) and 5B style (RoPE, DPM)."""
     root = tmp_path_factory.mktemp("parallel")
     return {"2b": write_checkpoint(root / "2b", style="2b"), "5b": write_checkpoint(root / "5b", style="5b"),
-            "2heads": tiny_2b}  # fmt: skip
+            "i2v": write_checkpoint(root / "i2v", style="i2v"), "2heads": tiny_2b}  # fmt: skip
 
 
 def job(name, ckpt, cfg, sp, call, forward=False):
@@ -150,7 +153,8 @@ def runs(checkpoints, tmp_path_factory):
     two, five = checkpoints["2b"], checkpoints["5b"]
     records = {}
     records |= launch(2, [job("cfg2_2b", two, 2, 1, ODD), job("sp2_5b", five, 1, 2, ODD),
-                          job("fwd_cfg2_2b", two, 2, 1, ODD, True), job("fwd_sp2_5b", five, 1, 2, ODD, True)], out)  # fmt: skip
+                          job("fwd_cfg2_2b", two, 2, 1, ODD, True), job("fwd_sp2_5b", five, 1, 2, ODD, True),
+                          job("fwd_sp2_i2v", checkpoints["i2v"], 1, 2, SAMPLE, True)], out)  # fmt: skip
     records |= launch(3, [job("sp3_2b", two, 1, 3, ODD), job("sp3_5b", five, 1, 3, ODD),
                           job("fwd_sp3_2b", two, 1, 3, FORTY, True), job("fwd_sp3_5b", five, 1, 3, FORTY, True),
                           job("heads", checkpoints["2heads"], 1, 3, ODD)], out)  # fmt: skip
@@ -207,7 +211,9 @@ def test_parallel_run_gives_the_single_process_video(runs, single, checkpoints, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fwd_cfg2_2b", "fwd_sp2_5b", "fwd_sp3_2b", "fwd_sp3_5b", "fwd_2x2_5b"])
+@pytest.mark.parametrize(
+    "name", ["fwd_cfg2_2b", "fwd_sp2_5b", "fwd_sp3_2b", "fwd_sp3_5b", "fwd_2x2_5b", "fwd_sp2_i2v"]
+)
 def test_parallel_model_call_equals_the_transformer(runs, name):
     for rank in runs["records"][name]:  # every rank ends with the whole prediction
         assert rank["max_abs"] > 0.1
