@@ -315,7 +315,7 @@ def _connect_views(c: SimpleNamespace, ev: PageEvents, meter: TokenMeter) -> Non
     """The gallery, uploads, seeds, the GIF, the token meter, the enhancer and each visit's restore."""
     fields = [c.prompt, c.negative, c.seed, c.steps, c.guidance, c.frames]
     c.gallery.select(ev.show_clip, c.clips, [*c.views, *fields, c.randomize, c.current, c.run_status, c.smooth,
-                                             c.strength], **UI)  # fmt: skip
+                                             c.strength, c.speed], **UI)  # fmt: skip
     # A file to start from, once uploaded: what of it will be used (or why it cannot be), before any job. Queued
     # (reading a file is work; and Gradio refuses a malformed file value there as an error, not an HTTP 500).
     reading = dict(show_progress="minimal", api_visibility="private", concurrency_limit=2,

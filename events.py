@@ -20,7 +20,7 @@ from clips import MAX_GALLERY, OUTPUT_TTL_S
 from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from jobs import Renderer, user_error
-from validation import FIELDS, FULL, MAX_PROMPT_CHARS, check_inputs
+from validation import FIELDS, FULL, MAX_PROMPT_CHARS, SPEEDS, check_inputs
 
 OPTIONAL_FIELDS = ("speed", "video", "strength", "smooth", "image")  # /generate's inputs after FIELDS
 CANCEL = "⏹ Cancel"
@@ -137,7 +137,8 @@ class PageEvents:
         # Said by the buttons (an unqueued event cannot show a toast): why there is no video, and what to do.
         note = (f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
                 "restored: Generate renders it again." if gallery_store.expired(clip) else "")  # fmt: skip
-        return *gallery_store.views(clip, self.full_steps), *inputs, False, clip, note, *kept_options(clip)
+        return (*gallery_store.views(clip, self.full_steps), *inputs, False, clip, note, *kept_options(clip),
+                speed_of(clip))  # fmt: skip
 
     def cancel(self, request: gr.Request):
         # Where the job stopped, once it has; the result shown is cleared (it is not what was asked for, and it
@@ -215,3 +216,9 @@ def kept_options(clip) -> tuple:
     s = clip["settings"]
     strength = s.get("strength")
     return s.get("smooth") is True, strength if isinstance(strength, float) else gr.skip()
+
+
+def speed_of(clip):
+    """The Speed a clip was made at (so Generate makes it again), where its step cache is one of the choices."""
+    cache = clip["settings"].get("step_cache")
+    return next((speed for speed, preset in SPEEDS.items() if preset == cache), gr.skip())

@@ -234,3 +234,15 @@ def test_limits_on_bytes_duration_pixels_frames_and_time(tmp_path, monkeypatch):
 def test_load_video_refuses_bad_arguments_before_reading(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_video(tmp_path / "missing.mp4", **{"height": 48, "width": 64, **kwargs})
+
+
+def test_frame_limits_are_exact_where_one_more_frame_would_reach_the_next_8n_plus_1(tmp_path, monkeypatch):
+    path = write_mp4(indexed_frames(90), tmp_path / "clip.mp4", fps=30)
+    for decoded, expected in ((60, 9), (61, 17)):  # frames 0..59 end at 2.0 s: ticks 0..15; one more: 0..16
+        monkeypatch.setattr(media, "MAX_DECODED_FRAMES", decoded)
+        assert [frame_index(f) for f in load_video(path, 48, 64)] == on_screen(expected, 30, 90)
+    held = tmp_path / "held.gif"  # frame 0 is on screen for 4 ticks at once, then one tick each
+    images = [Image.fromarray(frame) for frame in indexed_frames(5)]
+    images[0].save(held, save_all=True, append_images=images[1:], duration=[500, 100, 100, 100, 200], loop=0)
+    assert len(load_video(held, 48, 64, max_frames=9)) == 9
+    assert len(load_video(held, 48, 64, max_frames=8)) == 1  # 8 ticks, never a 9th: cut to 8N+1

@@ -61,10 +61,11 @@ def asked(update) -> dict:
 
 
 def a_clip(folder: Path, prompt: str = "a fox in the snow", seed: int = 5, steps: int = 2, **options) -> dict:
-    """A clip as a job saves it: MP4 and sidecar. options: smooth, strength (a video-to-video clip's)."""
+    """A clip as a job saves it: MP4 and sidecar. options: smooth, strength (a video-to-video clip's), step_cache."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"prompt": prompt, "negative_prompt": "", "seed": seed, "num_inference_steps": steps,
-                "guidance_scale": 6.0, "num_frames": 9, "fps": 8, "strength": options.get("strength")}  # fmt: skip
+                "guidance_scale": 6.0, "num_frames": 9, "fps": 8, "strength": options.get("strength"),
+                "step_cache": options.get("step_cache")}  # fmt: skip
     frames = np.random.default_rng(seed).integers(0, 256, (9, 64, 96, 3), dtype=np.uint8)
     result = SimpleNamespace(frames=frames, fps=8, settings=settings, timings={"total": 1.0})
     return clips.save_clip(result, folder, time.perf_counter(), smooth=options.get("smooth", False))
@@ -106,14 +107,24 @@ def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_
         note,
         smooth,
         strength,
+        speed,
     ) = shown
     assert views[1] == "1234" and (seed, randomize, current, note) == (1234, False, clip, "")
     assert (smooth, strength) == (False, SKIP)  # a text-to-video clip: Strength stays as it is
+    assert speed == "Full"  # made without the step cache: Generate makes it again
     assert event(demo, "final_inputs")(clip)[2:] == (1234, 50, 6.0, 9, False, False, SKIP)
     # A smooth draft made from a video: shown again or rendered in full, it keeps Smooth and its Strength.
     smoothed = a_clip(out, seed=99, smooth=True, strength=0.6)
     assert event(demo, "final_inputs")(smoothed)[2:] == (99, 50, 6.0, 9, False, True, 0.6)
-    assert event(demo, "show_clip")([clip, smoothed], gr.EventData(None, {"index": 1}))[-2:] == (True, 0.6)
+    assert event(demo, "show_clip")([clip, smoothed], gr.EventData(None, {"index": 1}))[-3:] == (
+        True,
+        0.6,
+        "Full",
+    )
+    # A clip made at Faster or Fastest restores that Speed; an API threshold that is no choice leaves Speed alone.
+    for cache, speed in (("quality", "Faster"), ("fast", "Fastest"), (0.3, SKIP)):
+        cached = a_clip(out, seed=7, step_cache=cache)
+        assert event(demo, "show_clip")([cached], gr.EventData(None, {"index": 0}))[-1] == speed
     assert event(demo, "show_clip")([clip], gr.EventData(None, {"index": 5})) == SKIP
     assert event(demo, "final_inputs")(None) == (SKIP,) * 9
     seed_used = next(c for c in demo.config["components"] if c["props"].get("elem_id") == "seed-used")

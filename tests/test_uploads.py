@@ -292,7 +292,12 @@ def test_uploads_are_swept_after_their_time_and_cut_off_parts_too(server):
     partial.write_bytes(b"\x00" * 10)
     now = time.time()
     assert uploads.sweep(demo, folder, max_age_s=60, now=now) == 0 and Path(path).exists()
-    os.utime(path, (now - 120, now - 120))
+    os.utime(path, (now - 59, now - 59))  # just within their times: both kept
+    os.utime(partial, (now - uploads.PARTIAL_AGE_S + 1,) * 2)
+    assert (
+        uploads.sweep(demo, folder, max_age_s=60, now=now) == 0 and Path(path).exists() and partial.exists()
+    )
+    os.utime(path, (now - 61, now - 61))
     os.utime(partial, (now - uploads.PARTIAL_AGE_S - 1,) * 2)
     assert uploads.sweep(demo, folder, max_age_s=60, now=now) == 2
     assert not Path(path).exists() and not Path(path).parent.exists() and not partial.exists()
@@ -309,8 +314,11 @@ def body(*parts: tuple[str, bytes]) -> bytes:
     return out + b"--XyZ--\r\n"
 
 
-async def through_guard(data: bytes, chunk: int) -> tuple[int, bytes]:
-    """POST `data` to the upload route through a Guard, `chunk` bytes a message; (status, what the app read)."""
+async def through_guard(
+    data: bytes, chunk: int, cap: int = 1 << 20, declared: bool = False
+) -> tuple[int, bytes]:
+    """POST `data` to the upload route through a Guard capped at `cap`, `chunk` bytes a message, with its
+    Content-Length if `declared` (else streamed, as a chunked body); (status, what the app read)."""
     seen, status = [], []
 
     async def app(scope, receive, send):
@@ -337,8 +345,9 @@ async def through_guard(data: bytes, chunk: int) -> tuple[int, bytes]:
             status.append(message["status"])
 
     headers = [(b"content-type", b"multipart/form-data; boundary=XyZ")]
+    headers += [(b"content-length", str(len(data)).encode())] if declared else []
     scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload", "headers": headers}
-    await Guard(app, max_upload_bytes=1 << 20)(scope, receive, send)
+    await Guard(app, max_upload_bytes=cap)(scope, receive, send)
     return status[0], b"".join(seen)
 
 
@@ -352,3 +361,13 @@ def test_the_guard_reads_every_part_however_the_body_is_cut(chunk):
     assert status == 403 and b"<script>" not in read  # the page's bytes never reached the app
     quoted = body(('form-data; name="files"; filename="x.mp4.html"', b"<script>"))
     assert asyncio.run(through_guard(quoted, chunk))[0] == 403
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_the_upload_cap_is_exact_whether_declared_or_streamed_in_pieces(declared):
+    cap, part = 1000, 'form-data; name="files"; filename="a.mp4"'
+    sized = {n: body((part, b"\x00" * (n - len(body((part, b"")))))) for n in (cap, cap + 1)}
+    for chunk in (cap + 1, 100):  # one message, or pieces each well within the cap: their sum counts
+        assert asyncio.run(through_guard(sized[cap], chunk, cap, declared)) == (200, sized[cap])
+        status, read = asyncio.run(through_guard(sized[cap + 1], chunk, cap, declared))
+        assert status == 413 and len(read) <= cap  # the app never read past the cap
