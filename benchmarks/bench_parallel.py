@@ -36,6 +36,7 @@ PROMPT = "A detailed wooden toy ship with carved masts glides over a plush blue 
 SIZES = {
     "tiny": (17, 80, 112),
     "small": (9, 128, 192),
+    "full": (49, 480, 720),  # the released 2B's shapes with random weights, for --device cuda
 }  # frames, height, width; tiny: 175 tokens, 2 and 3 uneven
 # Nominal per-direction bandwidth of one GPU's link (real all-to-alls reach less: these are lower bounds on time).
 LINKS = {"NVLink 4 (H100 SXM)": 450e9, "PCIe 5.0 x16": 64e9, "PCIe 4.0 x16": 32e9}
@@ -107,8 +108,8 @@ def write_checkpoint(path: str | Path, size: str = "tiny", style: str = "2b", he
     from cogvideox.testing import tiny_configs, write_tiny_checkpoint
     from cogvideox.transformer import CogVideoXTransformer
 
-    if size == "small":
-        return write_random_checkpoint(path, "small")
+    if size in ("small", "full"):  # full: a small T5 (the text encoder is not what is measured)
+        return write_random_checkpoint(path, size, small_t5=size == "full")
     scheduler = "CogVideoXDPMScheduler" if style == "5b" else "CogVideoXDDIMScheduler"
     path = write_tiny_checkpoint(path, style=style, scheduler=scheduler)
     config = dataclasses.replace(tiny_configs(style)[0], num_attention_heads=heads)
@@ -123,7 +124,9 @@ def write_checkpoint(path: str | Path, size: str = "tiny", style: str = "2b", he
     return path
 
 
-def worker(rank: int, world: int, port: int, jobs: list[dict], out: str, threads: int) -> None:
+def worker(
+    rank: int, world: int, port: int, jobs: list[dict], out: str, threads: int, device: str = "cpu"
+) -> None:
     """One rank: torchrun's environment on loopback, gloo, then each job: a `pipe(...)` call with `parallel`, or
     (`"forward": True`) one transformer call through the parallel wrappers against the plain transformer.
 
@@ -137,14 +140,14 @@ def worker(rank: int, world: int, port: int, jobs: list[dict], out: str, threads
     from cogvideox import CogVideoXPipeline
     from cogvideox.parallel import Parallel, init_from_torchrun
 
-    init_from_torchrun("cpu")
+    device = init_from_torchrun(device)  # cuda: NCCL, this rank on cuda:rank
     pipes = {}
     try:
         for job in jobs:
             try:
                 parallel = Parallel(job["cfg"], job["sp"])
                 if job["ckpt"] not in pipes:
-                    pipes[job["ckpt"]] = CogVideoXPipeline.from_pretrained(job["ckpt"], device="cpu")
+                    pipes[job["ckpt"]] = CogVideoXPipeline.from_pretrained(job["ckpt"], device=device)
                 run = forward_check if job.get("forward") else generate
                 record = run(pipes[job["ckpt"]], parallel, job["call"], Path(out) / f"{job['name']}.npy")
             except ValueError as e:
@@ -181,7 +184,9 @@ def forward_check(pipe, parallel, call: dict, frames_path: Path) -> dict:
     return {"max_abs_diff": (got - want).abs().max().item(), "max_abs": want.abs().max().item()}
 
 
-def launch(world: int, jobs: list[dict], out: str | Path, threads: int = 1) -> dict[str, list[dict]]:
+def launch(
+    world: int, jobs: list[dict], out: str | Path, threads: int = 1, device: str = "cpu"
+) -> dict[str, list[dict]]:
     """Runs `jobs` on `world` spawned processes (each job's cfg × sp = world); per job, each rank's record.
 
     The processes fork from a server that has imported the package once (forkserver, preloaded)."""
@@ -193,7 +198,7 @@ def launch(world: int, jobs: list[dict], out: str | Path, threads: int = 1) -> d
 
     # Not this module: when it runs as __main__, each process re-runs it as __mp_main__ and warns if preloaded.
     multiprocessing.set_forkserver_preload(["cogvideox.pipeline", "cogvideox.parallel"])
-    mp.start_processes(worker, args=(world, free_port(), jobs, str(out), threads), nprocs=world,
+    mp.start_processes(worker, args=(world, free_port(), jobs, str(out), threads, device), nprocs=world,
                        start_method="forkserver")  # fmt: skip
     return {j["name"]: [json.loads((Path(out) / f"{j['name']}.{r}.json").read_text()) for r in range(world)]
             for j in jobs}  # fmt: skip
@@ -206,6 +211,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--ckpt", default=None, help="checkpoint folder: written if missing, reused if present")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: one GPU per process (NCCL), the model's dtype (FP16 for 2B); with --size full",
+    )
     p.add_argument("--computed-only", action="store_true", help="print the released models' figures only")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -220,6 +231,7 @@ def measure(args, tmp: Path) -> tuple[str, list[dict]]:
     vae = VAEConfig.from_json(ckpt / "vae" / "config.json")
     call = dict(num_frames=frames, height=height, width=width, num_inference_steps=args.steps, seed=42)
     layouts = [tuple(int(x) for x in layout.split("x")) for layout in args.layouts.split(",")]
+    element = 4 if args.device == "cpu" else 2  # bytes per exchanged value: fp32 on CPU, FP16 (2B) on CUDA
     rows, records, reference = [], [], None
     # The importable module's launch, not __main__'s: the processes unpickle `worker` by its module's name.
     from benchmarks.bench_parallel import launch
@@ -227,7 +239,7 @@ def measure(args, tmp: Path) -> tuple[str, list[dict]]:
     for cfg, sp in layouts:
         name = f"{cfg}x{sp}"
         job = {"name": name, "ckpt": str(ckpt), "cfg": cfg, "sp": sp, "call": call}
-        ranks = launch(cfg * sp, [job], tmp, args.threads)[name]
+        ranks = launch(cfg * sp, [job], tmp, args.threads, args.device)[name]
         if "error" in ranks[0]:
             print(f"{name}: {ranks[0]['error']}", flush=True)
             continue
@@ -235,7 +247,7 @@ def measure(args, tmp: Path) -> tuple[str, list[dict]]:
         reference = video if reference is None else reference
         diff = int(np.abs(video.astype(int) - reference.astype(int)).max())
         counted = [r["bytes_per_step"] for r in ranks]
-        formula = [bytes_per_step(config, vae, (cfg, sp), (frames, height, width), 4, r)["total"]
+        formula = [bytes_per_step(config, vae, (cfg, sp), (frames, height, width), element, r)["total"]
                    for r in range(cfg * sp)]  # fmt: skip
         step = statistics.median(ranks[0]["step_s"])
         records.append({"layout": name, "step_s": ranks[0]["step_s"], "bytes_per_step": counted,
@@ -258,10 +270,14 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}; cogvideox/*.py sha256 {source_digest()}; load {os.getloadavg()[0]:.2f}")
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "digest": source_digest()}
     failed = False
+    if args.device == "cuda" and torch.cuda.device_count() == 0:
+        print("error: --device cuda: this machine has no CUDA device", file=sys.stderr)
+        return 2
     if not args.computed_only:
         with tempfile.TemporaryDirectory(prefix="cogvideox-bench-parallel-") as tmp:
             table, results["measured"] = measure(args, Path(tmp))
-        print(f"\nMEASURED (CPU, gloo, {args.size}, {args.steps} steps, fp32):\n{table}")
+        how = "CPU, gloo, fp32" if args.device == "cpu" else "CUDA, NCCL, the model's dtype"
+        print(f"\nMEASURED ({how}, {args.size}, {args.steps} steps):\n{table}")
         failed = any(r["bytes_per_step"] != r["formula_bytes_per_step"] or r["max_pixel_diff"] > 2
                      for r in results["measured"])  # fmt: skip
     table, results["computed"] = released_table()
