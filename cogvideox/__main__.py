@@ -64,24 +64,25 @@ def integer(low: int, high: int | None = None, multiple: int = 1):
     return parse
 
 
-def guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and 1 <= value <= MAX_GUIDANCE):
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_GUIDANCE:g}], got {text}")
-    return value
+def number(low: float, high: float, low_open: bool = False):
+    """A float in [low, high] ((low, high] with low_open), finite."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {text}"
+            )
+        return value
+
+    return parse
 
 
-def strength(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+guidance = number(1, MAX_GUIDANCE)
+strength = number(0, 1, low_open=True)
 
 
 def input_file(text: str) -> Path:
