@@ -7,13 +7,25 @@ What Gradio leaves open and a public Space or share link must not (issue 11):
 - request bodies of any size: capped (declared or streamed);
 - content sniffing: every response says `nosniff`;
 - password guessing: after a few failed logins from one address, that address must wait, longer each time.
+
+And what issue 19 found open:
+- routes the page does not use (Gradio's screen-recorder helper re-encodes whatever it is sent with ffmpeg, its
+  editor and proxy routes, ...): only the routes in `ROUTES` reach Gradio, every other one is a 404 here;
+- other sites: with a password on, a request another site's page sends with the visitor's cookie (a form post,
+  a credentialed fetch) is refused: Gradio's CORS lets any origin read a public app's answers;
+- forged proxy headers: X-Forwarded-For is read only from a trusted proxy, and only the hop it appended.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
+import os
+import re
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gradio_client.utils import strip_invalid_filename_characters
 from python_multipart.exceptions import MultipartParseError
@@ -27,6 +39,46 @@ INLINE_TYPES = (b"video/mp4", b"video/webm", b"image/gif", b"image/png", b"image
 UPLOAD_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif", ".png", ".jpg", ".jpeg", ".webp",
                    ".bmp")  # fmt: skip
 LOGIN_PATHS = ("/login", "/login/")
+
+# The routes the page and the documented API use (recorded from Chromium and gradio_client through a whole visit:
+# load, generate, upload, cancel, gallery, API page, login), as (methods, path pattern). Anything else Gradio
+# serves (process_recording, vibe-*, component_server, proxy=, stream/*, custom_component, monitoring, openapi,
+# file/, api/, run/<name>, token, user, deep_link, ...) is refused before Gradio sees it.
+_READ, _WRITE = ("GET", "HEAD"), ("POST",)
+ROUTES = [(methods, re.compile(pattern)) for methods, pattern in (
+    (_READ, r"/|/config/?|/(gradio_api/)?theme\.css|/favicon\.ico|/robots\.txt|/logout"),
+    (_READ, r"/(assets|static)/.+"),  # the page's own scripts, styles and fonts
+    (_READ, r"/gradio_api/(info/?|queue/data|upload_progress|startup-events|heartbeat/[^/]+)"),
+    (_READ, r"/gradio_api/file=.+"),  # our clips and a visitor's own uploads (Gradio checks the folder)
+    (_READ, r"/gradio_api/call/[\w-]+/[\w-]+"),  # the API page's curl: the result of a call
+    (_WRITE, r"/login/?|/gradio_api/(queue/join|cancel|reset/?|run/predict|upload)"),
+    (_WRITE, r"/gradio_api/call/(v2/)?[\w-]+/?"),  # the API page's curl: a call
+)]  # fmt: skip
+
+# Peers whose X-Forwarded-For is believed: this machine (a share link's tunnel, a local reverse proxy), and on a
+# Hugging Face Space its front end, which reaches the app from a private address. COGVIDEOX_TRUSTED_PROXIES (addresses
+# or networks, comma-separated) replaces the list; "none" trusts no one.
+LOCAL_PROXIES = "127.0.0.0/8,::1"
+SPACE_PROXIES = LOCAL_PROXIES + ",10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+
+def allowed_route(method: str, path: str) -> bool:
+    return any(method in methods and pattern.fullmatch(path) for methods, pattern in ROUTES)
+
+
+@functools.lru_cache(maxsize=8)
+def parse_networks(text: str) -> tuple:
+    """`10.0.0.0/8,127.0.0.1,...` -> networks; "none" or "" -> none; ValueError naming a bad entry."""
+    items = [item.strip() for item in text.split(",") if item.strip() and item.strip().lower() != "none"]
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+    except ValueError as e:
+        raise ValueError(f"COGVIDEOX_TRUSTED_PROXIES: {e}") from None
+
+
+def trusted_proxies() -> tuple:
+    default = SPACE_PROXIES if os.environ.get("SPACE_ID") else LOCAL_PROXIES
+    return parse_networks(os.environ.get("COGVIDEOX_TRUSTED_PROXIES", default))
 
 
 class LoginThrottle:
@@ -124,15 +176,27 @@ class Guard:
         max_body_bytes: int = 1 << 20,
         throttle: LoginThrottle | None = None,
         max_upload_bytes: int = 0,
+        auth: bool = False,
+        origins: list[str] | None = None,
     ):
+        """`auth`: a password protects the app, so requests from other sites are refused; `origins`: the hosts
+        (`host[:port]`) other than the request's own whose pages may use the app (a Space's, a share link's; the
+        list may grow after start-up)."""
         self.app, self.max_body_bytes, self.max_upload_bytes = app, max_body_bytes, max_upload_bytes
         self.throttle = throttle or LoginThrottle()
+        self.auth, self.origins = auth, origins if origins is not None else []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope.get("path", ""), scope.get("method", "GET")
+        root = scope.get("root_path", "")
+        path = path[len(root) :] or "/" if root and path.startswith(root) else path
         headers = dict(scope.get("headers") or [])
+        if not allowed_route(method, path):
+            return await _refuse(send, 404, "Not Found")
+        if self.auth and other_site(method, headers, self._own_hosts(scope, headers)):
+            return await _refuse(send, 403, "Requests from other sites are refused: open the app's own page.")
         upload = None
         if method == "POST" and path.rstrip("/").endswith(UPLOAD_PATHS):
             if not self.max_upload_bytes:
@@ -186,6 +250,27 @@ class Guard:
         if login and status:
             self.throttle.record(address, success=status == 200)
 
+    def _own_hosts(self, scope, headers: dict[bytes, bytes]) -> set[str]:
+        hosts = {headers.get(b"host", b"").decode("latin-1").lower(), *(o.lower() for o in self.origins)}
+        if _trusted((scope.get("client") or ("",))[0], trusted_proxies()):  # the host the visitor typed
+            hosts.update(
+                h.strip().lower() for h in headers.get(b"x-forwarded-host", b"").decode("latin-1").split(",")
+            )
+        return hosts - {""}
+
+
+def other_site(method: str, headers: dict[bytes, bytes], own_hosts: set[str]) -> bool:
+    """A request another site's page made: its Origin (sent with every form post and every cross-origin fetch) is
+    not one of ours, or, where a browser sent no Origin, Sec-Fetch-Site says so for a request that changes state.
+    Navigation (a link followed from a mail) and media elements are GETs without an Origin: let through."""
+    origin = headers.get(b"origin")
+    if origin is not None:  # "null" (a sandboxed frame, a local file) has no host: refused
+        return urlsplit(origin.decode("latin-1")).netloc.lower() not in own_hosts
+    return method not in _READ and headers.get(b"sec-fetch-site", b"").lower() in (
+        b"cross-site",
+        b"same-site",
+    )
+
 
 def _safe_headers(headers: list, file_route: bool) -> list:
     """`nosniff` on everything; a served file that is not a clip or an image is a download, never a page."""
@@ -200,13 +285,31 @@ def _safe_headers(headers: list, file_route: bool) -> list:
     return [*kept, (b"content-type", b"application/octet-stream"), (b"content-disposition", b"attachment")]
 
 
-def client_address(scope, headers: dict[bytes, bytes]) -> str:
-    """The visitor's address: the peer, or behind a local proxy (a share link's tunnel, a Space's front end)
-    the last X-Forwarded-For entry, the one that proxy added (earlier entries are the client's to invent)."""
-    peer = (scope.get("client") or ("unknown", 0))[0]
-    forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1").split(",")[-1].strip()
-    local = peer in ("127.0.0.1", "::1", "localhost") or peer.startswith(("10.", "192.168.", "172."))
-    return forwarded if forwarded and local else peer
+def client_address(scope, headers: dict[bytes, bytes], proxies: tuple | None = None) -> str:
+    """The visitor's address: the peer; or, where the peer is a trusted proxy, the X-Forwarded-For hop it appended
+    (walking back through proxies that are trusted too). Entries before that are the client's to invent."""
+    proxies = trusted_proxies() if proxies is None else proxies
+    address = (scope.get("client") or ("unknown", 0))[0]
+    hops = [hop.strip() for hop in headers.get(b"x-forwarded-for", b"").decode("latin-1").split(",")]
+    while hops and _trusted(address, proxies):
+        hop = hops.pop()
+        if _ip(hop) is None:  # garbled: the proxy itself is the last address known
+            break
+        address = hop
+    return address
+
+
+def _ip(text: str):
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def _trusted(address: str, proxies: tuple) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip.version == net.version and ip in net for net in proxies)
 
 
 async def _refuse(send, status: int, message: str, retry_after: float = 0) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from starlette.middleware import Middleware
 
 import uploads
-from guard import Guard
+from guard import Guard, parse_networks
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", 256 * 1024))  # a job's JSON is ~5 kB at most
@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
     try:
         args.auth = _credentials(args)
+        parse_networks(
+            env("COGVIDEOX_TRUSTED_PROXIES", "")
+        )  # a typo there is the operator's: say so at start
     except ValueError as e:
         p.error(str(e))
     if args.share and not args.auth and not args.insecure_share:
@@ -112,11 +115,25 @@ def gradio_cache_dir(output_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"cogvideox-gradio-{digest}"
 
 
+def page_origins() -> list[str]:
+    """Hosts besides the request's own whose pages may post to a password-protected app: the Space's own host
+    (SPACE_HOST, set by Hugging Face) and COGVIDEOX_ALLOWED_ORIGINS (`https://example.org,...`). A --share link's
+    host is added once the link exists (serve.start_server)."""
+    extra = [*os.environ.get("COGVIDEOX_ALLOWED_ORIGINS", "").split(","), os.environ.get("SPACE_HOST", "")]
+    return [item.strip().split("://")[-1].rstrip("/").lower() for item in extra if item.strip()]
+
+
+def guard_origins(options: dict) -> list[str]:
+    """The live list of other hosts the guard in `options` (launch_options' result) accepts."""
+    return next(m.kwargs["origins"] for m in options["app_kwargs"]["middleware"] if m.cls is Guard)
+
+
 def launch_options(args: argparse.Namespace, theme=None) -> dict:
     """demo.launch() keyword arguments: the hardened defaults plus what the command line asked for."""
     cap = uploads.MAX_UPLOAD_BYTES
     upload_body = cap and cap + (64 << 10)  # a file and its multipart headers
     caps = dict(max_body_bytes=MAX_REQUEST_BYTES, max_upload_bytes=upload_body)
+    caps.update(auth=bool(args.auth), origins=page_origins())
     return dict(
         server_name=args.host,
         server_port=args.port,

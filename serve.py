@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from urllib.parse import urlsplit
 
 if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
     # Hugging Face ZeroGPU: spaces patches torch as it is imported, so it must come before torch does.
@@ -18,7 +19,7 @@ from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import CogVideoXPipeline
 from events import pipelines
 from jobs import ZERO_GPU
-from launch import launch_options
+from launch import guard_origins, launch_options
 
 TINY_NOTICE = (
     "🎲 **tiny-random**: a tiny model with **random weights**. Its videos are noise; "
@@ -96,13 +97,16 @@ def start_server(demo: gr.Blocks, args: argparse.Namespace, theme) -> None:
     """Start the server without blocking; a port it cannot have is one line and exit 1."""
     # Gradio's own banner is off (quiet): it recommends `share=True` in code and GRADIO_SERVER_PORT, where this
     # app has --share --auth-file and --port. Our lines follow once the server is up.
+    options = launch_options(args, theme)
     try:
-        demo.launch(**launch_options(args, theme), quiet=True, prevent_thread_lock=True)
+        demo.launch(**options, quiet=True, prevent_thread_lock=True)
     except OSError:  # Gradio's "Cannot find empty port" (a busy port, or an address this machine lacks)
         raise SystemExit(
             f"error: cannot listen on {args.host}:{args.port}: the port is in use (or the address is not this "
             f"machine's); choose another with --port, e.g. --port {args.port + 1}"
         ) from None
+    if demo.share_url:  # the link's pages post to this app with their own origin
+        guard_origins(options).append(urlsplit(demo.share_url).netloc.lower())
 
 
 def serve_until_stopped(demo: gr.Blocks) -> None:

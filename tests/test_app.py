@@ -226,7 +226,7 @@ def test_only_the_output_folder_is_served(server, client, tmp_path):
 def test_launch_is_hardened(server):
     demo = server[0]
     assert demo.analytics_enabled is False
-    assert httpx.get(demo.local_url + "monitoring").status_code == 403
+    assert httpx.get(demo.local_url + "monitoring").status_code == 404  # closed by the guard (test_guard.py)
     small = {
         "files": ("page.html", b"<script>alert(1)</script>")
     }  # a video or an image only (test_uploads.py)

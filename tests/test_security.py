@@ -314,6 +314,10 @@ def test_password_guessing_against_the_real_server_is_answered_429(tmp_path):
         attacker.logins("alice", "s3cret")
         _name, tried, handled, why = attacker.rows[0]
         assert tried == handled == 3, why
+        attacker.other_sites("alice", "s3cret")  # issue 19: another site's page cannot use the cookie
+        attacker.closed_routes()
+        for name, tried, handled, why in attacker.rows[1:]:
+            assert tried == handled > 5, (name, why)
         assert httpx.get(url + "config").status_code == 401  # nothing without logging in
     finally:
         stop(proc)

@@ -126,6 +126,56 @@ class Attacker:
                 )
         self.record("path traversal (13 paths x 3 routes)", results)
 
+    def closed_routes(self) -> None:
+        """Routes Gradio opens that the page does not use (its screen-recorder helper runs ffmpeg on what it is
+        sent): refused before Gradio sees them, whatever the method or a trailing slash."""
+        routes = [("POST", "gradio_api/process_recording"), ("POST", "gradio_api/vibe-edit"),
+                  ("POST", "gradio_api/vibe-code"), ("GET", "gradio_api/vibe-code"),
+                  ("POST", "gradio_api/vibe-starter-queries"), ("POST", "gradio_api/component_server"),
+                  ("GET", "gradio_api/proxy=https://example.org/"), ("POST", "gradio_api/stream/x"),
+                  ("GET", "gradio_api/stream/s/0/c/playlist.m3u8"), ("GET", "gradio_api/custom_component/1/a/b/c"),
+                  ("GET", "gradio_api/dev/reload"), ("GET", "gradio_api/runs"), ("GET", "gradio_api/token"),
+                  ("GET", "gradio_api/user"), ("GET", "gradio_api/app_id"), ("GET", "gradio_api/deep_link"),
+                  ("GET", "gradio_api/openapi.json"), ("GET", "openapi.json"), ("GET", "monitoring"),
+                  ("GET", "monitoring/summary"), ("GET", "pwa_icon"), ("GET", "manifest.json"),
+                  ("GET", "svelte/x.js"), ("POST", "gradio_api/api/generate"), ("POST", "gradio_api/run/generate"),
+                  ("GET", "gradio_api/queue/status"), ("GET", "gradio_api/file/app.py"),
+                  ("POST", "gradio_api/process_recording/"), ("PUT", ""), ("DELETE", "config"),
+                  ("OPTIONS", "gradio_api/queue/join")]  # fmt: skip
+        results = []
+        for method, path in routes:
+            files = {"video": ("r.mp4", b"\x00" * 64, "video/mp4")} if "recording" in path else None
+            start = time.monotonic()
+            r = self.http.request(method, self.url + path, files=files)
+            ok = r.status_code == 404 and time.monotonic() - start < 5
+            results.append((ok, f"{method} /{path}: {r.status_code}"))
+        self.record(f"routes the page does not use ({len(routes)})", results)
+
+    def other_sites(self, user: str, password: str) -> None:
+        """With a password: another site's page using the visitor's cookie (a login, an upload, a job, a read) is
+        refused; the app's own page is not."""
+        own = {"origin": self.url.rstrip("/")}
+        login = {"username": user, "password": password}
+        results = []
+        for name, headers in (("evil origin", {"origin": "https://evil.example"}), ("null origin", {"origin": "null"}),
+                              ("cross-site fetch", {"sec-fetch-site": "cross-site"})):  # fmt: skip
+            with httpx.Client(timeout=30) as http:  # a fresh browser: no cookie unless the login is taken
+                r = http.post(self.url + "login", data=login, headers=headers)
+                results.append((r.status_code == 403 and not http.cookies, f"login, {name}: {r.status_code}"))
+            upload = {"files": {"files": ("a.mp4", b"\x00" * 64, "video/mp4")}, "headers": headers}
+            r = self.http.post(self.url + "gradio_api/upload", **upload)
+            results.append((r.status_code == 403, f"upload, {name}: {r.status_code}"))
+            join = _json({"data": [], "fn_index": self.generate_index(), "session_hash": "s"})
+            r = self.http.post(self.url + "gradio_api/queue/join", content=join, headers={**JSON, **headers})
+            results.append((r.status_code == 403, f"queue join, {name}: {r.status_code}"))
+        r = self.http.get(self.url + "config", headers={"origin": "https://evil.example"})
+        results.append(
+            (r.status_code == 403, f"credentialed read of /config from another site: {r.status_code}")
+        )
+        r = self.http.get(self.url + "config", headers=own)
+        results.append((r.status_code == 200, f"/config from the app's own page: {r.status_code}"))
+        self.record("requests from other sites (with a password)", results)
+
     def served_headers(self, clip_url: str | None) -> None:
         """What we do serve: nosniff everywhere; only clips and images inline."""
         results = []
@@ -246,6 +296,8 @@ def main(argv=None) -> int:
     attacker = Attacker(args.url)
     if args.auth:  # first: the right password then logs this client in for the rest
         attacker.logins(*args.auth.split(":", 1))
+        attacker.other_sites(*args.auth.split(":", 1))
+    attacker.closed_routes()
     attacker.uploads(10 if args.quick else 60)
     attacker.traversal()
     attacker.served_headers(args.clip_url)
