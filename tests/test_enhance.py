@@ -3,6 +3,7 @@ chat model drives the local one, and a tiny sentencepiece T5 tokenizer counts to
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import socket
@@ -18,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import pairwise
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import sentencepiece as spm
 import torch
@@ -743,3 +745,51 @@ def test_local_backend_end_to_end(tiny_chat_model, count_tokens, monkeypatch):
 
     again = enhancer.enhance("a cat on a roof")  # after release: moved back, not loaded again
     assert again.text and backend.model is model and loads == [str(tiny_chat_model)]
+
+
+# --- what the page shows of an endpoint's failure ------------------------------------------------------------
+
+HOSTILE = 'quota <a href="https://evil.example/">renew here</a> <img src=x onerror="alert(1)">'
+
+
+def enhance_in_the_page(enhancer: PromptEnhancer, tmp_path: Path) -> gr.Error:
+    """The enhance button's handler, as Gradio calls it; the gr.Error it raises."""
+    from events import PageEvents
+
+    events = PageEvents([], None, enhancer, tmp_path, "", 50)
+    with pytest.raises(gr.Error) as raised:
+        events.enhance("a fox")
+    return raised.value
+
+
+def test_an_endpoints_error_text_is_shown_as_text_not_html(server, count_tokens, tmp_path):
+    # Gradio renders a gr.Error's message as HTML: the endpoint's words must not become a link or an image.
+    server.replies = [error(400, HOSTILE)]
+    shown = enhance_in_the_page(endpoint_enhancer(server, count_tokens), tmp_path)
+    assert shown.title == "Enhance failed" and "<" not in shown.message and ">" not in shown.message
+    host = server.url.removeprefix("http://").removesuffix("/v1")
+    assert html.unescape(shown.message) == f"{host} answered HTTP 400: {HOSTILE} (waited 0 s)"
+
+
+@pytest.mark.parametrize(
+    "parts", [[{"type": "text", "text": 42}], [{"type": "text", "text": "A fox."}, {"text": None}]]
+)
+def test_content_parts_that_are_not_text_are_our_error(server, count_tokens, tmp_path, parts):
+    server.replies = [(200, {"choices": [{"message": {"role": "assistant", "content": parts}}]}, 0.0)]
+    with pytest.raises(EnhanceError, match="sent an unexpected answer"):
+        endpoint_enhancer(server, count_tokens).enhance("a fox")
+    server.replies = [(200, {"choices": [{"message": {"role": "assistant", "content": parts}}]}, 0.0)]
+    shown = enhance_in_the_page(endpoint_enhancer(server, count_tokens), tmp_path)
+    assert shown.title == "Enhance failed" and "sent an unexpected answer" in shown.message
+
+
+def test_any_other_enhancer_failure_is_our_message(count_tokens, tmp_path):
+    class Broken:
+        name = "broken"
+
+        def chat(self, messages):
+            raise RuntimeError("Low-level CUDA init (`torch._C._cuda_init`) reached. <b>Check</b>")
+
+    shown = enhance_in_the_page(PromptEnhancer(Broken(), count_tokens), tmp_path)
+    assert shown.title == "Enhance failed" and shown.message.startswith("The prompt enhancer failed (")
+    assert "&lt;b&gt;Check&lt;/b&gt;" in shown.message
