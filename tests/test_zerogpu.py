@@ -173,9 +173,8 @@ def test_a_local_prompt_model_enhances_where_zero_gpu_allows(space):
     # spaces makes torch.cuda.is_available() true in the main process, whose handler threads cannot use CUDA (the
     # real CUDA init is refused there): the local model runs on the CPU.
     client = Client(space[0], verbose=False)
-    rewrite = client.predict("a fox in the snow", api_name="/enhance")
-    assert isinstance(rewrite, str) and rewrite.strip() and "\n" not in rewrite
-    assert "failed" not in rewrite and "Traceback" not in (space[2] / "server.log").read_text()
+    rewrite = client.predict("a fox in the snow", api_name="/enhance")  # an AppError if the model failed
+    assert isinstance(rewrite, str) and rewrite.strip() and "\n" not in rewrite  # random weights: gibberish
 
 
 def test_start_up_loads_the_weights_to_emulated_cuda_in_the_main_thread(device_api, tmp_path):
