@@ -134,6 +134,8 @@ def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
     compiled = sections["compile"]
     assert compiled["backend"] == "eager" and [len(r["shape"]) for r in compiled["shapes"]] == [4] * 4
     assert compiled["verdict"] == "pass" and compiled["unique_graphs"] >= 1
+    assert compiled["attention_kernel"] == "FLASH_ATTENTION"  # the pipeline's pick on a CPU, for every size
+    assert set(compiled["attention_kernels"].values()) == {"FLASH_ATTENTION"}
     assert pinned["weight_bytes"] > 0 and pinned["generation"]["frames_shape"] == [1, 64, 96, 3]
     md = out.with_suffix(".md").read_text()
     assert "| section | status | verdict | seconds | result |" in md
@@ -175,6 +177,34 @@ def test_gpu_check_records_a_failing_or_hung_section_and_runs_the_next(tmp_path,
     assert sections["offload"]["error"] == "SectionTimeout" and sections["offload"]["seconds"] < 5
     assert sections["attention"]["status"] == "ok"
     assert "| decode_oom | error | n/a |" in (tmp_path / "g.md").read_text()
+
+
+def test_gpu_check_compiles_and_runs_under_the_pipelines_kernel_pick(tmp_path, monkeypatch):
+    # A pick no CPU kernel serves (cuDNN): the compiled blocks, traced and run under the pipeline's pick, fail with
+    # it; run beside the pick (the pipeline's default kernel choice), they would pass.
+    from torch.nn.attention import SDPBackend
+
+    from benchmarks import gpu_check, gpu_sections
+    from cogvideox import pipeline
+
+    picks = []
+    monkeypatch.setattr(
+        pipeline, "fastest_sdpa_backend", lambda *a: picks.append(a) or SDPBackend.CUDNN_ATTENTION
+    )
+    argv = ["--device", "cpu", "--compile-shapes", "2", "--out", str(tmp_path / "g.json")]
+    run = gpu_check.Run(gpu_check.parse_args(argv))
+    try:
+        out = gpu_sections.check_compile(run)
+    finally:
+        run.cleanup()
+    assert (
+        len(picks) == 1 and out["attention_kernel"] == "CUDNN_ATTENTION"
+    )  # picked once: the first pick stands
+    refused = "No viable backend for scaled_dot_product_attention"
+    assert refused in out["eager_error"]
+    assert [len(r["shape"]) for r in out["shapes"]] == [4] * 3
+    assert all(refused in r["error_detail"] for r in out["shapes"]), out["shapes"]
+    assert out["verdict"] == "fail"
 
 
 def test_gpu_check_reads_whatever_the_kernel_picker_returns():
