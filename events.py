@@ -9,6 +9,7 @@ keeps (its gallery and prompt, gr.BrowserState) is checked entry by entry (clips
 from __future__ import annotations
 
 import contextlib
+import html
 import secrets
 from pathlib import Path
 
@@ -187,13 +188,18 @@ class PageEvents:
             raise user_error(enhancer.unavailable_reason if enhancer else "No prompt enhancer is configured.")
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             raise user_error(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters")
+        # Gradio renders a gr.Error's message as HTML (links and images survive its sanitiser), and these messages
+        # carry what an endpoint sent: escaped, they show as the text they are.
         try:
             with self.enhance_lock():
                 result = enhancer.enhance(prompt)
         except EnhanceError as e:
-            raise user_error(f"{e} (waited {e.elapsed_s:.0f} s)", title="Enhance failed") from e
+            raise user_error(html.escape(f"{e} (waited {e.elapsed_s:.0f} s)"), title="Enhance failed") from e
         except ValueError as e:
-            raise user_error(str(e), title="Enhance failed") from e
+            raise user_error(html.escape(str(e)), title="Enhance failed") from e
+        except Exception as e:  # a bug, or a backend failing its own way: our words (its traceback is logged)
+            said = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise gr.Error(html.escape(f"The prompt enhancer failed ({said})"), title="Enhance failed") from e
         return result.text, result
 
     def show_enhanced(self, result):

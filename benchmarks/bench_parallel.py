@@ -11,6 +11,10 @@ Computed part (no run): bytes per step per rank for CogVideoX-2B / -5B at 49 x 4
 tokens) and what they take at nominal link bandwidths, against an assumed compute time per step.
 
     python -m benchmarks.bench_parallel --size small --layouts 1x1,2x1,1x2,2x2 --steps 4 --out parallel.json
+
+With --device cuda each process takes a GPU: the default layouts shrink to those the GPUs hold (a note says which
+were left out), a layout named in --layouts that needs more GPUs is an error before any process starts. --out is
+written after each layout, so one that crashes keeps the figures before it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +182,12 @@ def forward_check(pipe, parallel, call: dict, frames_path: Path) -> dict:
     frames = (call["num_frames"] - 1) // int(v.temporal_compression_ratio) + 1
     latents = torch.randn(2, frames, c.in_channels, call["height"] // s, call["width"] // s, generator=g)
     embeds = torch.randn(2, c.max_text_seq_length, c.text_embed_dim, generator=g)
-    timestep = torch.tensor([500, 500])
+    # Drawn on the CPU (the same numbers anywhere), then where and as the model runs: cuda:rank, FP16 for 2B.
+    latents, embeds = (x.to(pipe.device, pipe.dtype) for x in (latents, embeds))
+    timestep = torch.tensor([500, 500], device=pipe.device)
     with torch.inference_mode():
-        want = pipe.transformer(latents, embeds, timestep)
-        got = parallel.split_cfg(parallel.shard(pipe.transformer))(latents, embeds, timestep)
+        want = pipe.transformer(latents, embeds, timestep).float()
+        got = parallel.split_cfg(parallel.shard(pipe.transformer))(latents, embeds, timestep).float()
     return {"max_abs_diff": (got - want).abs().max().item(), "max_abs": want.abs().max().item()}
 
 
@@ -204,10 +211,27 @@ def launch(
             for j in jobs}  # fmt: skip
 
 
+DEFAULT_LAYOUTS = "1x1,2x1,1x2,2x2"
+
+
+def layout_list(text: str) -> list[tuple[int, int]]:
+    """CFG x SP per run: "1x1,2x1" is [(1, 1), (2, 1)]."""
+    try:
+        layouts = [tuple(int(x) for x in layout.split("x")) for layout in text.split(",")]
+    except ValueError:
+        layouts = []
+    if not layouts or any(len(pair) != 2 or min(pair) < 1 for pair in layouts):
+        raise argparse.ArgumentTypeError(
+            f"layouts are CFGxSP, comma-separated (like {DEFAULT_LAYOUTS}), got {text!r}"
+        )
+    return layouts
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=tuple(SIZES), default="small")
-    p.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="CFGxSP per run, comma-separated")
+    p.add_argument("--layouts", type=layout_list, default=None,
+                   help=f"CFGxSP per run, comma-separated (default {DEFAULT_LAYOUTS}: on CUDA, those the GPUs hold)")  # fmt: skip
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--ckpt", default=None, help="checkpoint folder: written if missing, reused if present")
@@ -222,7 +246,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure(args, tmp: Path) -> tuple[str, list[dict]]:
+def measure(args, tmp: Path, save: Callable[[list[dict]], None]) -> tuple[str, list[dict]]:
+    """Each layout in its own group of processes; `save(records)` after each, so a later layout's crash (or a
+    Ctrl-C) keeps what the earlier ones measured."""
     frames, height, width = SIZES[args.size]
     ckpt = Path(args.ckpt) if args.ckpt else tmp / "ckpt"
     if not (ckpt / "model_index.json").is_file():
@@ -230,18 +256,22 @@ def measure(args, tmp: Path) -> tuple[str, list[dict]]:
     config = TransformerConfig.from_json(ckpt / "transformer" / "config.json")
     vae = VAEConfig.from_json(ckpt / "vae" / "config.json")
     call = dict(num_frames=frames, height=height, width=width, num_inference_steps=args.steps, seed=42)
-    layouts = [tuple(int(x) for x in layout.split("x")) for layout in args.layouts.split(",")]
     element = 4 if args.device == "cpu" else 2  # bytes per exchanged value: fp32 on CPU, FP16 (2B) on CUDA
     rows, records, reference = [], [], None
     # The importable module's launch, not __main__'s: the processes unpickle `worker` by its module's name.
     from benchmarks.bench_parallel import launch
 
-    for cfg, sp in layouts:
+    for cfg, sp in args.layouts:
         name = f"{cfg}x{sp}"
         job = {"name": name, "ckpt": str(ckpt), "cfg": cfg, "sp": sp, "call": call}
-        ranks = launch(cfg * sp, [job], tmp, args.threads, args.device)[name]
+        try:
+            ranks = launch(cfg * sp, [job], tmp, args.threads, args.device)[name]
+        except Exception as e:  # a rank died (out of memory, a lost GPU): recorded, and the next layout runs
+            ranks = [{"error": " ".join(f"{type(e).__name__}: {e}".split())[:500], "crashed": True}]
         if "error" in ranks[0]:
             print(f"{name}: {ranks[0]['error']}", flush=True)
+            records.append({"layout": name, **ranks[0]})
+            save(records)
             continue
         video = np.load(tmp / f"{name}.npy")
         reference = video if reference is None else reference
@@ -252,6 +282,7 @@ def measure(args, tmp: Path) -> tuple[str, list[dict]]:
         step = statistics.median(ranks[0]["step_s"])
         records.append({"layout": name, "step_s": ranks[0]["step_s"], "bytes_per_step": counted,
                         "formula_bytes_per_step": formula, "max_pixel_diff": diff})  # fmt: skip
+        save(records)
         rows.append([name, cfg * sp, step, f"{max(counted) / 1e6:.3f}", f"{max(formula) / 1e6:.3f}", diff])
         print(
             f"{name}: {step:.3f} s/step, {max(counted) / 1e6:.3f} MB/step, max pixel diff {diff}", flush=True
@@ -265,6 +296,24 @@ def measure(args, tmp: Path) -> tuple[str, list[dict]]:
     return markdown_table(headers, rows), records
 
 
+def fit_to_gpus(args) -> str | None:
+    """On CUDA, one GPU per process: the default layouts shrink to those this machine holds (said on stderr); a
+    layout asked for that needs more GPUs is an error (returned), before any process starts."""
+    if args.device != "cuda":
+        return None
+    gpus = torch.cuda.device_count()
+    if args.layouts is not None:
+        if too_big := [f"{c}x{s} needs {c * s}" for c, s in args.layouts if c * s > gpus]:
+            return f"--layouts {', '.join(too_big)} GPUs; this machine has {gpus}"
+        return None
+    args.layouts = [(c, s) for c, s in layout_list(DEFAULT_LAYOUTS) if c * s <= gpus]
+    if left := [f"{c}x{s}" for c, s in layout_list(DEFAULT_LAYOUTS) if c * s > gpus]:
+        print(
+            f"note: {gpus} GPU(s) here: layouts {', '.join(left)} need more and are not run", file=sys.stderr
+        )
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"machine: {machine()}; cogvideox/*.py sha256 {source_digest()}; load {os.getloadavg()[0]:.2f}")
@@ -273,18 +322,28 @@ def main(argv=None) -> int:
     if args.device == "cuda" and torch.cuda.device_count() == 0:
         print("error: --device cuda: this machine has no CUDA device", file=sys.stderr)
         return 2
+    if problem := fit_to_gpus(args):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    args.layouts = args.layouts or layout_list(DEFAULT_LAYOUTS)
+
+    def save(measured: list[dict] | None = None) -> None:
+        if measured is not None:
+            results["measured"] = measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+
     if not args.computed_only:
         with tempfile.TemporaryDirectory(prefix="cogvideox-bench-parallel-") as tmp:
-            table, results["measured"] = measure(args, Path(tmp))
+            table, results["measured"] = measure(args, Path(tmp), save)
         how = "CPU, gloo, fp32" if args.device == "cpu" else "CUDA, NCCL, the model's dtype"
         print(f"\nMEASURED ({how}, {args.size}, {args.steps} steps):\n{table}")
-        failed = any(r["bytes_per_step"] != r["formula_bytes_per_step"] or r["max_pixel_diff"] > 2
+        failed = any("error" in r or r["bytes_per_step"] != r["formula_bytes_per_step"] or r["max_pixel_diff"] > 2
                      for r in results["measured"])  # fmt: skip
     table, results["computed"] = released_table()
     print(f"\nCOMPUTED, not measured: released models, 49x480x720, CFG on, 16-bit activations; compute assumes "
           f"{UTILISATION:.0%} of {PEAK_FLOPS / 1e12:.0f} TFLOP/s per GPU; links at nominal bandwidth:\n{table}")  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    save()
     return 1 if failed else 0
 
 

@@ -269,12 +269,15 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--smooth needs 9 frames or more: it adds frames between the generated ones")
     if args.smooth and min(size) < MIN_INTERPOLATE_SIZE:
         raise ValueError(f"--smooth needs --height and --width of at least {MIN_INTERPOLATE_SIZE}")
-    parallel = None
-    if args.parallel:  # the degrees checked against the model first, then the process group starts
+    parallel, load_s = None, None
+    if args.parallel:  # the degrees checked against the model first, then the process group, then the weights
         from .parallel import start_from_torchrun
 
+        t = time.perf_counter()
         parallel = start_from_torchrun(args.parallel, pipe, kwargs["num_frames"], kwargs["height"],
-                                       kwargs["width"], kwargs["guidance_scale"])  # fmt: skip
+                                       kwargs["width"], kwargs["guidance_scale"],
+                                       on_load=lambda: print("loading model...", file=sys.stderr, flush=True))  # fmt: skip
+        load_s = time.perf_counter() - t  # every rank's load, before the first collective of the run
     if args.model == TINY_RANDOM:
         print(f"note: {TINY_RANDOM} has random weights, so its video is noise ({d['width']}x{d['height']}, "
               f"at most {pipe.max_frames} frames; kept in {model})", file=sys.stderr)  # fmt: skip
@@ -304,6 +307,8 @@ def generate(args: argparse.Namespace) -> int:
     if result.frames is None:  # a parallel run's other ranks: rank 0 decodes and writes
         return 0
     frames, fps, timings = result.frames, result.fps, dict(result.timings)
+    if load_s is not None:
+        timings["load"] = load_s
     if args.smooth:
         stage("smoothing")
         try:

@@ -179,8 +179,12 @@ class EndpointBackend:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise EnhanceError(f"{self.host} sent an unexpected answer: {raw[:200]!r}") from e
-        if isinstance(content, list):  # some servers send content parts
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        # Some servers send content parts; one whose text is not a string (a number) is a broken answer.
+        if isinstance(content, list):
+            texts = [part.get("text", "") for part in content if isinstance(part, dict)]
+            if not all(isinstance(text, str) for text in texts):
+                raise EnhanceError(f"{self.host} sent an unexpected answer: {raw[:200]!r}")
+            content = "".join(texts)
         if not isinstance(content, str):
             raise EnhanceError(f"{self.host} sent no text (the model may have refused)")
         return content

@@ -13,6 +13,7 @@ its own caller.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -42,7 +43,10 @@ from .endpoint import (
 )
 from .endpoint import MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES
 from .endpoint import REASONING_TOKENS as REASONING_TOKENS
+from .offload import is_out_of_memory
 from .text import is_invisible
+
+logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 226  # T5 tokens the transformer sees, </s> included
 # Small enough to sit beside the video model for a moment, multilingual, and good at following format rules.
@@ -248,8 +252,9 @@ class LocalBackend:
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_id, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=dtype, **kwargs)
-        except (OSError, ValueError) as e:
-            raise EnhanceError(f"could not load the local prompt model {self.model_id}: {e}") from e
+        except Exception as e:  # a missing or damaged file, an unknown architecture
+            said = " ".join(str(e).split())[:300]
+            raise EnhanceError(f"could not load the local prompt model {self.model_id}: {said}") from e
         if not tokenizer.chat_template:
             raise EnhanceError(f"{self.model_id} has no chat template; use an instruct (chat) model")
         self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
@@ -259,6 +264,7 @@ class LocalBackend:
         with self._lock:
             if self.model is None:
                 self._load()
+            out_of_memory = False
             try:
                 self.model.to(self.device)
                 inputs = self.tokenizer.apply_chat_template(
@@ -271,9 +277,16 @@ class LocalBackend:
                     temperature=None,
                     top_p=None,
                 )
-            except torch.OutOfMemoryError as e:
+            except Exception as e:
+                # A CUDA error or a broken model is one line for the user; the log gets the traceback.
+                if not is_out_of_memory(e):
+                    logger.exception("the local prompt model %s failed", self.model_id)
+                    said = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                    raise EnhanceError(f"the local prompt model {self.model_id} failed ({said})") from e
+                out_of_memory = True
+            if out_of_memory:  # freed outside the except block, whose traceback holds the step's tensors
                 self.model.to("cpu")
-                raise EnhanceError(f"not enough GPU memory to run {self.model_id}") from e
+                raise EnhanceError(f"not enough GPU memory to run {self.model_id}")
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
 
@@ -281,7 +294,7 @@ class LocalBackend:
         with self._lock:
             if self.model is not None:
                 self.model.to("cpu")
-        if torch.cuda.is_available():
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
 
@@ -383,7 +396,11 @@ class PromptEnhancer:
         local_model = env.get("PROMPT_ENHANCER_LOCAL_MODEL", "").strip()
         cache_dir = _hub_cache(env)
         if local_weights_available(local_model or DEFAULT_LOCAL_MODEL, cache_dir):
-            return cls(LocalBackend(local_model or DEFAULT_LOCAL_MODEL, cache_dir), count_tokens, max_tokens)
+            # On ZeroGPU CUDA exists only inside a spaces.GPU function, yet torch.cuda.is_available() is true in
+            # every thread of the main process: an enhance request (a handler thread) would reach CUDA's init.
+            device = "cpu" if env.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true") else None
+            backend = LocalBackend(local_model or DEFAULT_LOCAL_MODEL, cache_dir, device=device)
+            return cls(backend, count_tokens, max_tokens)
         reason = _unavailable_reason(local_model or DEFAULT_LOCAL_MODEL, explicit=bool(local_model))
         return cls(None, count_tokens, max_tokens, unavailable_reason=reason)
 

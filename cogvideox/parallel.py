@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -38,6 +39,11 @@ from torch import Tensor
 
 from .config import TransformerConfig, VAEConfig
 from .layers import Attention
+
+# How long a rank that has loaded the weights waits for the others to load theirs (a cold disk, a slow mount). The
+# wait is a gloo collective with this timeout, not an NCCL one: NCCL's watchdog ends a collective that some rank
+# reaches more than 10 minutes after the others.
+LOAD_WAIT_S = float(os.environ.get("COGVIDEOX_LOAD_WAIT_S", 24 * 3600))
 
 
 def degrees(modes: str, world_size: int, cfg_on: bool) -> tuple[int, int]:
@@ -341,12 +347,11 @@ def init_from_torchrun(device: str | torch.device | None = None) -> torch.device
     return device
 
 
-def start_from_torchrun(
-    modes: str, pipe, num_frames: int, height: int, width: int, guidance_scale: float
-) -> Parallel:
+def start_from_torchrun(modes: str, pipe, num_frames: int, height: int, width: int, guidance_scale: float,
+                        on_load: Callable[[], None] | None = None) -> Parallel:  # fmt: skip
     """The command line's path: the degrees from torchrun's WORLD_SIZE, checked against `pipe`'s model at this size
-    before anything starts (ValueError), then the process group (on `pipe.device`) and the layout. The group is
-    destroyed at exit."""
+    before anything starts (ValueError), then the process group (on `pipe.device`), the layout, and the weights
+    on every rank (`load_on_every_rank`; `on_load()` first). The group is destroyed at exit."""
     torchrun_device(pipe.device.type)  # outside torchrun: say so first
     cfg_on = guidance_scale > 1
     cfg, sp = degrees(modes, int(os.environ["WORLD_SIZE"]), cfg_on)
@@ -354,4 +359,30 @@ def start_from_torchrun(
     check_degrees(pipe.transformer_config, cfg, sp, cfg_on, tokens, pipe.compile)
     init_from_torchrun(pipe.device.type)
     atexit.register(dist.destroy_process_group)
-    return Parallel(cfg, sp)
+    parallel = Parallel(cfg, sp)
+    if on_load is not None:
+        on_load()
+    load_on_every_rank(pipe)
+    return parallel
+
+
+def load_on_every_rank(pipe) -> None:
+    """Each rank loads `pipe`'s weights (if it has not), then all agree that they did, over a gloo group of their
+    own that waits up to LOAD_WAIT_S: so the first collective of the default group (NCCL on GPUs, with its
+    10-minute watchdog) finds every rank loaded and ready. A rank that could not load raises its own error; the
+    others a RuntimeError naming it."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=LOAD_WAIT_S))
+    error = None
+    if not pipe.loaded:
+        try:
+            pipe.load()
+        except Exception as e:  # no collective has started: every rank hears of it below
+            error = e
+    said = None if error is None else " ".join(f"{type(error).__name__}: {error}".split())
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, said, group=group)
+    dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if failed := next(((rank, e) for rank, e in enumerate(errors) if e is not None), None):
+        raise RuntimeError(f"process {failed[0]} of {len(errors)} could not load the model: {failed[1]}")

@@ -134,6 +134,8 @@ def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
     compiled = sections["compile"]
     assert compiled["backend"] == "eager" and [len(r["shape"]) for r in compiled["shapes"]] == [4] * 4
     assert compiled["verdict"] == "pass" and compiled["unique_graphs"] >= 1
+    assert compiled["attention_kernel"] == "FLASH_ATTENTION"  # the pipeline's pick on a CPU, for every size
+    assert set(compiled["attention_kernels"].values()) == {"FLASH_ATTENTION"}
     assert pinned["weight_bytes"] > 0 and pinned["generation"]["frames_shape"] == [1, 64, 96, 3]
     md = out.with_suffix(".md").read_text()
     assert "| section | status | verdict | seconds | result |" in md
@@ -177,6 +179,34 @@ def test_gpu_check_records_a_failing_or_hung_section_and_runs_the_next(tmp_path,
     assert "| decode_oom | error | n/a |" in (tmp_path / "g.md").read_text()
 
 
+def test_gpu_check_compiles_and_runs_under_the_pipelines_kernel_pick(tmp_path, monkeypatch):
+    # A pick no CPU kernel serves (cuDNN): the compiled blocks, traced and run under the pipeline's pick, fail with
+    # it; run beside the pick (the pipeline's default kernel choice), they would pass.
+    from torch.nn.attention import SDPBackend
+
+    from benchmarks import gpu_check, gpu_sections
+    from cogvideox import pipeline
+
+    picks = []
+    monkeypatch.setattr(
+        pipeline, "fastest_sdpa_backend", lambda *a: picks.append(a) or SDPBackend.CUDNN_ATTENTION
+    )
+    argv = ["--device", "cpu", "--compile-shapes", "2", "--out", str(tmp_path / "g.json")]
+    run = gpu_check.Run(gpu_check.parse_args(argv))
+    try:
+        out = gpu_sections.check_compile(run)
+    finally:
+        run.cleanup()
+    assert (
+        len(picks) == 1 and out["attention_kernel"] == "CUDNN_ATTENTION"
+    )  # picked once: the first pick stands
+    refused = "No viable backend for scaled_dot_product_attention"
+    assert refused in out["eager_error"]
+    assert [len(r["shape"]) for r in out["shapes"]] == [4] * 3
+    assert all(refused in r["error_detail"] for r in out["shapes"]), out["shapes"]
+    assert out["verdict"] == "fail"
+
+
 def test_gpu_check_reads_whatever_the_kernel_picker_returns():
     from benchmarks.gpu_check import call_picker
 
@@ -193,3 +223,102 @@ def test_gpu_check_reads_whatever_the_kernel_picker_returns():
     assert call_picker(plain, (1,), None, None) == ("FLASH", None)
     assert call_picker(pair, (1,), None, None) == ("CUDNN", {"CUDNN": 1.0})
     assert call_picker(filling, (1,), None, None) == ("EFFICIENT", {"EFFICIENT": 2.0})
+
+
+# -- bench_parallel's driver (no process launched: `launch` is recorded) ------------------------------------------
+
+
+def fake_launch(calls, out_file=None):
+    """bench_parallel.launch, recorded: the layout's world size, and what --out held when it started; 2-process
+    layouts crash as a rank on a missing GPU does."""
+    import numpy as np
+
+    def launch(world, jobs, out, threads=1, device="cpu"):
+        calls.append(
+            {"world": world, "device": device, "saved": out_file.read_text() if out_file.exists() else None}
+        )
+        if world > 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        np.save(Path(out) / f"{jobs[0]['name']}.npy", np.zeros((1, 2, 2, 3), np.uint8))
+        return {jobs[0]["name"]: [{"step_s": [0.5], "bytes_per_step": 0}]}
+
+    return launch
+
+
+def test_bench_parallel_on_one_gpu_runs_the_layouts_it_holds_and_refuses_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    from benchmarks import bench_parallel
+
+    calls, out = [], tmp_path / "parallel.json"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(bench_parallel, "launch", fake_launch(calls, out))
+    ckpt = ["--size", "tiny", "--steps", "1", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]
+    assert bench_parallel.main(["--device", "cuda", *ckpt]) == 0  # the documented command, default layouts
+    assert [c["world"] for c in calls] == [1] and calls[0]["device"] == "cuda"
+    assert "layouts 2x1, 1x2, 2x2 need more and are not run" in capsys.readouterr().err
+    assert [r["layout"] for r in json.loads(out.read_text())["measured"]] == ["1x1"]
+    # Asked for by name, a layout needing more GPUs than there are is an error before any process starts.
+    calls.clear()
+    assert bench_parallel.main(["--device", "cuda", "--layouts", "1x1,2x1", *ckpt]) == 2
+    assert (
+        capsys.readouterr().err == "error: --layouts 2x1 needs 2 GPUs; this machine has 1\n" and calls == []
+    )
+    with pytest.raises(SystemExit):
+        bench_parallel.parse_args(["--layouts", "2by1"])
+
+
+def test_bench_parallel_writes_each_layout_as_it_completes(tmp_path, monkeypatch):
+    from benchmarks import bench_parallel
+
+    calls, out = [], tmp_path / "parallel.json"
+    monkeypatch.setattr(bench_parallel, "launch", fake_launch(calls, out))
+    argv = [
+        "--size",
+        "tiny",
+        "--steps",
+        "1",
+        "--layouts",
+        "1x1,2x1",
+        "--ckpt",
+        str(tmp_path / "ckpt"),
+        "--out",
+        out,
+    ]
+    assert bench_parallel.main(list(map(str, argv))) == 1  # a layout crashed
+    assert calls[0]["saved"] is None and [r["layout"] for r in json.loads(calls[1]["saved"])["measured"]] == [
+        "1x1"
+    ]
+    measured = json.loads(out.read_text())["measured"]
+    assert measured[0]["layout"] == "1x1" and measured[0]["step_s"] == [0.5]
+    assert measured[1] == {
+        "layout": "2x1",
+        "error": "RuntimeError: CUDA error: invalid device ordinal",
+        "crashed": True,
+    }
+
+
+def test_bench_parallel_forward_check_feeds_the_model_its_device_and_dtype(tiny_2b, tmp_path):
+    import torch
+
+    from benchmarks.bench_parallel import forward_check
+    from cogvideox import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(
+        tiny_2b, device="cpu", dtype=torch.bfloat16
+    )  # CUDA's FP16 stand-in
+    pipe.load()
+    seen, model = [], pipe.transformer
+
+    def transformer(*inputs):
+        seen.append([(x.device.type, x.dtype) for x in inputs[:2]])
+        return model(*inputs)
+
+    pipe.transformer = transformer
+    layout = type("One", (), {"split_cfg": staticmethod(lambda f: f), "shard": staticmethod(lambda f: f)})
+    call = dict(num_frames=9, height=64, width=96)
+    record = forward_check(pipe, layout, call, tmp_path / "unused.npy")
+    assert seen == [[("cpu", torch.bfloat16)] * 2] * 2
+    assert record["max_abs_diff"] == 0 and record["max_abs"] > 0

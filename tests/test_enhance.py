@@ -3,6 +3,7 @@ chat model drives the local one, and a tiny sentencepiece T5 tokenizer counts to
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import socket
@@ -18,17 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import pairwise
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import sentencepiece as spm
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    T5Tokenizer,
-)
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, T5Tokenizer
 
 from cogvideox import enhance
 from cogvideox.enhance import (
@@ -660,57 +655,6 @@ def test_from_env_selection(tmp_path, count_tokens):
 
 # --- the local transformers backend ------------------------------------------------------------------------
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory) -> Path:
-    """A ~15k-parameter random Llama with a byte-level BPE tokenizer trained here, saved like a Hub model."""
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    specials = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([*RELEASE_PROMPTS, enhance.SYSTEM_PROMPT], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|eos|>", pad_token="<|pad|>", chat_template=CHAT_TEMPLATE
-    )
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    # Zero logits for special and blank tokens: random positive ones win greedy decoding, so text comes out.
-    blank = [
-        i
-        for i in range(len(tokenizer))
-        if not tokenizer.decode([i]).strip() or i in tokenizer.all_special_ids
-    ]
-    with torch.no_grad():
-        model.lm_head.weight[blank] = 0
-    model.save_pretrained(folder)
-    return folder
-
 
 def test_local_backend_end_to_end(tiny_chat_model, count_tokens, monkeypatch):
     loads = []
@@ -743,3 +687,77 @@ def test_local_backend_end_to_end(tiny_chat_model, count_tokens, monkeypatch):
 
     again = enhancer.enhance("a cat on a roof")  # after release: moved back, not loaded again
     assert again.text and backend.model is model and loads == [str(tiny_chat_model)]
+
+
+# --- what the page shows of an endpoint's failure ------------------------------------------------------------
+
+HOSTILE = 'quota <a href="https://evil.example/">renew here</a> <img src=x onerror="alert(1)">'
+
+
+def enhance_in_the_page(enhancer: PromptEnhancer, tmp_path: Path) -> gr.Error:
+    """The enhance button's handler, as Gradio calls it; the gr.Error it raises."""
+    from events import PageEvents
+
+    events = PageEvents([], None, enhancer, tmp_path, "", 50)
+    with pytest.raises(gr.Error) as raised:
+        events.enhance("a fox")
+    return raised.value
+
+
+def test_an_endpoints_error_text_is_shown_as_text_not_html(server, count_tokens, tmp_path):
+    # Gradio renders a gr.Error's message as HTML: the endpoint's words must not become a link or an image.
+    server.replies = [error(400, HOSTILE)]
+    shown = enhance_in_the_page(endpoint_enhancer(server, count_tokens), tmp_path)
+    assert shown.title == "Enhance failed" and "<" not in shown.message and ">" not in shown.message
+    host = server.url.removeprefix("http://").removesuffix("/v1")
+    assert html.unescape(shown.message) == f"{host} answered HTTP 400: {HOSTILE} (waited 0 s)"
+
+
+@pytest.mark.parametrize(
+    "parts", [[{"type": "text", "text": 42}], [{"type": "text", "text": "A fox."}, {"text": None}]]
+)
+def test_content_parts_that_are_not_text_are_our_error(server, count_tokens, tmp_path, parts):
+    server.replies = [(200, {"choices": [{"message": {"role": "assistant", "content": parts}}]}, 0.0)]
+    with pytest.raises(EnhanceError, match="sent an unexpected answer"):
+        endpoint_enhancer(server, count_tokens).enhance("a fox")
+    server.replies = [(200, {"choices": [{"message": {"role": "assistant", "content": parts}}]}, 0.0)]
+    shown = enhance_in_the_page(endpoint_enhancer(server, count_tokens), tmp_path)
+    assert shown.title == "Enhance failed" and "sent an unexpected answer" in shown.message
+
+
+def test_any_other_enhancer_failure_is_our_message(count_tokens, tmp_path):
+    class Broken:
+        name = "broken"
+
+        def chat(self, messages):
+            raise RuntimeError("Low-level CUDA init (`torch._C._cuda_init`) reached. <b>Check</b>")
+
+    shown = enhance_in_the_page(PromptEnhancer(Broken(), count_tokens), tmp_path)
+    assert shown.title == "Enhance failed" and shown.message.startswith("The prompt enhancer failed (")
+    assert "&lt;b&gt;Check&lt;/b&gt;" in shown.message
+
+
+def test_on_zero_gpu_the_local_model_runs_on_the_cpu(tiny_chat_model, count_tokens, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as spaces makes it in the main process
+    env = {"PROMPT_ENHANCER_LOCAL_MODEL": str(tiny_chat_model)}
+    assert PromptEnhancer.from_env(count_tokens, env=env).backend.device.type == "cuda"
+    zero = PromptEnhancer.from_env(count_tokens, env={**env, "SPACES_ZERO_GPU": "true"})
+    assert zero.backend.device.type == "cpu"
+
+
+def test_any_failure_of_the_local_model_is_an_enhance_error(tiny_chat_model, count_tokens, monkeypatch):
+    enhancer = PromptEnhancer(LocalBackend(str(tiny_chat_model), device="cpu"), count_tokens)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("Low-level CUDA init (`torch._C._cuda_init`) reached.\nCheck this stacktrace")
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", refused)
+    with pytest.raises(
+        EnhanceError, match=r"tiny-chat\d* failed \(RuntimeError: Low-level CUDA init .* Check"
+    ):
+        enhancer.enhance("a fox")
+    monkeypatch.setattr(
+        LlamaForCausalLM, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError())
+    )
+    with pytest.raises(EnhanceError, match="not enough GPU memory"):
+        enhancer.enhance("a fox")

@@ -22,7 +22,7 @@ from cogvideox import CogVideoXPipeline
 from cogvideox import __main__ as cli
 from cogvideox.config import PRESETS, TransformerConfig, VAEConfig
 from cogvideox.parallel import Parallel, check_degrees, degrees, group_ranks, split_sizes, video_tokens
-from cogvideox.testing import tiny_random_checkpoint
+from cogvideox.testing import free_port, tiny_random_checkpoint
 from cogvideox.video import read_mp4, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,3 +280,46 @@ def test_cli_bad_degree_is_one_line_before_any_process_group(
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.splitlines()[-1] + "\n" == message
     assert not torch.distributed.is_initialized() and not (tmp_path / "x.mp4").exists()
+
+
+def test_cli_loads_on_every_rank_before_the_first_collective_of_the_default_group(tmp_path, monkeypatch):
+    """Under torchrun the default group is NCCL on GPUs, whose watchdog ends a collective some rank reaches over 10
+    minutes late: a rank that loads slowly must do so before that group's first collective (here: gloo, one rank)."""
+    import torch.distributed as dist
+
+    from cogvideox import parallel as parallel_module
+
+    env = dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    events = []
+    load = CogVideoXPipeline.load
+    monkeypatch.setattr(
+        CogVideoXPipeline, "load", lambda self, *a, **k: events.append("load") or load(self, *a, **k)
+    )
+    for name in ("broadcast", "all_reduce", "all_gather", "all_gather_object", "all_to_all", "barrier"):
+        real = getattr(dist, name)
+
+        def recorded(*args, _name=name, _real=real, **kwargs):
+            group = kwargs.get("group")
+            events.append(f"{_name} on {'default' if group in (None, dist.group.WORLD) else 'own'} group")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(dist, name, recorded)
+    monkeypatch.setattr(parallel_module.atexit, "register", lambda fn: None)  # destroyed here instead
+    argv = ["--model", "tiny-random", "--prompt", "a fox", "--frames", "9", "--steps", "2", "--device", "cpu",
+            "--parallel", "sp", "--output", str(tmp_path / "fox.mp4")]  # fmt: skip
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    first_default = next(i for i, e in enumerate(events) if e.endswith("on default group"))
+    assert events.count("load") == 1 and events.index("load") < first_default, events
+    assert (
+        "all_gather_object on own group" in events[events.index("load") : first_default]
+    )  # all agree they loaded
+    sidecar = json.loads((tmp_path / "fox.json").read_text())
+    assert sidecar["parallel"] == {"cfg": 1, "sp": 1} and sidecar["timings"]["load"] > 0

@@ -93,11 +93,13 @@ def zero_gpu_env(tmp: Path, api: DeviceAPI) -> dict:
 
 
 @pytest.fixture(scope="module")
-def space(device_api, tmp_path_factory):
-    """app.py served as on a ZeroGPU Space (with --device cpu: the worker gets no GPU here)."""
+def space(device_api, tmp_path_factory, tiny_chat_model):
+    """app.py served as on a ZeroGPU Space (with --device cpu: the worker gets no GPU here), with a local prompt
+    model."""
     tmp = tmp_path_factory.mktemp("zerogpu")
     port, log = free_port(), tmp / "server.log"
-    env = {**zero_gpu_env(tmp, device_api), "ZEROGPU_PROGRESS_LOG": str(tmp / "progress.jsonl")}
+    env = {**zero_gpu_env(tmp, device_api), "ZEROGPU_PROGRESS_LOG": str(tmp / "progress.jsonl"),
+           "PROMPT_ENHANCER_LOCAL_MODEL": str(tiny_chat_model)}  # fmt: skip
     argv = launcher("serve", "--device", "cpu", "--port", str(port), "--output-dir", str(tmp / "out"))
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -165,6 +167,14 @@ def test_the_page_says_that_cancel_cannot_stop_a_started_job(space):
     values = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
     assert values["cancel-note"] == app.ZERO_GPU_CANCEL_NOTE
     assert "is loaded" in values["model-status"]  # at start-up, not in a job
+
+
+def test_a_local_prompt_model_enhances_where_zero_gpu_allows(space):
+    # spaces makes torch.cuda.is_available() true in the main process, whose handler threads cannot use CUDA (the
+    # real CUDA init is refused there): the local model runs on the CPU.
+    client = Client(space[0], verbose=False)
+    rewrite = client.predict("a fox in the snow", api_name="/enhance")  # an AppError if the model failed
+    assert isinstance(rewrite, str) and rewrite.strip() and "\n" not in rewrite  # random weights: gibberish
 
 
 def test_start_up_loads_the_weights_to_emulated_cuda_in_the_main_thread(device_api, tmp_path):
