@@ -198,9 +198,7 @@ class SequenceParallel:
         video = ex.all_to_all(list(send.unbind(0)), [(3, b, hp, n, d) for n in sizes])
         text = qkv[:, :, r * hp : (r + 1) * hp, :text_len]  # replicated: this rank's heads are here already
         q, k, v = torch.cat([text, *video], dim=3).unbind(0)  # (B, H/P, L + N, d)
-        out = attention(
-            q, k, v, kernel
-        )  # the kernel picked for the whole sequence (pipeline.attention_kernel)
+        out = attention(q, k, v, kernel)  # the model's kernel, picked for the whole sequence
         # Head split -> sequence split: rank j gets the text's and its own video tokens' outputs of these heads.
         text_out, *video_out = out.split([text_len, *sizes], dim=2)
         chunks = [torch.cat([text_out, part], dim=2) for part in video_out]
