@@ -17,12 +17,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 # ---------------------------------------------------------------------------------------------------------
 # Timestep embedding
@@ -250,6 +251,51 @@ def _split_qkv(module: nn.Module, state_dict: dict, prefix: str, local_metadata:
             state_dict[key] = value
 
 
+# Each SDPA kernel called by name, as F.scaled_dot_product_attention calls it once it has chosen (no mask, no
+# dropout, no log-sum-exp: inference). `torch.nn.attention.sdpa_kernel` would choose by setting flags that are
+# global to the process, and restores on exit what it saw on entry: with pipelines on several GPUs in threads
+# (pool.py), one job's exit would leave another's kernel, or its own, switched on for everyone.
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+    # The CUDA kernel takes head dims in multiples of 8: pad them, as F.scaled_dot_product_attention does.
+    d = q.shape[-1]
+    if d % 8:
+        q, k, v = (F.pad(t, (0, -d % 8)) for t in (q, k, v))
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=d**-0.5)[0][..., :d]
+
+
+def _cudnn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0]
+
+
+def _efficient(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v)[0]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: SDPBackend | None = None) -> Tensor:
+    """softmax(q kᵀ/√d) v on (B, heads, S, head_dim) by `kernel`, or by the kernel PyTorch picks (None).
+
+    An if-chain, not a table: torch.compile traces it (it cannot guard on a dict keyed by an enum)."""
+    if kernel is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if kernel == SDPBackend.FLASH_ATTENTION:
+        return _flash(q, k, v)
+    if kernel == SDPBackend.CUDNN_ATTENTION:
+        return _cudnn(q, k, v)
+    if kernel == SDPBackend.EFFICIENT_ATTENTION:
+        return _efficient(q, k, v)
+    if kernel == SDPBackend.MATH:
+        return _math(q, k, v)
+    raise ValueError(f"no SDPA kernel {kernel!r} here")
+
+
 # Fused kernels only: the math backend materialises the (S, S) score matrix (38 GB for the full 2B job).
 SDPA_CANDIDATES = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
@@ -266,10 +312,12 @@ def fastest_sdpa_backend(
 
     Which kernel wins depends on the GPU, the head size and the PyTorch build (cuDNN or FlashAttention-2 on
     Hopper, memory-efficient on older cards), so it is measured where it runs: the median of `runs` calls after
-    a warm-up, once per shape, on q/k/v laid out as `Attention.forward` passes them. Each kernel's output is
-    checked against attention written out in float32 on a few query rows (a reference from no SDPA kernel,
-    so the memory-efficient kernel can be checked too); a kernel off by more than 2 % of the largest output
-    is not picked (bf16 rounding costs about 0.3 %, a wrong layout 100 %). None if none runs and agrees.
+    a warm-up, once per shape, on q/k/v laid out as `Attention.forward` passes them, through `attention` as the
+    model calls it (each kernel by name: no global flag that a job on another thread could change mid-timing).
+    Each kernel's output is checked against attention written out in float32 on a few query rows (a reference
+    from no SDPA kernel, so the memory-efficient kernel can be checked too); a kernel off by more than 2 % of the
+    largest output is not picked (bf16 rounding costs about 0.3 %, a wrong layout 100 %). None if none runs and
+    agrees.
     """
     q, k, v = _attention_inputs(shape, dtype, device)
     rows = torch.linspace(0, shape[2] - 1, min(shape[2], 8), device=device).long()
@@ -277,15 +325,14 @@ def fastest_sdpa_backend(
     timings = {}
     for backend in candidates:
         try:
-            with sdpa_kernel(backend):
-                # Warm-up (and: does it run here at all? is it right?); only the checked rows are kept.
-                got = F.scaled_dot_product_attention(q, k, v)[:, :, rows].float()
-                if (got - want).abs().max() > 2e-2 * want.abs().max():
-                    continue
-                timings[backend] = _median_time(
-                    lambda: F.scaled_dot_product_attention(q, k, v), device, runs, timer
-                )
-        except RuntimeError:  # no kernel for this device, dtype or shape (OOM is a RuntimeError too)
+            # Warm-up (and: does it run here at all? is it right?); only the checked rows are kept.
+            got = attention(q, k, v, backend)[:, :, rows].float()
+            if (got - want).abs().max() > 2e-2 * want.abs().max():
+                continue
+            timings[backend] = _median_time(partial(attention, q, k, v, backend), device, runs, timer)
+        # No kernel for this device, dtype or shape (OOM is a RuntimeError too); NotImplementedError: none built
+        # for this device at all (a CUDA kernel asked on the CPU).
+        except (RuntimeError, NotImplementedError):
             continue
     return min(timings, key=timings.get, default=None)
 
@@ -333,15 +380,18 @@ class Attention(nn.Module):
     """Joint self-attention over `[text ‖ video]` with per-head q/k LayerNorm and optional RoPE.
 
     The checkpoint's separate `to_q/to_k/to_v` are held fused as `to_qkv`; hooks convert on load and save.
-    `attend`, when set, replaces the SDPA call: `attend(q, k, v) -> out`, each (B, heads, S, head_dim) with q and
-    k normalised and rotated. Sequence parallelism (cogvideox/parallel.py) sets it for the duration of a call, to
-    attend over the tokens of every process.
+    `kernel`: the SDPA kernel `attention` calls by name (None: PyTorch's pick), set on this model for the duration
+    of a call (`CogVideoXTransformer.attention_kernel`), never process-wide.
+    `attend`, when set, replaces the SDPA call: `attend(q, k, v, kernel) -> out`, each (B, heads, S, head_dim)
+    with q and k normalised and rotated. Sequence parallelism (cogvideox/parallel.py) sets it for the duration of
+    a call, to attend over the tokens of every process.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
         super().__init__()
         self.heads = heads
-        self.attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+        self.kernel: SDPBackend | None = None
+        self.attend: Callable[[Tensor, Tensor, Tensor, SDPBackend | None], Tensor] | None = None
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_qkv = nn.Linear(dim, 3 * heads * head_dim, bias=bias)
@@ -355,7 +405,7 @@ class Attention(nn.Module):
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
             q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v) if self.attend is None else self.attend(q, k, v)
+        out = (self.attend or attention)(q, k, v, self.kernel)
         return self.to_out[0](rearrange(out, "b h s d -> b s (h d)"))
 
 

@@ -11,9 +11,13 @@ on the CPU; their home copies live in `Offloader._home`.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
+import sys
 import weakref
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,10 +49,12 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free for this process's tensors on `device`: free on the device plus what the allocator holds cached
+    but unused (it is not handed back after each stage when pipelines share the process: `Offloader`)."""
     if device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(device)
-    return free
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def pick_memory_mode(free: int | None, sizes: dict[str, int]) -> str:
@@ -120,17 +126,114 @@ class HostPack:
             for (shape, dtype), o in zip(self.specs, self.offsets)
         ]
 
-    def pin(self) -> None:
-        if self.nbytes and not self.pinned:
-            check = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.nbytes, 0)
-            if int(check) != 0:
-                raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes failed (error {int(check)})")
-            self.pinned = True
+    def pin(self, runtime) -> int:
+        """Page-locks the buffer: 0, or the CUDA error code, the runtime's last error then cleared."""
+        if not self.nbytes or self.pinned:
+            return 0
+        code = int(runtime.cudaHostRegister(self.buffer.data_ptr(), self.nbytes, 0))
+        if code:
+            runtime.cudaGetLastError()
+        self.pinned = not code
+        return code
 
-    def unpin(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
-            self.pinned = False
+    def unpin(self, runtime) -> int:
+        """0, or the CUDA error code, the runtime's last error then cleared (the buffer counts as unlocked:
+        there is nothing else to try)."""
+        if not self.pinned:
+            return 0
+        code = int(runtime.cudaHostUnregister(self.buffer.data_ptr()))
+        if code:
+            runtime.cudaGetLastError()
+        self.pinned = False
+        return code
+
+
+@functools.cache
+def _cuda_get_last_error():
+    """cudaGetLastError of the libcudart torch loaded (the error state is per library copy and thread), from the
+    process's memory map, else from its global symbols; None where neither has it (then nothing clears it)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    loaded = sorted({line.split()[-1] for line in maps.splitlines() if "/libcudart.so" in line})
+    for library in [*loaded, None]:
+        try:
+            function = ctypes.CDLL(library).cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+        function.restype = ctypes.c_int
+        return function
+    return None
+
+
+class _Runtime:
+    """torch's CUDA runtime bindings plus cudaGetLastError, which they lack. A failed runtime call leaves its error
+    as the thread's last error, and torch's next kernel-launch check (which reads it) would raise it at an
+    unrelated op: whoever sees a failure clears it."""
+
+    def __init__(self, bindings):
+        self._bindings = bindings
+
+    def __getattr__(self, name: str):
+        return getattr(self._bindings, name)
+
+    def cudaGetLastError(self) -> int:
+        function = _cuda_get_last_error()
+        return 0 if function is None else int(function())
+
+
+def cuda_runtime():
+    """The CUDA runtime calls page-locking makes: cudaHostRegister, cudaHostUnregister, cudaGetLastError."""
+    bindings = torch.cuda.cudart()
+    return bindings if hasattr(bindings, "cudaGetLastError") else _Runtime(bindings)
+
+
+def _error_text(runtime, code: int) -> str:
+    try:
+        return f"{runtime.cudaGetErrorString(runtime.cudaError(code))} (error {code})"
+    except (AttributeError, TypeError, ValueError):  # a code the bindings' enum refuses
+        return f"error {code}"
+
+
+def pin_all(packs: list[HostPack], runtime) -> None:
+    """Page-locks every pack, or none: after a failure the packs locked so far are unlocked again and one
+    RuntimeError line says what failed (CUDA's error state cleared)."""
+    try:
+        for pack in packs:
+            if code := pack.pin(runtime):
+                break
+        else:
+            return
+    except BaseException:  # an interrupt: nothing stays locked either
+        unpin_all(packs, runtime)
+        raise
+    problems = unpin_all(packs, runtime)
+    i = packs.index(pack)
+    done = sum(p.nbytes for p in packs[:i]) / GiB
+    raise RuntimeError(
+        f"page-locking the weights' host memory failed: cudaHostRegister of buffer {i + 1} of {len(packs)} "
+        f"({pack.nbytes / GiB:.2f} GiB) gave {_error_text(runtime, code)}; the {done:.2f} GiB locked before it "
+        f"{'were unlocked again' if not problems else 'were unlocked, but ' + problems}"
+    )
+
+
+def unpin_all(packs: list[HostPack], runtime) -> str:
+    """Unlocks the page-locked packs: '' or one phrase naming the failures (each CUDA error cleared)."""
+    codes = [code for pack in packs if (code := pack.unpin(runtime))]
+    if not codes:
+        return ""
+    return f"cudaHostUnregister failed for {len(codes)} buffer(s): {_error_text(runtime, codes[0])}"
+
+
+def _unpin_at_exit(packs: list[HostPack]) -> None:
+    """The finalizer of a placed Offloader: nothing to raise to, so a failure is one line on stderr."""
+    if any(pack.pinned for pack in packs) and (problems := unpin_all(packs, cuda_runtime())):
+        print(f"[cogvideox] {problems}", file=sys.stderr, flush=True)
+
+
+# Offloaders of CUDA devices alive in this process (pipelines of a device pool share one process).
+_CUDA_OFFLOADERS: weakref.WeakSet[Offloader] = weakref.WeakSet()
 
 
 class Offloader:
@@ -143,6 +246,10 @@ class Offloader:
         if mode not in (*self.MODES, "auto"):
             raise ValueError(f"memory mode must be one of {self.MODES} or 'auto', got {mode!r}")
         self.device, self.mode = torch.device(device), mode
+        # Page-lock the host buffers: copies to a GPU are then fast and asynchronous.
+        self.page_lock = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            _CUDA_OFFLOADERS.add(self)
         # id(module) -> the home of the weights it owns (not those of its streamed blocks)
         self._packs: dict[int, HostPack] = {}
         self._streams: list = []  # hook handles of sequential mode
@@ -161,29 +268,51 @@ class Offloader:
     # -- placement ---------------------------------------------------------------------------------------
 
     def place(self, modules: dict[str, nn.Module]) -> str:
-        """Put freshly loaded (CPU) modules where the mode wants them; resolves mode 'auto'."""
+        """Put freshly loaded (CPU) modules where the mode wants them; resolves mode 'auto'.
+
+        All or nothing: if anything fails (page-locking, say), no host buffer stays locked, hooked or held here, so
+        a retried load starts clean; the modules are left without their weights (load them again).
+        """
         if self.mode == "auto":
             sizes = {name: module_bytes(m) for name, m in modules.items()}
             self.mode = pick_memory_mode(free_device_memory(self.device), sizes)
-        for name, module in modules.items():
-            if self.mode == "resident":
-                module.to(self.device)
-                continue
-            lists = _block_lists(module) if self.mode == "sequential" and name in self.STREAMED else []
-            blocks = [block for blocks in lists for block in blocks]
-            streamed = {id(t) for block in blocks for _, _, t in _tensors(block)}
-            self._pack(module, [t for _, _, t in _tensors(module) if id(t) not in streamed])
-            for block in blocks:
-                self._pack(block, [t for _, _, t in _tensors(block)])
-            for block_list in lists:
-                self._stream_blocks(block_list)
-        if self.device.type == "cuda" and self._packs:
-            for pack in self._packs.values():
-                pack.pin()
-            weakref.finalize(self, _unpin_all, list(self._packs.values()))
-            if self.mode == "sequential":
+        try:
+            for name, module in modules.items():
+                self._place_one(name, module)
+            if self.page_lock and self._packs:
+                packs = list(self._packs.values())
+                pin_all(packs, cuda_runtime())
+                weakref.finalize(self, _unpin_at_exit, packs)
+            if self.device.type == "cuda" and self._packs and self.mode == "sequential":
                 self.copy_stream = torch.cuda.Stream(self.device)
+        except BaseException:
+            self._forget()
+            raise
         return self.mode
+
+    def _place_one(self, name: str, module: nn.Module) -> None:
+        if self.mode == "resident":
+            module.to(self.device)
+            return
+        lists = _block_lists(module) if self.mode == "sequential" and name in self.STREAMED else []
+        blocks = [block for blocks in lists for block in blocks]
+        streamed = {id(t) for block in blocks for _, _, t in _tensors(block)}
+        self._pack(module, [t for _, _, t in _tensors(module) if id(t) not in streamed])
+        for block in blocks:
+            self._pack(block, [t for _, _, t in _tensors(block)])
+        for block_list in lists:
+            self._stream_blocks(block_list)
+
+    def _forget(self) -> None:
+        """Drops every home and hook (a stale home would also be found by a new module at a reused id())."""
+        packs = list(self._packs.values())
+        if any(pack.pinned for pack in packs):
+            unpin_all(packs, cuda_runtime())
+        for handle in self._streams:
+            handle.remove()
+        self._packs.clear()
+        self._streams.clear()
+        self.copy_stream = None
 
     def describe(self) -> str:
         """One line for the load log: the mode and the host memory holding the off-device weights."""
@@ -277,12 +406,19 @@ class Offloader:
         finally:
             for owner in module.modules():
                 self._evict(owner)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # hand the stage's memory to the next one (not gc: ~0.2 s a stage)
+            self._empty_cache()  # hand the stage's memory to the next one (not gc: ~0.2 s a stage)
 
     def release(self) -> None:
+        """Frees what nothing refers to any more (an out-of-memory error's tensors, say) into this device's cache,
+        and that cache to the driver unless other pipelines share the process (`_empty_cache`)."""
         gc.collect()
-        if self.device.type == "cuda":
+        self._empty_cache()
+
+    def _empty_cache(self) -> None:
+        """torch.cuda.empty_cache() takes no device: it empties every GPU's cache, so with pipelines of other GPUs
+        in this process (a device pool) it would flush theirs mid-job. It is skipped then: an allocation that
+        does not fit makes the allocator free this device's cache by itself before it reports out of memory."""
+        if self.device.type == "cuda" and not set(_CUDA_OFFLOADERS) - {self}:
             torch.cuda.empty_cache()
 
     def decode_with_retry(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -322,8 +458,3 @@ class Offloader:
         except RuntimeError as e:
             log[-1]["error"] = f"{type(e).__name__}: {e}"
             raise
-
-
-def _unpin_all(packs: list[HostPack]) -> None:
-    for pack in packs:
-        pack.unpin()

@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .config import TransformerConfig, VAEConfig
-from .layers import Attention
+from .layers import Attention, attention
 
 # How long a rank that has loaded the weights waits for the others to load theirs (a cold disk, a slow mount). The
 # wait is a gloo collective with this timeout, not an NCCL one: NCCL's watchdog ends a collective that some rank
@@ -168,13 +168,13 @@ class SequenceParallel:
 
     def run_blocks(self, tokens) -> Tensor:
         attend = partial(self.attend, text_len=tokens.text_len, sizes=self._sizes(tokens))
-        for attention in self.attentions:
-            attention.attend = attend
+        for layer in self.attentions:
+            layer.attend = attend
         try:
             return self.transformer.run_blocks(tokens)
         finally:
-            for attention in self.attentions:
-                attention.attend = None
+            for layer in self.attentions:
+                layer.attend = None
 
     def head(self, x: Tensor, tokens) -> Tensor:
         """This rank's (B, L + n_r, D) -> the prediction of the whole clip: the video tokens are gathered (padded
@@ -189,7 +189,9 @@ class SequenceParallel:
         tokens = self.embed(latents, text_embeds, timestep)
         return self.head(self.run_blocks(tokens), tokens)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, text_len: int, sizes: list[int]) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, kernel=None, *, text_len: int, sizes: list[int]
+    ) -> Tensor:
         """q, k, v (B, H, L + n_r, d): every head of the text and of this rank's video tokens -> attention over
         every rank's tokens, the same layout. In between each rank holds H/P heads of the whole sequence."""
         ex = self.exchange
@@ -202,7 +204,7 @@ class SequenceParallel:
         video = ex.all_to_all(list(send.unbind(0)), [(3, b, hp, n, d) for n in sizes])
         text = qkv[:, :, r * hp : (r + 1) * hp, :text_len]  # replicated: this rank's heads are here already
         q, k, v = torch.cat([text, *video], dim=3).unbind(0)  # (B, H/P, L + N, d)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, kernel)  # the model's kernel, picked for the whole sequence
         # Head split -> sequence split: rank j gets the text's and its own video tokens' outputs of these heads.
         text_out, *video_out = out.split([text_len, *sizes], dim=2)
         chunks = [torch.cat([text_out, part], dim=2) for part in video_out]

@@ -8,7 +8,6 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from einops import rearrange
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from . import __version__, sampling, text
 from .cache import StepCache, resolve_step_cache
@@ -258,7 +257,10 @@ class CogVideoXPipeline:
         report("ready", 1.0)
 
     def release(self) -> None:
-        """Free cached device memory (after an out-of-memory error, say); weights stay loaded."""
+        """Free what the last run left on the device (after an out-of-memory error, say); weights stay loaded.
+
+        Unused tensors go back to this device's cache; the cache goes back to the driver only when no other
+        pipeline on a GPU shares the process, as torch.cuda.empty_cache() empties every GPU's (offload.py)."""
         self.offloader.release()
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -426,7 +428,7 @@ class CogVideoXPipeline:
         predict = guided(forward, embeds, guidance, total, dynamic_cfg)
         old_x0 = None
         backend = self.attention_kernel(embeds.shape[0], embeds.shape[1], shape)
-        with self.offloader.use(self.transformer), sdpa_kernel(backend) if backend else nullcontext():
+        with self.offloader.use(self.transformer), self.transformer.attention_kernel(backend):
             for i, t in enumerate(timesteps.tolist()):
                 pred = predict(latents, t)
                 prev_t = int(timesteps[i - 1]) if i > 0 else None
@@ -468,8 +470,8 @@ class CogVideoXPipeline:
         )
         if key not in self.attention_backends:
             if self.compile and self.attention_backends:
-                # The compiled blocks keep the kernel they were traced under, whatever is picked later (one graph
-                # serves every size): the first pick stands, and nothing is timed in vain.
+                # The compiled blocks are traced with the kernel they call: another would recompile every block
+                # (one graph serves every size). The first pick stands, and nothing is timed in vain.
                 self.attention_backends[key] = next(iter(self.attention_backends.values()))
             else:
                 self.attention_backends[key] = fastest_sdpa_backend(key, self.dtype, self.device)

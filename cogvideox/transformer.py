@@ -8,13 +8,15 @@ latent grid on first use and cached, so the model can be built on the meta devic
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend
 
 from .config import TransformerConfig
 from .layers import (
@@ -139,6 +141,22 @@ class CogVideoXTransformer(nn.Module):
             block.forward = _with_dynamic_sequence(
                 torch.compile(block.forward, fullgraph=True, backend=backend)
             )
+
+    @contextmanager
+    def attention_kernel(self, kernel: SDPBackend | None) -> Iterator[None]:
+        """Every attention layer of this model calls `kernel` inside the block (None: PyTorch's pick).
+
+        A setting of this model, not of the process (`torch.nn.attention.sdpa_kernel` switches kernels for every
+        thread): pipelines on other GPUs, in other threads, keep their own, and code outside keeps PyTorch's.
+        """
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        for attention in attentions:
+            attention.kernel = kernel
+        try:
+            yield
+        finally:
+            for attention in attentions:
+                attention.kernel = None
 
     def _cached(self, key: tuple, compute: Callable[[], object]):
         if self._pos_cache is None or self._pos_cache[0] != key:

@@ -173,21 +173,30 @@ def _clock(durations: list[float]):
 
 
 def _record_sdpa(monkeypatch, corrupt=None) -> list:
-    """Patches F.scaled_dot_product_attention to record (backends, q, k, v) per call; the flash kernel's output
-    is replaced by `corrupt(sdpa, out, q, k, v)`, `sdpa` being the unpatched function."""
-    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+    """Wraps every SDPA kernel the model and the kernel pick call by name (`layers.attention`) and PyTorch's pick
+    (kernel None) to record ([kernel], q, k, v) per call; the flash kernel's output is replaced by
+    `corrupt(sdpa, out, q, k, v)`, `sdpa` being the unwrapped kernel."""
+    from torch.nn.attention import SDPBackend
 
-    original, calls = torch.nn.functional.scaled_dot_product_attention, []
+    from cogvideox import layers
 
-    def sdpa(q, k, v, *args, **kwargs):
-        backends = _cur_sdpa_kernel_backends()
-        calls.append((backends, q, k, v))
-        out = original(q, k, v, *args, **kwargs)
-        if corrupt and backends == [SDPBackend.FLASH_ATTENTION]:
-            return corrupt(original, out, q, k, v)
-        return out
+    calls = []
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    def recorded(kernel, original):
+        def sdpa(q, k, v, *args, **kwargs):
+            calls.append(([kernel], q, k, v))
+            out = original(q, k, v, *args, **kwargs)
+            if corrupt and kernel == SDPBackend.FLASH_ATTENTION:
+                return corrupt(original, out, q, k, v)
+            return out
+
+        return sdpa
+
+    for kernel, name in [(SDPBackend.FLASH_ATTENTION, "_flash"), (SDPBackend.CUDNN_ATTENTION, "_cudnn"),
+                         (SDPBackend.EFFICIENT_ATTENTION, "_efficient"), (SDPBackend.MATH, "_math")]:  # fmt: skip
+        monkeypatch.setattr(layers, name, recorded(kernel, getattr(layers, name)))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded(None, sdpa))
     return calls
 
 
