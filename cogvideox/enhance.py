@@ -43,7 +43,7 @@ from .endpoint import (
 )
 from .endpoint import MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES
 from .endpoint import REASONING_TOKENS as REASONING_TOKENS
-from .offload import is_out_of_memory
+from .offload import empty_cuda_cache, is_out_of_memory
 from .text import is_invisible
 
 logger = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class LocalBackend:
             if self.model is not None:
                 self.model.to("cpu")
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            empty_cuda_cache()  # not while a video pipeline is mid-job on some GPU of this process
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")

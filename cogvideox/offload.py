@@ -236,6 +236,15 @@ def _unpin_at_exit(packs: list[HostPack]) -> None:
 _CUDA_OFFLOADERS: weakref.WeakSet[Offloader] = weakref.WeakSet()
 
 
+def empty_cuda_cache(owner: Offloader | None = None) -> None:
+    """torch.cuda.empty_cache() takes no device: it empties every GPU's cache, so with pipelines of other GPUs in
+    this process (a device pool; a video pipeline beside the local prompt enhancer) it would flush theirs mid-job. It
+    is skipped then: an allocation that does not fit makes the allocator free that device's cache by itself before it
+    reports out of memory. `owner`: the caller's own Offloader, which does not count as another."""
+    if not set(_CUDA_OFFLOADERS) - {owner}:
+        torch.cuda.empty_cache()
+
+
 class Offloader:
     MODES = ("resident", "model", "sequential")
     # Sequential mode streams these components' blocks. The VAE (0.4 GB) moves whole: it runs once per frame
@@ -415,11 +424,8 @@ class Offloader:
         self._empty_cache()
 
     def _empty_cache(self) -> None:
-        """torch.cuda.empty_cache() takes no device: it empties every GPU's cache, so with pipelines of other GPUs
-        in this process (a device pool) it would flush theirs mid-job. It is skipped then: an allocation that
-        does not fit makes the allocator free this device's cache by itself before it reports out of memory."""
-        if self.device.type == "cuda" and not set(_CUDA_OFFLOADERS) - {self}:
-            torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            empty_cuda_cache(self)
 
     def decode_with_retry(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """VAE decode that never loses the latents to an out-of-memory error: free, then retry smaller.

@@ -254,3 +254,19 @@ def test_a_failed_unlock_is_reported_and_its_error_cleared(monkeypatch, capsys):
     assert (
         err.count("\n") == 1 and "cudaHostUnregister failed for 5 buffer(s)" in err and fake.last_error == 0
     )
+
+
+def test_the_local_enhancer_leaves_a_video_pipelines_gpu_cache_alone(tiny_2b, monkeypatch):
+    from cogvideox.enhance import LocalBackend
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    gc.collect()
+    enhancer = LocalBackend("some/instruct-model", device="cuda:0")  # nothing loaded: release only hands back
+    pipe = CogVideoXPipeline(Path(tiny_2b), "tiny", torch.device("cuda", 1), torch.float32, "model")
+    enhancer.release()
+    assert emptied == []  # the video pipeline on cuda:1 may be mid-job
+    del pipe
+    gc.collect()
+    enhancer.release()
+    assert emptied == [1]
