@@ -3,7 +3,10 @@ generation size; a video is also resampled to the model's 8 fps and cut to 8N+1 
 
 Decoding runs imageio-ffmpeg's binary with a demuxer allowlist (no playlists that open other files or URLs)
 and every size, length and time bounded before or while it reads; each problem with a file is a `ValueError`
-that names it (its file name only: in the app, paths are the server's).
+that names it (its file name only: in the app, paths are the server's). The limits are read from what ffmpeg
+itself writes about the stream it decodes (its framecrc header and packet times, each decoded frame's PPM header,
+showinfo's own lines), never from the banner it logs, where the file's metadata (a title, a comment, a track's
+language) can print any text, "Stream #0:0: Video: h264, 64x64" and "Duration: 00:00:01.00" included.
 """
 
 from __future__ import annotations
@@ -34,10 +37,23 @@ DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,png_pipe,jpeg_pipe,web
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF"]  # Pillow's names
 KINDS = "a video (MP4, MOV, WebM, MKV, AVI, GIF) or an image (PNG, JPEG, WebP)"
 
-_SIZE = re.compile(r"Stream #\d+:\d+.*?: Video: .*?, (\d+)x(\d+)\b")
-_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_SHOWINFO = re.compile(r"\bn:\s*\d+\s+pts:\s*(-?\d+|NOPTS)\b.*?\bduration:\s*(-?\d+)")
-_TIME_BASE = re.compile(r"config in time_base: (\d+)/(\d+)")
+PROBE_TIMEOUT_S = 30
+LOG_KEPT = 64 << 10  # bytes of the probe's log kept for messages (a file can make it long)
+
+# framecrc's header and packet lines ("stream, dts, pts, duration, size, crc"), on stdout: ffmpeg's own words.
+_TB = re.compile(rb"#tb 0: (\d+)/(\d+)\n")
+_DIMENSIONS = re.compile(rb"#dimensions 0: (\d+)x(\d+)\n")
+_PACKET = re.compile(rb"0, *(-?\d+), *(-?\d+), *(-?\d+),")
+_NOPTS = -(2**63)
+# Log lines only ffmpeg starts: metadata it prints is indented (and a line break in it indents the rest), so no
+# file can begin a line with a "[component @ 0x...]" prefix.
+_SHOWINFO = re.compile(
+    r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] n:\s*\d+\s+pts:\s*(-?\d+|NOPTS)\b.*?\bduration:\s*(-?\d+)"
+)
+_TIME_BASE = re.compile(r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] config in time_base: (\d+)/(\d+)")
+_OVER_MAX_PIXELS = re.compile(
+    r"^\[\w+ @ 0x[0-9a-f]+\] \[IMGUTILS @ 0x[0-9a-f]+\] Picture size (\d+)x(\d+) exceeds", re.M
+)
 _LOG_PREFIX = re.compile(r"^(\[[^]]*\] )+")
 
 
@@ -74,7 +90,7 @@ def load_video(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     path = _check_file(path)
-    _probe(path)
+    stream_size = _probe(path)
     tick, ticks = Fraction(1, fps), []
     held: tuple[int, np.ndarray] | None = None  # the source frame on screen, by index
     resized: tuple[int, np.ndarray] | None = None  # one resize per source frame, however many ticks show it
@@ -88,7 +104,7 @@ def load_video(
                 resized = (held[0], center_crop_resize(held[1], height, width))
             ticks.append(resized[1])
 
-    with closing(_decode(path)) as frames:
+    with closing(_decode(path, _decoder_cap(*stream_size))) as frames:
         for index, (frame, start, duration) in enumerate(frames):
             if held is not None:  # the previous frame is on screen until this one starts
                 show_held(until=start, inclusive=False)
@@ -162,36 +178,98 @@ def _check_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def _decoder_cap(width: int, height: int) -> int:
+    """ffmpeg's -max_pixels for a stream of this size: decoders count rows padded to 64 pixels (measured with
+    H.264, VP9, GIF and PNG); a row and a column more for any that pad further. At most twice the limit, whatever
+    the stream says: a later frame of another size is refused by the decoder before it is allocated."""
+    return min((-(-width // 64) + 1) * 64 * (height + 16), 2 * MAX_INPUT_PIXELS)
+
+
 def _check_pixels(path: Path, width: int, height: int) -> None:
     if width * height > MAX_INPUT_PIXELS:
         raise ValueError(f"{path.name} is {width}x{height}, more than {MAX_INPUT_PIXELS} pixels per frame")
 
 
-def _ffmpeg_input(path: Path) -> list[str]:
-    # "file:" so that a name such as "http:x" or "pipe:1" is still a local file.
-    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats",
+def _ffmpeg_input(path: Path, max_pixels: int) -> list[str]:
+    # "file:" so that a name such as "http:x" or "pipe:1" is still a local file. -max_pixels: the decoders refuse
+    # a larger frame before allocating it (the probe's own trial decode too); they count rows padded to 64 pixels.
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-max_pixels", str(max_pixels),
             "-format_whitelist", DEMUXERS, "-protocol_whitelist", "file", "-i", f"file:{path}"]  # fmt: skip
 
 
-def _probe(path: Path) -> None:
-    """Refuse, before decoding, a file ffmpeg cannot open or whose frames are too large or duration too long."""
-    try:
-        proc = subprocess.run(_ffmpeg_input(path), capture_output=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"{path.name} took too long to open") from None
-    log = proc.stderr.decode(errors="replace")
-    if "Input #0" not in log:
-        raise ValueError(f"{path.name} is not {KINDS} that can be read{_reason(log)}")
-    size = _SIZE.search(log)
+def _probe(path: Path) -> tuple[int, int]:
+    """The (width, height) of the video stream load_video decodes; refuses, before decoding, a file ffmpeg cannot
+    open, without a video stream, or whose frames are too large or whose packets span too long."""
+    size, seconds, log = _stream_facts(path)
     if size is None:
-        if " Video: " in log:  # a stream without a size: its first frame could not be parsed
-            raise ValueError(f"{path.name} is damaged: its frames cannot be read{_reason(log)}")
-        raise ValueError(f"{path.name} has no video stream")
-    _check_pixels(path, int(size[1]), int(size[2]))
-    if duration := _DURATION.search(log):
-        seconds = 3600 * int(duration[1]) + 60 * int(duration[2]) + float(duration[3])
-        if seconds > MAX_INPUT_SECONDS:
-            raise ValueError(f"{path.name} is {seconds:.1f} s long; the limit is {MAX_INPUT_SECONDS:g} s")
+        if "Input #0" not in log:
+            raise ValueError(f"{path.name} is not {KINDS} that can be read{_reason(log)}")
+        if "matches no streams" in log:
+            raise ValueError(f"{path.name} has no video stream")
+    if size is None or 0 in size:  # the trial decode failed: too large for it (-max_pixels), or damaged
+        if over := _OVER_MAX_PIXELS.search(log):
+            raise ValueError(
+                f"{path.name} is {over[1]}x{over[2]}, more than {MAX_INPUT_PIXELS} pixels per frame"
+            )
+        raise ValueError(f"{path.name} is damaged: its frames cannot be read{_reason(log)}")
+    _check_pixels(path, *size)
+    if seconds > MAX_INPUT_SECONDS:
+        raise ValueError(f"{path.name} is {seconds:.1f} s long; the limit is {MAX_INPUT_SECONDS:g} s")
+    return size
+
+
+def _stream_facts(path: Path) -> tuple[tuple[int, int] | None, float, str]:
+    """The stream's size, the time its packets span and the head of ffmpeg's log, from copying the stream (no
+    decoding) to ffmpeg's framecrc muxer: its header and one line per packet, all written by ffmpeg itself."""
+    command = [
+        *_ffmpeg_input(path, 2 * MAX_INPUT_PIXELS),
+        "-map",
+        "0:v:0",
+        "-c",
+        "copy",
+        "-f",
+        "framecrc",
+        "pipe:1",
+    ]
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timed_out = threading.Event()
+    timer = threading.Timer(PROBE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
+    timer.start()
+    head: list[bytes] = []
+    reader = threading.Thread(target=_keep_head, args=(proc.stderr, head), daemon=True)
+    reader.start()
+    size, base, first, end = None, Fraction(1), None, None
+    try:
+        for line in proc.stdout:  # O(1) memory whatever the packet count; the timer bounds the time
+            if packet := _PACKET.match(line):
+                dts, pts, duration = (int(v) for v in packet.groups())
+                if (start := pts if pts != _NOPTS else dts) != _NOPTS:
+                    first = start if first is None else min(first, start)
+                    end = max(end if end is not None else start, start + max(duration, 0))
+            elif match := _DIMENSIONS.fullmatch(line):
+                size = (int(match[1]), int(match[2]))
+            elif match := _TB.fullmatch(line):
+                base = Fraction(int(match[1]), int(match[2]) or 1)
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        reader.join(timeout=5)
+    if timed_out.is_set():
+        raise ValueError(f"{path.name} took too long to open")
+    seconds = float((end - first) * base) if first is not None else 0.0
+    return size, seconds, b"".join(head).decode(errors="replace")
+
+
+def _keep_head(stream, head: list[bytes]) -> None:
+    """Reads a pipe to its end (so ffmpeg never blocks on it), keeping its first LOG_KEPT bytes."""
+    kept = 0
+    while chunk := stream.read1(65536):
+        if kept < LOG_KEPT:
+            head.append(chunk[: LOG_KEPT - kept])
+            kept += len(head[-1])
+    stream.close()
 
 
 def _reason(log: str) -> str:
@@ -214,14 +292,14 @@ class _Log(threading.Thread):
 
     def run(self) -> None:
         for raw in self.stream:
-            line = raw.decode(errors="replace").strip()
+            line = raw.decode(errors="replace").rstrip()
             with self.changed:
-                if match := _SHOWINFO.search(line):
+                if match := _SHOWINFO.match(line):  # at the line's start: never the file's metadata
                     self.times.append((match[1], int(match[2])))
-                elif match := _TIME_BASE.search(line):
+                elif match := _TIME_BASE.match(line):
                     self.time_base = Fraction(int(match[1]), int(match[2]) or 1)
-                elif line:
-                    self.last = _LOG_PREFIX.sub("", line)
+                elif line.strip():
+                    self.last = _LOG_PREFIX.sub("", line.strip())
                 self.changed.notify_all()
         with self.changed:
             self.done = True
@@ -234,12 +312,14 @@ class _Log(threading.Thread):
             return self.times[index] if len(self.times) > index else ("NOPTS", 0)
 
 
-def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
+def _decode(path: Path, max_pixels: int) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     """(frame, start, duration) of each video frame in order, times in seconds from the first frame. Frames come
     as PPM (each carries its size, so rotated video needs no guessing); showinfo logs each frame's timestamp
-    before passing it on."""
-    command = [*_ffmpeg_input(path), "-loglevel", "info", "-map", "0:v:0", "-vf", "showinfo=checksum=0",
-               "-fps_mode", "passthrough", "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
+    before passing it on. The decoders refuse frames over `max_pixels`; each frame's size, as decoded, is checked
+    before its pixels are read, and its time against MAX_INPUT_SECONDS."""
+    command = [*_ffmpeg_input(path, max_pixels), "-loglevel", "info", "-map", "0:v:0", "-vf", "showinfo=checksum=0",
+               "-fps_mode", "passthrough", "-frames:v", str(MAX_DECODED_FRAMES + 1), "-f", "image2pipe",
+               "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timed_out = threading.Event()
     timer = threading.Timer(DECODE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
@@ -250,6 +330,7 @@ def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     try:
         while (magic := proc.stdout.readline()) == b"P6\n":
             width, height = map(int, proc.stdout.readline().split())
+            _check_pixels(path, width, height)  # what was decoded, whatever the stream's header said
             proc.stdout.readline()  # maxval: 255
             data = proc.stdout.read(width * height * 3)
             if len(data) < width * height * 3:
@@ -260,6 +341,8 @@ def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
             start = int(pts) * base if pts != "NOPTS" else (last or Fraction(0))
             first = start if first is None else first
             last = start if last is None else max(start, last)
+            if last - first > MAX_INPUT_SECONDS:
+                raise ValueError(f"{path.name} is longer than {MAX_INPUT_SECONDS:g} s")
             frame = np.frombuffer(data, np.uint8).reshape(height, width, 3)
             yield frame, last - first, max(duration, 0) * base
             index += 1
