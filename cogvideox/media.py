@@ -48,11 +48,12 @@ _NOPTS = -(2**63)
 # Log lines only ffmpeg starts: metadata it prints is indented (and a line break in it indents the rest), so no
 # file can begin a line with a "[component @ 0x...]" prefix.
 _SHOWINFO = re.compile(
-    r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] n:\s*\d+\s+pts:\s*(-?\d+|NOPTS)\b.*?\bduration:\s*(-?\d+)"
+    r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] n:\s*\d+\s+pts:\s*(-?\d+|NOPTS)\b.*?\bduration:\s*(-?\d+)\b"
+    r".*?\bs:(\d+)x(\d+)\b"
 )
 _TIME_BASE = re.compile(r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] config in time_base: (\d+)/(\d+)")
-_OVER_MAX_PIXELS = re.compile(
-    r"^\[\w+ @ 0x[0-9a-f]+\] \[IMGUTILS @ 0x[0-9a-f]+\] Picture size (\d+)x(\d+) exceeds", re.M
+_OVER_MAX_PIXELS = re.compile(  # a decoder refusing a frame over -max_pixels
+    r"^(?:\[[^]]*\] )*\[IMGUTILS @ 0x[0-9a-f]+\] Picture size (\d+)x(\d+) exceeds", re.M
 )
 _LOG_PREFIX = re.compile(r"^(\[[^]]*\] )+")
 
@@ -90,7 +91,7 @@ def load_video(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     path = _check_file(path)
-    stream_size = _probe(path)
+    _probe(path)
     tick, ticks = Fraction(1, fps), []
     held: tuple[int, np.ndarray] | None = None  # the source frame on screen, by index
     resized: tuple[int, np.ndarray] | None = None  # one resize per source frame, however many ticks show it
@@ -104,7 +105,7 @@ def load_video(
                 resized = (held[0], center_crop_resize(held[1], height, width))
             ticks.append(resized[1])
 
-    with closing(_decode(path, _decoder_cap(*stream_size))) as frames:
+    with closing(_decode(path)) as frames:
         for index, (frame, start, duration) in enumerate(frames):
             if held is not None:  # the previous frame is on screen until this one starts
                 show_held(until=start, inclusive=False)
@@ -178,28 +179,23 @@ def _check_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _decoder_cap(width: int, height: int) -> int:
-    """ffmpeg's -max_pixels for a stream of this size: decoders count rows padded to 64 pixels (measured with
-    H.264, VP9, GIF and PNG); a row and a column more for any that pad further. At most twice the limit, whatever
-    the stream says: a later frame of another size is refused by the decoder before it is allocated."""
-    return min((-(-width // 64) + 1) * 64 * (height + 16), 2 * MAX_INPUT_PIXELS)
-
-
 def _check_pixels(path: Path, width: int, height: int) -> None:
     if width * height > MAX_INPUT_PIXELS:
         raise ValueError(f"{path.name} is {width}x{height}, more than {MAX_INPUT_PIXELS} pixels per frame")
 
 
-def _ffmpeg_input(path: Path, max_pixels: int) -> list[str]:
-    # "file:" so that a name such as "http:x" or "pipe:1" is still a local file. -max_pixels: the decoders refuse
-    # a larger frame before allocating it (the probe's own trial decode too); they count rows padded to 64 pixels.
-    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-max_pixels", str(max_pixels),
-            "-format_whitelist", DEMUXERS, "-protocol_whitelist", "file", "-i", f"file:{path}"]  # fmt: skip
+def _ffmpeg_input(path: Path) -> list[str]:
+    # "file:" so that a name such as "http:x" or "pipe:1" is still a local file. -max_pixels: every decoder (the
+    # probe's trial decode too) refuses a larger frame before allocating it. They count rows padded to 64 pixels
+    # (measured: H.264, VP9, GIF, PNG), hence twice the limit; the exact limit is checked on each decoded frame.
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats",
+            "-max_pixels", str(2 * MAX_INPUT_PIXELS), "-format_whitelist", DEMUXERS, "-protocol_whitelist", "file",
+            "-i", f"file:{path}"]  # fmt: skip
 
 
-def _probe(path: Path) -> tuple[int, int]:
-    """The (width, height) of the video stream load_video decodes; refuses, before decoding, a file ffmpeg cannot
-    open, without a video stream, or whose frames are too large or whose packets span too long."""
+def _probe(path: Path) -> None:
+    """Refuse, before decoding, a file ffmpeg cannot open, without a video stream, or whose stream (the one
+    load_video decodes) has frames too large or packets spanning too long."""
     size, seconds, log = _stream_facts(path)
     if size is None:
         if "Input #0" not in log:
@@ -215,22 +211,12 @@ def _probe(path: Path) -> tuple[int, int]:
     _check_pixels(path, *size)
     if seconds > MAX_INPUT_SECONDS:
         raise ValueError(f"{path.name} is {seconds:.1f} s long; the limit is {MAX_INPUT_SECONDS:g} s")
-    return size
 
 
 def _stream_facts(path: Path) -> tuple[tuple[int, int] | None, float, str]:
     """The stream's size, the time its packets span and the head of ffmpeg's log, from copying the stream (no
     decoding) to ffmpeg's framecrc muxer: its header and one line per packet, all written by ffmpeg itself."""
-    command = [
-        *_ffmpeg_input(path, 2 * MAX_INPUT_PIXELS),
-        "-map",
-        "0:v:0",
-        "-c",
-        "copy",
-        "-f",
-        "framecrc",
-        "pipe:1",
-    ]
+    command = [*_ffmpeg_input(path), "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "pipe:1"]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timed_out = threading.Event()
     timer = threading.Timer(PROBE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
@@ -282,11 +268,13 @@ def _reason(log: str) -> str:
 
 
 class _Log(threading.Thread):
-    """Reads ffmpeg's stderr as it comes: showinfo's timestamp of each frame, and the last other line."""
+    """Reads ffmpeg's stderr as it comes: showinfo's timestamp and size of each frame, a decoder's refusal of a
+    frame over -max_pixels, and the last other line."""
 
     def __init__(self, stream):
         super().__init__(daemon=True)
         self.stream, self.times, self.time_base, self.last, self.done = stream, [], None, "", False
+        self.over: tuple[int, int] | None = None
         self.changed = threading.Condition()
         self.start()
 
@@ -295,7 +283,9 @@ class _Log(threading.Thread):
             line = raw.decode(errors="replace").rstrip()
             with self.changed:
                 if match := _SHOWINFO.match(line):  # at the line's start: never the file's metadata
-                    self.times.append((match[1], int(match[2])))
+                    self.times.append((match[1], int(match[2]), int(match[3]), int(match[4])))
+                elif match := _OVER_MAX_PIXELS.match(line):
+                    self.over = (int(match[1]), int(match[2]))
                 elif match := _TIME_BASE.match(line):
                     self.time_base = Fraction(int(match[1]), int(match[2]) or 1)
                 elif line.strip():
@@ -305,19 +295,20 @@ class _Log(threading.Thread):
             self.done = True
             self.changed.notify_all()
 
-    def frame_time(self, index: int) -> tuple[str, int]:
+    def frame(self, index: int) -> tuple[str, int, int, int]:
+        """pts, duration, width and height of decoded frame `index`, as showinfo saw it (before any scaling)."""
         with self.changed:
             # Bounded: the decode timeout kills ffmpeg, which closes stderr.
             self.changed.wait_for(lambda: len(self.times) > index or self.done, timeout=DECODE_TIMEOUT_S + 5)
-            return self.times[index] if len(self.times) > index else ("NOPTS", 0)
+            return self.times[index] if len(self.times) > index else ("NOPTS", 0, 0, 0)
 
 
-def _decode(path: Path, max_pixels: int) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
+def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     """(frame, start, duration) of each video frame in order, times in seconds from the first frame. Frames come
     as PPM (each carries its size, so rotated video needs no guessing); showinfo logs each frame's timestamp
-    before passing it on. The decoders refuse frames over `max_pixels`; each frame's size, as decoded, is checked
-    before its pixels are read, and its time against MAX_INPUT_SECONDS."""
-    command = [*_ffmpeg_input(path, max_pixels), "-loglevel", "info", "-map", "0:v:0", "-vf", "showinfo=checksum=0",
+    before passing it on. Each frame's size as decoded (showinfo's, and the PPM's before its pixels are read) and
+    time are checked against the limits: ffmpeg would scale a later frame of another size to the first's."""
+    command = [*_ffmpeg_input(path), "-loglevel", "info", "-map", "0:v:0", "-vf", "showinfo=checksum=0",
                "-fps_mode", "passthrough", "-frames:v", str(MAX_DECODED_FRAMES + 1), "-f", "image2pipe",
                "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -335,7 +326,10 @@ def _decode(path: Path, max_pixels: int) -> Iterator[tuple[np.ndarray, Fraction,
             data = proc.stdout.read(width * height * 3)
             if len(data) < width * height * 3:
                 break
-            pts, duration = log.frame_time(index)
+            pts, duration, *decoded = log.frame(index)
+            _check_pixels(path, *decoded)
+            if log.over:  # a frame the decoder refused: larger still
+                _check_pixels(path, *log.over)
             base = log.time_base or Fraction(1)
             # A frame without a timestamp follows the last one; timestamps never step back.
             start = int(pts) * base if pts != "NOPTS" else (last or Fraction(0))
@@ -354,6 +348,8 @@ def _decode(path: Path, max_pixels: int) -> Iterator[tuple[np.ndarray, Fraction,
         log.join(timeout=5)
     if timed_out.is_set():
         raise ValueError(f"{path.name} took longer than {DECODE_TIMEOUT_S:g} s to decode")
+    if log.over:
+        _check_pixels(path, *log.over)
     if index == 0:
         reason = f" ({log.last[:200]})" if log.last and not magic else ""
         raise ValueError(f"{path.name} has no video frames that could be decoded{reason}")
