@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 import app
 import uploads
-from cogvideox import CogVideoXPipeline
+from cogvideox import CogVideoXPipeline, media
 from cogvideox.testing import free_port, write_tiny_checkpoint
 from cogvideox.video import read_mp4, write_gif, write_mp4
 from guard import Guard
@@ -143,6 +144,22 @@ def test_a_file_that_is_not_a_video_is_refused_before_the_queue_and_the_server_g
         refused.value
     )  # the visitor's file name, not our path
     assert read_mp4(client.predict(**TEXT, api_name="/generate")[0]).shape[0] == 17
+
+
+def test_a_video_whose_metadata_says_it_is_small_is_refused_by_its_real_size(
+    server, files, tmp_path, monkeypatch
+):
+    spoofed = (
+        tmp_path / "small.mp4"
+    )  # fox.mp4, 160x120, titled as the line where ffmpeg prints a stream's size
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", files["mp4"], "-c", "copy", "-metadata",
+                    "title=Stream #0:0: Video: h264, 64x48", spoofed], check=True)  # fmt: skip
+    monkeypatch.setattr(media, "MAX_INPUT_PIXELS", 160 * 120 - 1)
+    client = Client(server[0].local_url, verbose=False)
+    with pytest.raises(
+        ValidationError, match=r"video: small\.mp4 is 160x120, more than 19199 pixels per frame"
+    ):
+        client.predict(**TEXT, video=handle_file(str(spoofed)), api_name="/generate")
 
 
 def test_strength_and_smooth_are_checked_like_the_other_fields(server, client, files):
