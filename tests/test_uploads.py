@@ -25,6 +25,7 @@ from cogvideox import CogVideoXPipeline, media
 from cogvideox.testing import free_port, write_tiny_checkpoint
 from cogvideox.video import read_mp4, write_gif, write_mp4
 from guard import Guard
+from tools import attack
 
 TEXT = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2, guidance_scale=6.0,
             num_frames=17)  # fmt: skip
@@ -160,6 +161,13 @@ def test_a_video_whose_metadata_says_it_is_small_is_refused_by_its_real_size(
         ValidationError, match=r"video: small\.mp4 is 160x120, more than 19199 pixels per frame"
     ):
         client.predict(**TEXT, video=handle_file(str(spoofed)), api_name="/generate")
+
+
+def test_the_attack_tools_lying_videos_are_all_refused(server):
+    attacker = attack.Attacker(server[0].local_url)  # 6000x6000 and 70 s files, each saying 64x64 or 1 s
+    attacker.spoofed_media()
+    ((_, tried, handled, first_failure),) = attacker.rows
+    assert tried == handled == 5, first_failure
 
 
 def test_strength_and_smooth_are_checked_like_the_other_fields(server, client, files):
