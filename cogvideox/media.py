@@ -53,7 +53,7 @@ _SHOWINFO = re.compile(
 )
 _TIME_BASE = re.compile(r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] config in time_base: (\d+)/(\d+)")
 _OVER_MAX_PIXELS = re.compile(  # a decoder refusing a frame over -max_pixels
-    r"^(?:\[[^]]*\] )*\[IMGUTILS @ 0x[0-9a-f]+\] Picture size (\d+)x(\d+) exceeds", re.M
+    r"^(?:\[[^]\n]*\] )*\[IMGUTILS @ 0x[0-9a-f]+\] Picture size (\d+)x(\d+) exceeds", re.M
 )
 _LOG_PREFIX = re.compile(r"^(\[[^]]*\] )+")
 
@@ -306,8 +306,8 @@ class _Log(threading.Thread):
 def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     """(frame, start, duration) of each video frame in order, times in seconds from the first frame. Frames come
     as PPM (each carries its size, so rotated video needs no guessing); showinfo logs each frame's timestamp
-    before passing it on. Each frame's size as decoded (showinfo's, and the PPM's before its pixels are read) and
-    time are checked against the limits: ffmpeg would scale a later frame of another size to the first's."""
+    before passing it on. Each frame's size as decoded is checked: the PPM's before its pixels are read, and
+    showinfo's, as ffmpeg would scale a later frame of another size to the first's."""
     command = [*_ffmpeg_input(path), "-loglevel", "info", "-map", "0:v:0", "-vf", "showinfo=checksum=0",
                "-fps_mode", "passthrough", "-frames:v", str(MAX_DECODED_FRAMES + 1), "-f", "image2pipe",
                "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
@@ -321,7 +321,7 @@ def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     try:
         while (magic := proc.stdout.readline()) == b"P6\n":
             width, height = map(int, proc.stdout.readline().split())
-            _check_pixels(path, width, height)  # what was decoded, whatever the stream's header said
+            _check_pixels(path, width, height)  # before allocating it, whatever the stream's header said
             proc.stdout.readline()  # maxval: 255
             data = proc.stdout.read(width * height * 3)
             if len(data) < width * height * 3:
@@ -335,8 +335,6 @@ def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
             start = int(pts) * base if pts != "NOPTS" else (last or Fraction(0))
             first = start if first is None else first
             last = start if last is None else max(start, last)
-            if last - first > MAX_INPUT_SECONDS:
-                raise ValueError(f"{path.name} is longer than {MAX_INPUT_SECONDS:g} s")
             frame = np.frombuffer(data, np.uint8).reshape(height, width, 3)
             yield frame, last - first, max(duration, 0) * base
             index += 1

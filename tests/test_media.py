@@ -1,5 +1,6 @@
 """A user's file as model input: real files written with ffmpeg / Pillow, decoded and checked pixel by pixel."""
 
+import os
 import re
 import struct
 import subprocess
@@ -328,7 +329,7 @@ def test_an_oversized_file_is_refused_before_a_frame_of_its_size_is_allocated(tm
     ffmpeg("-i", honest, "-c", "copy", "-metadata", f"title={FAKE_SIZE}", "-metadata:s:v:0",
            f"language={FAKE_LANGUAGE}", spoofed)  # fmt: skip
     small = write_mp4(indexed_frames(9), tmp_path / "small.mp4", fps=8)
-    env = {"MAX_INPUT_PIXELS": str(1920 * 1080), "PATH": "", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MAX_INPUT_PIXELS": str(1920 * 1080), "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", PEAK_RSS, small, honest, spoofed], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
