@@ -3,7 +3,10 @@ generation size; a video is also resampled to the model's 8 fps and cut to 8N+1 
 
 Decoding runs imageio-ffmpeg's binary with a demuxer allowlist (no playlists that open other files or URLs)
 and every size, length and time bounded before or while it reads; each problem with a file is a `ValueError`
-that names it (its file name only: in the app, paths are the server's).
+that names it (its file name only: in the app, paths are the server's). The limits are read from what ffmpeg
+itself writes about the stream it decodes (its framecrc header and packet times, each decoded frame's PPM header,
+showinfo's own lines), never from the banner it logs, where the file's metadata (a title, a comment, a track's
+language) can print any text, "Stream #0:0: Video: h264, 64x64" and "Duration: 00:00:01.00" included.
 """
 
 from __future__ import annotations
@@ -34,10 +37,24 @@ DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,png_pipe,jpeg_pipe,web
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF"]  # Pillow's names
 KINDS = "a video (MP4, MOV, WebM, MKV, AVI, GIF) or an image (PNG, JPEG, WebP)"
 
-_SIZE = re.compile(r"Stream #\d+:\d+.*?: Video: .*?, (\d+)x(\d+)\b")
-_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_SHOWINFO = re.compile(r"\bn:\s*\d+\s+pts:\s*(-?\d+|NOPTS)\b.*?\bduration:\s*(-?\d+)")
-_TIME_BASE = re.compile(r"config in time_base: (\d+)/(\d+)")
+PROBE_TIMEOUT_S = 30
+LOG_KEPT = 64 << 10  # bytes of the probe's log kept for messages (a file can make it long)
+
+# framecrc's header and packet lines ("stream, dts, pts, duration, size, crc"), on stdout: ffmpeg's own words.
+_TB = re.compile(rb"#tb 0: (\d+)/(\d+)\n")
+_DIMENSIONS = re.compile(rb"#dimensions 0: (\d+)x(\d+)\n")
+_PACKET = re.compile(rb"0, *(-?\d+), *(-?\d+), *(-?\d+),")
+_NOPTS = -(2**63)
+# Log lines only ffmpeg starts: metadata it prints is indented (and a line break in it indents the rest), so no
+# file can begin a line with a "[component @ 0x...]" prefix.
+_SHOWINFO = re.compile(
+    r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] n:\s*\d+\s+pts:\s*(-?\d+|NOPTS)\b.*?\bduration:\s*(-?\d+)\b"
+    r".*?\bs:(\d+)x(\d+)\b"
+)
+_TIME_BASE = re.compile(r"\[Parsed_showinfo_0 @ 0x[0-9a-f]+\] config in time_base: (\d+)/(\d+)")
+_OVER_MAX_PIXELS = re.compile(  # a decoder refusing a frame over -max_pixels
+    r"^(?:\[[^]\n]*\] )*\[IMGUTILS @ 0x[0-9a-f]+\] Picture size (\d+)x(\d+) exceeds", re.M
+)
 _LOG_PREFIX = re.compile(r"^(\[[^]]*\] )+")
 
 
@@ -168,30 +185,77 @@ def _check_pixels(path: Path, width: int, height: int) -> None:
 
 
 def _ffmpeg_input(path: Path) -> list[str]:
-    # "file:" so that a name such as "http:x" or "pipe:1" is still a local file.
+    # "file:" so that a name such as "http:x" or "pipe:1" is still a local file. -max_pixels: every decoder (the
+    # probe's trial decode too) refuses a larger frame before allocating it. They count rows padded to 64 pixels
+    # (measured: H.264, VP9, GIF, PNG), hence twice the limit; the exact limit is checked on each decoded frame.
     return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats",
-            "-format_whitelist", DEMUXERS, "-protocol_whitelist", "file", "-i", f"file:{path}"]  # fmt: skip
+            "-max_pixels", str(2 * MAX_INPUT_PIXELS), "-format_whitelist", DEMUXERS, "-protocol_whitelist", "file",
+            "-i", f"file:{path}"]  # fmt: skip
 
 
 def _probe(path: Path) -> None:
-    """Refuse, before decoding, a file ffmpeg cannot open or whose frames are too large or duration too long."""
-    try:
-        proc = subprocess.run(_ffmpeg_input(path), capture_output=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"{path.name} took too long to open") from None
-    log = proc.stderr.decode(errors="replace")
-    if "Input #0" not in log:
-        raise ValueError(f"{path.name} is not {KINDS} that can be read{_reason(log)}")
-    size = _SIZE.search(log)
+    """Refuse, before decoding, a file ffmpeg cannot open, without a video stream, or whose stream (the one
+    load_video decodes) has frames too large or packets spanning too long."""
+    size, seconds, log = _stream_facts(path)
     if size is None:
-        if " Video: " in log:  # a stream without a size: its first frame could not be parsed
-            raise ValueError(f"{path.name} is damaged: its frames cannot be read{_reason(log)}")
-        raise ValueError(f"{path.name} has no video stream")
-    _check_pixels(path, int(size[1]), int(size[2]))
-    if duration := _DURATION.search(log):
-        seconds = 3600 * int(duration[1]) + 60 * int(duration[2]) + float(duration[3])
-        if seconds > MAX_INPUT_SECONDS:
-            raise ValueError(f"{path.name} is {seconds:.1f} s long; the limit is {MAX_INPUT_SECONDS:g} s")
+        if "Input #0" not in log:
+            raise ValueError(f"{path.name} is not {KINDS} that can be read{_reason(log)}")
+        if "matches no streams" in log:
+            raise ValueError(f"{path.name} has no video stream")
+    if size is None or 0 in size:  # the trial decode failed: too large for it (-max_pixels), or damaged
+        if over := _OVER_MAX_PIXELS.search(log):
+            raise ValueError(
+                f"{path.name} is {over[1]}x{over[2]}, more than {MAX_INPUT_PIXELS} pixels per frame"
+            )
+        raise ValueError(f"{path.name} is damaged: its frames cannot be read{_reason(log)}")
+    _check_pixels(path, *size)
+    if seconds > MAX_INPUT_SECONDS:
+        raise ValueError(f"{path.name} is {seconds:.1f} s long; the limit is {MAX_INPUT_SECONDS:g} s")
+
+
+def _stream_facts(path: Path) -> tuple[tuple[int, int] | None, float, str]:
+    """The stream's size, the time its packets span and the head of ffmpeg's log, from copying the stream (no
+    decoding) to ffmpeg's framecrc muxer: its header and one line per packet, all written by ffmpeg itself."""
+    command = [*_ffmpeg_input(path), "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "pipe:1"]
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timed_out = threading.Event()
+    timer = threading.Timer(PROBE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
+    timer.start()
+    head: list[bytes] = []
+    reader = threading.Thread(target=_keep_head, args=(proc.stderr, head), daemon=True)
+    reader.start()
+    size, base, first, end = None, Fraction(1), None, None
+    try:
+        for line in proc.stdout:  # O(1) memory whatever the packet count; the timer bounds the time
+            if packet := _PACKET.match(line):
+                dts, pts, duration = (int(v) for v in packet.groups())
+                if (start := pts if pts != _NOPTS else dts) != _NOPTS:
+                    first = start if first is None else min(first, start)
+                    end = max(end if end is not None else start, start + max(duration, 0))
+            elif match := _DIMENSIONS.fullmatch(line):
+                size = (int(match[1]), int(match[2]))
+            elif match := _TB.fullmatch(line):
+                base = Fraction(int(match[1]), int(match[2]) or 1)
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        reader.join(timeout=5)
+    if timed_out.is_set():
+        raise ValueError(f"{path.name} took too long to open")
+    seconds = float((end - first) * base) if first is not None else 0.0
+    return size, seconds, b"".join(head).decode(errors="replace")
+
+
+def _keep_head(stream, head: list[bytes]) -> None:
+    """Reads a pipe to its end (so ffmpeg never blocks on it), keeping its first LOG_KEPT bytes."""
+    kept = 0
+    while chunk := stream.read1(65536):
+        if kept < LOG_KEPT:
+            head.append(chunk[: LOG_KEPT - kept])
+            kept += len(head[-1])
+    stream.close()
 
 
 def _reason(log: str) -> str:
@@ -204,42 +268,49 @@ def _reason(log: str) -> str:
 
 
 class _Log(threading.Thread):
-    """Reads ffmpeg's stderr as it comes: showinfo's timestamp of each frame, and the last other line."""
+    """Reads ffmpeg's stderr as it comes: showinfo's timestamp and size of each frame, a decoder's refusal of a
+    frame over -max_pixels, and the last other line."""
 
     def __init__(self, stream):
         super().__init__(daemon=True)
         self.stream, self.times, self.time_base, self.last, self.done = stream, [], None, "", False
+        self.over: tuple[int, int] | None = None
         self.changed = threading.Condition()
         self.start()
 
     def run(self) -> None:
         for raw in self.stream:
-            line = raw.decode(errors="replace").strip()
+            line = raw.decode(errors="replace").rstrip()
             with self.changed:
-                if match := _SHOWINFO.search(line):
-                    self.times.append((match[1], int(match[2])))
-                elif match := _TIME_BASE.search(line):
+                if match := _SHOWINFO.match(line):  # at the line's start: never the file's metadata
+                    self.times.append((match[1], int(match[2]), int(match[3]), int(match[4])))
+                elif match := _OVER_MAX_PIXELS.match(line):
+                    self.over = (int(match[1]), int(match[2]))
+                elif match := _TIME_BASE.match(line):
                     self.time_base = Fraction(int(match[1]), int(match[2]) or 1)
-                elif line:
-                    self.last = _LOG_PREFIX.sub("", line)
+                elif line.strip():
+                    self.last = _LOG_PREFIX.sub("", line.strip())
                 self.changed.notify_all()
         with self.changed:
             self.done = True
             self.changed.notify_all()
 
-    def frame_time(self, index: int) -> tuple[str, int]:
+    def frame(self, index: int) -> tuple[str, int, int, int]:
+        """pts, duration, width and height of decoded frame `index`, as showinfo saw it (before any scaling)."""
         with self.changed:
             # Bounded: the decode timeout kills ffmpeg, which closes stderr.
             self.changed.wait_for(lambda: len(self.times) > index or self.done, timeout=DECODE_TIMEOUT_S + 5)
-            return self.times[index] if len(self.times) > index else ("NOPTS", 0)
+            return self.times[index] if len(self.times) > index else ("NOPTS", 0, 0, 0)
 
 
 def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     """(frame, start, duration) of each video frame in order, times in seconds from the first frame. Frames come
     as PPM (each carries its size, so rotated video needs no guessing); showinfo logs each frame's timestamp
-    before passing it on."""
+    before passing it on. Each frame's size as decoded is checked: the PPM's before its pixels are read, and
+    showinfo's, as ffmpeg would scale a later frame of another size to the first's."""
     command = [*_ffmpeg_input(path), "-loglevel", "info", "-map", "0:v:0", "-vf", "showinfo=checksum=0",
-               "-fps_mode", "passthrough", "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
+               "-fps_mode", "passthrough", "-frames:v", str(MAX_DECODED_FRAMES + 1), "-f", "image2pipe",
+               "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timed_out = threading.Event()
     timer = threading.Timer(DECODE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
@@ -250,11 +321,15 @@ def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     try:
         while (magic := proc.stdout.readline()) == b"P6\n":
             width, height = map(int, proc.stdout.readline().split())
+            _check_pixels(path, width, height)  # before allocating it, whatever the stream's header said
             proc.stdout.readline()  # maxval: 255
             data = proc.stdout.read(width * height * 3)
             if len(data) < width * height * 3:
                 break
-            pts, duration = log.frame_time(index)
+            pts, duration, *decoded = log.frame(index)
+            _check_pixels(path, *decoded)
+            if log.over:  # a frame the decoder refused: larger still
+                _check_pixels(path, *log.over)
             base = log.time_base or Fraction(1)
             # A frame without a timestamp follows the last one; timestamps never step back.
             start = int(pts) * base if pts != "NOPTS" else (last or Fraction(0))
@@ -271,6 +346,8 @@ def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
         log.join(timeout=5)
     if timed_out.is_set():
         raise ValueError(f"{path.name} took longer than {DECODE_TIMEOUT_S:g} s to decode")
+    if log.over:
+        _check_pixels(path, *log.over)
     if index == 0:
         reason = f" ({log.last[:200]})" if log.last and not magic else ""
         raise ValueError(f"{path.name} has no video frames that could be decoded{reason}")

@@ -1,6 +1,11 @@
 """A user's file as model input: real files written with ffmpeg / Pillow, decoded and checked pixel by pixel."""
 
+import os
+import re
+import struct
 import subprocess
+import sys
+from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -12,6 +17,12 @@ from cogvideox.media import center_crop_resize, load_image, load_video
 from cogvideox.video import write_gif, write_mp4
 
 RED, BLUE, WHITE, GRAY = (255, 0, 0), (0, 0, 255), (255, 255, 255), (128, 128, 128)
+ROOT = Path(__file__).resolve().parent.parent
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+# What a file's metadata can make ffmpeg print in its banner, where the old probe read a file's limits from.
+FAKE_SIZE, FAKE_LENGTH = "Stream #0:0: Video: h264, 64x48", "Duration: 00:00:01.00"
+FAKE_FRAME = "n:   0 pts:  99999 pts_time:99 duration:      1 s:64x48"  # showinfo's words for a frame
+FAKE_LANGUAGE = "und): Video: h264, 64x48"  # a Matroska track's language: inside the stream's own line
 
 
 def indexed_frames(count: int, height: int = 48, width: int = 64) -> np.ndarray:
@@ -220,6 +231,114 @@ def test_limits_on_bytes_duration_pixels_frames_and_time(tmp_path, monkeypatch):
     monkeypatch.setattr(media, "DECODE_TIMEOUT_S", 0.001)
     with pytest.raises(ValueError, match=r"took longer than 0\.001 s to decode"):
         load_video(path, 48, 64)
+
+
+def ffmpeg(*args) -> None:
+    subprocess.run([FFMPEG, "-v", "error", *map(str, args)], check=True)
+
+
+def spoofed_files(tmp_path) -> list[Path]:
+    """3 s of 128x96 whose banner says 64x48 and 1 s: in a title and a comment, in the stream's own line, and in
+    the container's own duration (the Matroska Segment's, rewritten)."""
+    clip = write_mp4(indexed_frames(24, 96, 128), tmp_path / "clip.mp4", fps=8)
+    tags, language, header = tmp_path / "tags.mp4", tmp_path / "language.mkv", tmp_path / "header.mkv"
+    ffmpeg("-i", clip, "-c", "copy", "-metadata", f"title={FAKE_SIZE}", "-metadata", f"comment={FAKE_LENGTH}",
+           "-metadata", f"artist={FAKE_FRAME}", tags)  # fmt: skip
+    ffmpeg("-i", clip, "-c", "copy", "-metadata:s:v:0", f"language={FAKE_LANGUAGE}", language)
+    data = bytearray(language.read_bytes())
+    at = data.index(b"\x44\x89\x88") + 3  # Duration: 8 bytes, a float of milliseconds
+    data[at : at + 8] = struct.pack(">d", 1000.0)
+    header.write_bytes(data)
+    return [tags, language, header]
+
+
+def test_limits_hold_on_the_stream_not_on_text_the_file_controls(tmp_path, monkeypatch):
+    files = spoofed_files(tmp_path)
+    for (
+        path
+    ) in files:  # the lies work on a reader of the banner: its first size is 64x48, the first length 1 s
+        banner = subprocess.run([FFMPEG, "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+        assert re.search(r"Video: .*?, (\d+x\d+)", banner)[1] == "64x48" or path.name == "tags.mp4"
+        assert FAKE_SIZE in banner or path.name != "tags.mp4"
+        assert re.search(r"Duration: ([\d:.]+)", banner)[1] == "00:00:01.00" or path.name == "language.mkv"
+
+    monkeypatch.setattr(media, "MAX_INPUT_PIXELS", 128 * 96 - 1)
+    for path in files:
+        for load in (load_video, load_image):
+            with pytest.raises(ValueError, match=rf"{path.name} is 128x96, more than 12287 pixels per frame"):
+                load(path, 48, 64)
+    monkeypatch.setattr(media, "MAX_INPUT_PIXELS", 128 * 96)
+    monkeypatch.setattr(media, "MAX_INPUT_SECONDS", 2.9)
+    for path in files:
+        with pytest.raises(ValueError, match=rf"{path.name} is 3\.0 s long; the limit is 2\.9 s"):
+            load_video(path, 48, 64)
+    monkeypatch.setattr(media, "MAX_INPUT_SECONDS", 3.0)
+    for (
+        path
+    ) in files:  # at both limits: every frame, each at its own time (the fake showinfo line moved none)
+        assert [frame_index(f) for f in load_video(path, 96, 128)] == on_screen(25, 8, 24), path.name
+
+
+def test_a_later_frame_larger_than_the_stream_header_is_refused_as_decoded(tmp_path, monkeypatch):
+    """One H.264 stream whose size changes after 1 s: the MP4's header and the first frames say 64x48. ffmpeg
+    would scale the later frames down to 64x48; the limit holds on them as decoded."""
+
+    def h264(size: str, seconds: float) -> bytes:
+        ffmpeg("-y", "-f", "lavfi", "-i", f"testsrc=size={size}:rate=8:duration={seconds}", "-c:v", "libx264",
+               "-pix_fmt", "yuv420p", tmp_path / "part.h264")  # fmt: skip
+        return (tmp_path / "part.h264").read_bytes()
+
+    first = h264("64x48", 1)
+    for size in ("80x48", "128x96"):  # 80x48: decoded, then refused; 128x96: over the decoder's own cap too
+        (tmp_path / "joined.h264").write_bytes(first + h264(size, 1.5))
+        path = tmp_path / f"{size}.mp4"
+        ffmpeg("-r", 8, "-i", tmp_path / "joined.h264", "-c", "copy", path)
+        width, height = map(int, size.split("x"))
+        monkeypatch.setattr(media, "MAX_INPUT_PIXELS", width * height - 1)
+        with pytest.raises(
+            ValueError, match=rf"{path.name} is {size}, more than {width * height - 1} pixels"
+        ):
+            load_video(path, 48, 64)
+        monkeypatch.setattr(media, "MAX_INPUT_PIXELS", width * height)
+        assert len(load_video(path, 48, 64)) == 17  # 2.4 s (a frame is lost at the switch): all of it
+
+
+PEAK_RSS = """
+import resource, sys
+from cogvideox import media
+
+def peaks():  # MiB: this process's, and the largest of its finished children's (ffmpeg)
+    return [resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+
+media.load_video(sys.argv[1], 48, 64)  # a small file first: both peaks as they are anyway
+before = peaks()
+for path in sys.argv[2:]:
+    try:
+        print("accepted", media.load_video(path, 48, 64).shape)
+    except ValueError as e:
+        print(e)
+print(*(after - was for after, was in zip(peaks(), before)))
+"""
+
+
+def test_an_oversized_file_is_refused_before_a_frame_of_its_size_is_allocated(tmp_path):
+    honest = tmp_path / "honest.mp4"  # 4000x4000: 48 MB a frame as RGB, 24 MB in the decoder; 49 kB on disk
+    ffmpeg("-f", "lavfi", "-i", "color=gray:size=4000x4000:rate=8:duration=0.25", "-c:v", "libx264",
+           "-preset", "ultrafast", "-pix_fmt", "yuv420p", honest)  # fmt: skip
+    spoofed = tmp_path / "spoofed.mkv"
+    ffmpeg("-i", honest, "-c", "copy", "-metadata", f"title={FAKE_SIZE}", "-metadata:s:v:0",
+           f"language={FAKE_LANGUAGE}", spoofed)  # fmt: skip
+    small = write_mp4(indexed_frames(9), tmp_path / "small.mp4", fps=8)
+    env = {**os.environ, "MAX_INPUT_PIXELS": str(1920 * 1080), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS, small, honest, spoofed], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    *messages, rises = run.stdout.splitlines()
+    assert messages == [
+        f"{name} is 4000x4000, more than 2073600 pixels per frame" for name in ("honest.mp4", "spoofed.mkv")
+    ]
+    rise_self, rise_ffmpeg = map(float, rises.split())
+    assert rise_self < 8 and rise_ffmpeg < 8, rises  # MiB
 
 
 @pytest.mark.parametrize(

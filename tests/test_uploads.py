@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from PIL import Image
 
 import app
 import uploads
-from cogvideox import CogVideoXPipeline
+from cogvideox import CogVideoXPipeline, media
 from cogvideox.testing import free_port, write_tiny_checkpoint
 from cogvideox.video import read_mp4, write_gif, write_mp4
 from guard import Guard
+from tools import attack
 
 TEXT = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2, guidance_scale=6.0,
             num_frames=17)  # fmt: skip
@@ -143,6 +145,29 @@ def test_a_file_that_is_not_a_video_is_refused_before_the_queue_and_the_server_g
         refused.value
     )  # the visitor's file name, not our path
     assert read_mp4(client.predict(**TEXT, api_name="/generate")[0]).shape[0] == 17
+
+
+def test_a_video_whose_metadata_says_it_is_small_is_refused_by_its_real_size(
+    server, files, tmp_path, monkeypatch
+):
+    spoofed = (
+        tmp_path / "small.mp4"
+    )  # fox.mp4, 160x120, titled as the line where ffmpeg prints a stream's size
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", files["mp4"], "-c", "copy", "-metadata",
+                    "title=Stream #0:0: Video: h264, 64x48", spoofed], check=True)  # fmt: skip
+    monkeypatch.setattr(media, "MAX_INPUT_PIXELS", 160 * 120 - 1)
+    client = Client(server[0].local_url, verbose=False)
+    with pytest.raises(
+        ValidationError, match=r"video: small\.mp4 is 160x120, more than 19199 pixels per frame"
+    ):
+        client.predict(**TEXT, video=handle_file(str(spoofed)), api_name="/generate")
+
+
+def test_the_attack_tools_lying_videos_are_all_refused(server):
+    attacker = attack.Attacker(server[0].local_url)  # 6000x6000 and 70 s files, each saying 64x64 or 1 s
+    attacker.spoofed_media()
+    ((_, tried, handled, first_failure),) = attacker.rows
+    assert tried == handled == 5, first_failure
 
 
 def test_strength_and_smooth_are_checked_like_the_other_fields(server, client, files):
