@@ -235,7 +235,8 @@ class Attacker:
         full"); another visitor (`other`: another address) is still served; the unheard joins give their places
         back within seconds."""
         fn, results = self.generate_index(), []
-        job = [GOOD[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale")] + [9, "Full"]
+        fields = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale")
+        job = [*(GOOD[k] for k in fields), 9, "Full"]
         job += [None] * (len(self.config["dependencies"][fn]["inputs"]) - len(job))  # no video, strength, ...
         session = uuid.uuid4().hex[:10]
         twice = [self.join(fn, job, session).status_code, self.join(fn, job, session)]
