@@ -10,6 +10,7 @@ from pathlib import Path
 
 from starlette.middleware import Middleware
 
+import fairness
 import uploads
 from guard import Guard, parse_networks
 
@@ -82,9 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
     try:
         args.auth = _credentials(args)
-        parse_networks(
-            env("COGVIDEOX_TRUSTED_PROXIES", "")
-        )  # a typo there is the operator's: say so at start
+        # A typo in these is the operator's: said now, in one line.
+        parse_networks(env("COGVIDEOX_TRUSTED_PROXIES", ""))
+        fairness.settings()
     except ValueError as e:
         p.error(str(e))
     if args.share and not args.auth and not args.insecure_share:
@@ -134,6 +135,8 @@ def launch_options(args: argparse.Namespace, theme=None) -> dict:
     upload_body = cap and cap + (64 << 10)  # a file and its multipart headers
     caps = dict(max_body_bytes=MAX_REQUEST_BYTES, max_upload_bytes=upload_body)
     caps.update(auth=bool(args.auth), origins=page_origins())
+    fair = fairness.settings()  # a fair share of the queue and of memory per visitor (issue 19)
+    sessions = fair.pop("max_sessions")
     return dict(
         server_name=args.host,
         server_port=args.port,
@@ -144,7 +147,11 @@ def launch_options(args: argparse.Namespace, theme=None) -> dict:
         # A video or an image to start from (guard.py lets only those through, within the cap; uploads.py deletes
         # them after UPLOAD_TTL_S); 0 closes the upload route. Gradio's own cap is the file's, the guard's the body's.
         max_file_size=max(1, cap),
-        app_kwargs={"middleware": [Middleware(Guard, **caps)], "lifespan": uploads.cleaner},
+        app_kwargs={
+            "middleware": [Middleware(Guard, **caps), Middleware(fairness.Fairness, **fair)],
+            "lifespan": uploads.cleaner,
+        },
+        state_session_capacity=sessions,
         enable_monitoring=False,
         ssr_mode=False,
         run_history=False,  # prompts stay out of the browser's saved history

@@ -32,6 +32,7 @@ def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("app") / "outputs"
     env = pytest.MonkeyPatch()
     env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))  # as main() does: outside the served folder
+    env.setenv("QUEUE_PER_ADDRESS", "8")  # several visitors at once, all from 127.0.0.1
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda text: pipe.count_tokens(text).n_tokens)
     demo = app.create_demo(pipe, enhancer, output_dir=out, notice=app.TINY_NOTICE, queue_size=3)

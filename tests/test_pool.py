@@ -36,6 +36,7 @@ def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("pool") / "outputs"
     env = pytest.MonkeyPatch()
     env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))
+    env.setenv("QUEUE_PER_ADDRESS", "8")  # several visitors at once, all from 127.0.0.1
     args = app.parse_args(["--model", str(tiny_2b), "--devices", "cpu,cpu", "--port", str(free_port()),
                            "--output-dir", str(out)])  # fmt: skip
     pipes, notice = app.load_pipelines(args, pick_devices(args.device, args.devices))  # as main() does

@@ -38,9 +38,12 @@ def _json(body) -> bytes:
 
 
 class Attacker:
-    def __init__(self, url: str, timeout_s: float = 30.0):
+    """`local_address`: send from this address (another loopback address, 127.0.0.2: another visitor)."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0, local_address: str | None = None):
         self.url = url.rstrip("/") + "/"
-        self.http = httpx.Client(timeout=timeout_s)
+        transport = httpx.HTTPTransport(local_address=local_address) if local_address else None
+        self.http = httpx.Client(timeout=timeout_s, transport=transport)
         self.rows: list[tuple[str, int, int, str]] = []
         self._config = None
 
@@ -61,9 +64,18 @@ class Attacker:
             if r.status_code != 200:
                 return False, f"HTTP {r.status_code}: {r.text[:200]}"
             return "error" not in r.json() or not r.json()["error"], json.dumps(r.json())[:300]
-        r = self.http.post(self.url + "gradio_api/queue/join", content=_json(body), headers=JSON)
+        r = self.join(fn_index, data, session, event_data)
         if r.status_code != 200:
             return False, f"HTTP {r.status_code}: {r.text[:200]}"
+        return self.listen(session)
+
+    def join(self, fn_index: int, data: list, session: str, event_data=None) -> httpx.Response:
+        """Put an event in Gradio's queue for `session` (without listening for it)."""
+        body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data}
+        return self.http.post(self.url + "gradio_api/queue/join", content=_json(body), headers=JSON)
+
+    def listen(self, session: str) -> tuple[bool, str]:
+        """Hear `session`'s queued events to the end of the first: (succeeded, its output or error)."""
         with self.http.stream(
             "GET", self.url + "gradio_api/queue/data", params={"session_hash": session}
         ) as s:
@@ -313,6 +325,56 @@ class Attacker:
                 data[place] = given[name]
         return data
 
+    def queue_flood(self, n: int, other: Attacker | None = None, wait_s: float = 30.0) -> None:
+        """Issue 19: one visitor cannot fill the queue. One session joining twice is refused at once; `n` joins
+        with fresh session ids, never listened to, are refused past a few with a plain message (never "Queue is
+        full"); another visitor (`other`: another address) is still served; the unheard joins give their places
+        back within seconds."""
+        fn, results = self.generate_index(), []
+        fields = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale")
+        job = [*(GOOD[k] for k in fields), 9, "Full"]
+        job += [None] * (len(self.config["dependencies"][fn]["inputs"]) - len(job))  # no video, strength, ...
+        session = uuid.uuid4().hex[:10]
+        twice = [self.join(fn, job, session).status_code, self.join(fn, job, session)]
+        results.append((twice[0] == 200, f"a first join: HTTP {twice[0]}"))
+        results.append((_plain_refusal(twice[1]), f"the same session again: {twice[1].text[:160]}"))
+        flood = [self.join(fn, job, uuid.uuid4().hex[:10]) for _ in range(n)]
+        refused = [r for r in flood if r.status_code != 200]
+        results.append((bool(refused), f"all {n} joins from one address were taken"))
+        results += [(_plain_refusal(r), f"flood: {r.text[:160]}") for r in refused]
+        if other is not None:
+            ok, why = other.run_event(fn, job, queued=True)
+            results.append((ok, f"another visitor during the flood: {why[:160]}"))
+        start, back = time.monotonic(), None
+        while back is None and time.monotonic() - start < wait_s:
+            session = uuid.uuid4().hex[:10]
+            if self.join(fn, job, session).status_code == 200:
+                back = self.listen(session)
+            else:
+                time.sleep(0.5)
+        took = time.monotonic() - start
+        results.append((back is not None and back[0], f"the flood's places, {took:.0f} s later: {back}"))
+        self.record(f"queue flood: 1 session twice, {n} unheard joins from one address", results)
+
+    def session_flood(self, n: int, pid: int | None = None) -> float | None:
+        """Issue 19: `n` cheap events, each with a fresh session id (8 at a time): all answered, and with `pid` (a
+        server on this machine) its memory grows by at most 300 MiB. Returns that growth (MiB)."""
+        deps = self.config["dependencies"]
+        fn = next(i for i, d in enumerate(deps) if d.get("backend_fn") and not d.get("js") and not d["inputs"]
+                  and d.get("queue") is False)  # fmt: skip
+        before, start = _rss_mib(pid), time.monotonic()
+        with futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: self.run_event(fn, [], queued=False), range(n)))
+        took, grown = time.monotonic() - start, None
+        results = [(ok, why[:160]) for ok, why in answers]
+        if pid is not None:
+            grown = _rss_mib(pid) - before
+            results.append((grown <= 300, f"the server grew by {grown:.0f} MiB"))
+        results.append((self.alive(), "server not answering after the flood"))
+        memory = f", RSS +{grown:.0f} MiB" if grown is not None else ""
+        self.record(f"{n} cheap events with fresh session ids ({took:.0f} s{memory})", results)
+        return grown
+
     def logins(self, user: str, password: str) -> None:
         """Password guessing from one address is slowed; the right password from another still works."""
         results = []
@@ -354,12 +416,32 @@ def _spoofed_videos(folder: Path) -> list[Path]:
     return [folder / name for name in ("title.mp4", "language.mkv", "comment.mp4", "length.mkv")]
 
 
+def _plain_refusal(r: httpx.Response) -> bool:
+    """Refused at once with a message a visitor can read (not Gradio's "Queue is full")."""
+    return r.status_code == 429 and "You already have" in r.json().get("detail", "")
+
+
+def _rss_mib(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:7860/")
     p.add_argument("--quick", action="store_true", help="fewer requests (the test suite's run)")
     p.add_argument("--auth", default=None, help="user:password of the app, to attack its login")
     p.add_argument("--clip-url", default=None, help="a served clip, to check its headers")
+    p.add_argument("--other-address", default=None,
+                   help="a second local address to send from as another visitor (on loopback: 127.0.0.2)")  # fmt: skip
+    p.add_argument(
+        "--sessions", type=int, default=None, help="cheap events with fresh session ids (default 2000)"
+    )
+    p.add_argument("--pid", type=int, default=None, help="the server's process id, to read its memory")
     args = p.parse_args(argv)
     attacker = Attacker(args.url)
     if args.auth:  # first: the right password then logs this client in for the rest
@@ -374,6 +456,9 @@ def main(argv=None) -> int:
     attacker.bad_values()
     if not args.quick:  # stores its uploads (valid names): the suite's run checks that nothing is stored
         attacker.spoofed_media()
+    other = Attacker(args.url, local_address=args.other_address) if args.other_address else None
+    attacker.queue_flood(10 if args.quick else 30, other)
+    attacker.session_flood(args.sessions or (200 if args.quick else 2000), args.pid)
     print(attacker.table())
     tried = sum(r[1] for r in attacker.rows)
     handled = sum(r[2] for r in attacker.rows)
