@@ -170,7 +170,7 @@ def generate(pipe, parallel, call: dict, frames_path: Path) -> dict:
     steps = len(marks) - 1
     return {"step_s": np.diff(marks).tolist(), "bytes_sent": parallel.bytes_sent, "steps": steps,
             "steps_computed": result.timings.get("steps_computed", steps), "bytes_per_step": parallel.bytes_sent / steps,
-            "frames": result.frames is not None}  # fmt: skip
+            "frames": result.frames is not None, "seed": result.seed}  # fmt: skip
 
 
 def forward_check(pipe, parallel, call: dict, frames_path: Path) -> dict:

@@ -108,6 +108,15 @@ def test_the_decision_accumulates_the_rescaled_change_and_resets_when_computed(
     assert "".join("X" if cache.should_compute(e) else "." for e in embs) == pattern
 
 
+def test_the_change_is_relative_to_the_previous_steps_embedding():
+    # emb halves each step: |emb - prev| is 0.5 of the previous one's size but 1.0 of the current one's. TeaCache
+    # divides by the previous: 0.5 stays under 0.75 once, then the sum crosses it. By the current, every step would
+    # cross it alone ("XXXXXXXX").
+    cache = StepCache(0.75, (0, 0, 0, 1, 0), num_steps=8)
+    embs = [torch.ones(2, 16) * 0.5**k for k in range(8)]
+    assert "".join("X" if cache.should_compute(e) else "." for e in embs) == "X.X.X.XX"
+
+
 def test_the_polynomial_follows_the_model_family():
     two, five = (StepCache.for_model(0.1, tiny_configs(s)[0], 50) for s in ("2b", "5b"))
     assert two.coefficients == COEFFICIENTS["2b"] and five.coefficients == COEFFICIENTS["5b"]

@@ -397,3 +397,10 @@ def test_cli_input_errors_in_one_line_before_weights(tiny_2b, tiny_i2v, tmp_path
         err = capsys.readouterr().err
         assert rc == 2 and err == f"error: {message}\n", (argv, err)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_an_output_named_in_upper_case_is_an_mp4_too(tmp_path):
+    from cogvideox.__main__ import check_output
+
+    assert check_output(tmp_path / "CLIP.MP4", overwrite=False) is None  # as Windows and cameras name them
+    assert check_output(tmp_path / "clip.mov", overwrite=False) == "--output must end in .mp4"

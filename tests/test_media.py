@@ -365,3 +365,11 @@ def test_frame_limits_are_exact_where_one_more_frame_would_reach_the_next_8n_plu
     images[0].save(held, save_all=True, append_images=images[1:], duration=[500, 100, 100, 100, 200], loop=0)
     assert len(load_video(held, 48, 64, max_frames=9)) == 9
     assert len(load_video(held, 48, 64, max_frames=8)) == 1  # 8 ticks, never a 9th: cut to 8N+1
+
+
+def test_one_second_is_the_shortest_video_that_gives_the_minimum_9_frames(tmp_path):
+    # 8 frames at 8 fps end at 1.0 s: ticks 0..8, the last at the clip's very end showing frame 7. One frame
+    # less ends at 0.875 s: 8 ticks, cut to 8N+1 = 1 (the app then says the video is too short).
+    exact = load_video(write_mp4(indexed_frames(8), tmp_path / "IMG_0001.MOV", fps=8), 48, 64)
+    assert [frame_index(f) for f in exact] == [0, 1, 2, 3, 4, 5, 6, 7, 7]
+    assert len(load_video(write_mp4(indexed_frames(7), tmp_path / "short.mp4", fps=8), 48, 64)) == 1

@@ -152,7 +152,9 @@ def runs(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     two, five = checkpoints["2b"], checkpoints["5b"]
     records = {}
+    drawn = {k: v for k, v in ODD.items() if k != "seed"}  # no seed: each rank draws one, rank 0's is used
     records |= launch(2, [job("cfg2_2b", two, 2, 1, ODD), job("sp2_5b", five, 1, 2, ODD),
+                          job("cfg2_2b_drawn", two, 2, 1, drawn),
                           job("fwd_cfg2_2b", two, 2, 1, ODD, True), job("fwd_sp2_5b", five, 1, 2, ODD, True),
                           job("fwd_sp2_i2v", checkpoints["i2v"], 1, 2, SAMPLE, True)], out)  # fmt: skip
     records |= launch(3, [job("sp3_2b", two, 1, 3, ODD), job("sp3_5b", five, 1, 3, ODD),
@@ -208,6 +210,17 @@ def test_parallel_run_gives_the_single_process_video(runs, single, checkpoints, 
         assert (
             record["bytes_sent"] == computed * sent["all_to_all"] + steps * (sent["gather"] + sent["cfg"]) > 0
         )
+
+
+@pytest.mark.slow
+def test_a_parallel_run_without_a_seed_uses_rank_0s_on_every_rank(runs, single):
+    ranks = runs["records"]["cfg2_2b_drawn"]
+    assert all("error" not in r for r in ranks), ranks
+    seed = ranks[0]["seed"]
+    assert [r["seed"] for r in ranks] == [seed, seed]  # every rank sampled with rank 0's seed, and says so
+    got = np.load(runs["out"] / "cfg2_2b_drawn.npy")
+    want, _ = single("2b", {**ODD, "seed": seed})  # one process's video for that seed
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
 
 
 @pytest.mark.slow

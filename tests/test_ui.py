@@ -198,6 +198,20 @@ def test_the_browser_keeps_the_newest_clips_within_its_byte_budget(out):
     assert len(json.dumps(copy, ensure_ascii=False).encode()) <= clips.SAVED_BYTES
 
 
+def test_a_full_gallery_shows_the_newest_clip_first_and_drops_the_oldest(demo, pipe, out):
+    older = a_clip(out)
+    full = [{**older, "name": f"20240101-0000{i:02d}-{i:016x}.mp4"} for i in range(clips.MAX_GALLERY)][::-1]
+    new = a_clip(out, seed=9)  # the gallery is newest first: full[0] is the newest, full[-1] the oldest
+    gallery, kept, saved, shown = event(demo, "add_clip")(new, full)[:4]
+    assert [c["name"] for c in kept] == [new["name"], *(c["name"] for c in full[:-1])]
+    assert [e["name"] for e in saved] == [c["name"] for c in kept] and shown is new
+    pictures = asked(gallery)["value"]  # (video, caption), as shown: the new clip first
+    assert len(pictures) == clips.MAX_GALLERY and pictures[0] == (new["mp4"], clips.caption(new))
+    # The browser's copy of a gallery longer than the page keeps (an old or edited one): its newest entries.
+    entries = [{"name": c["name"], **{k: c["settings"][k] for k in clips.SETTINGS}} for c in [new, *full]]
+    assert [c["name"] for c in clips.restore(entries, out, pipe)] == [c["name"] for c in kept]
+
+
 def test_a_smooth_clip_says_so_and_the_browser_keeps_it_smooth(pipe, out):
     clip = a_clip(out, smooth=True)
     s = clip["settings"]

@@ -5,10 +5,12 @@ reading of an upload as it streams past."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import imageio_ffmpeg
@@ -396,3 +398,83 @@ def test_the_upload_cap_is_exact_whether_declared_or_streamed_in_pieces(declared
         assert asyncio.run(through_guard(sized[cap], chunk, cap, declared)) == (200, sized[cap])
         status, read = asyncio.run(through_guard(sized[cap + 1], chunk, cap, declared))
         assert status == 413 and len(read) <= cap  # the app never read past the cap
+
+
+# -- names as cameras write them, the shortest video, and uploads closed ---------------------------------------------
+
+
+def test_camera_names_in_upper_case_are_let_in_by_the_guard():
+    for name in ("IMG_0042.MOV", "DSC01.JPG", "clip.Mp4"):
+        ok = body((f'form-data; name="files"; filename="{name}"', b"\x00\x01media"))
+        assert asyncio.run(through_guard(ok, 1 << 20)) == (200, ok), name
+    page = body(('form-data; name="files"; filename="PAGE.HTML"', b"<script>"))
+    assert asyncio.run(through_guard(page, 1 << 20))[0] == 403  # upper case is no way around the list
+
+
+def test_camera_names_in_upper_case_are_uploaded_and_read_end_to_end(server, files, tmp_path, monkeypatch):
+    """IMG_0042.MOV and DSC01.JPG, as phones and cameras name them: through the guard, then read as the page's
+    checks read them (the note shown on upload runs the same load as the job)."""
+    demo, pipe, out = server
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))  # this server's (another may be up)
+    jpeg = tmp_path / "still.jpg"
+    Image.open(files["png"]).save(jpeg, quality=95)
+    notes = {}
+    for name, source, field in (("IMG_0042.MOV", files["mp4"], "video"), ("DSC01.JPG", jpeg, "image")):
+        r = upload(demo.local_url, name, source.read_bytes())
+        assert r.status_code == 200, r.text
+        (path,) = r.json()
+        assert Path(path).name == name
+        notes[field] = uploads.describe(pipe, {"path": path, "orig_name": name}, field)
+    assert notes["video"] == ("Using 17 frames (2.1 s) of your video, cropped to 96×64.", 17)
+    assert notes["image"] == ("Using your image as the first frame, cropped to 96×64.", None)
+
+
+def test_a_video_of_exactly_the_minimum_length_is_accepted_and_one_frame_less_is_not(tmp_path, monkeypatch):
+    # 8 frames at 8 fps last 1 s: ticks 0..8 (the last at the clip's end), MIN_FRAMES = 9. 7 frames: 8 ticks, cut to 1.
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # load() reads only files in Gradio's upload folder
+    pipe = SimpleNamespace(defaults={"height": 64, "width": 96}, max_frames=49, fps=8)
+    exact = write_mp4(moving_frames(8), tmp_path / "exact.mp4", fps=8)
+    short = write_mp4(moving_frames(7), tmp_path / "short.mp4", fps=8)
+    assert uploads.MIN_FRAMES == 9 and len(uploads.load(pipe, {"path": str(exact)}, "video").pixels) == 9
+    with pytest.raises(uploads.UploadError, match=r"short\.mp4 is too short: at least 9 frames \(1 s\)"):
+        uploads.load(pipe, {"path": str(short)}, "video")
+
+
+async def refusal(guard: Guard) -> tuple[int, str, bytes]:
+    """POST a small video upload through `guard`: (status, detail, what the app behind it read)."""
+    data, sent, seen = body(('form-data; name="files"; filename="a.mp4"', b"\x00" * 100)), [], []
+
+    async def behind(scope, receive, send):
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"detail": "stored"}'})
+
+    async def receive():
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [
+        (b"content-type", b"multipart/form-data; boundary=XyZ"),
+        (b"content-length", b"%d" % len(data)),
+    ]
+    guard.app = behind
+    scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload", "headers": headers}
+    await guard(scope, receive, send)
+    detail = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))[
+        "detail"
+    ]
+    return sent[0]["status"], detail, b"".join(seen)
+
+
+@pytest.mark.parametrize(("cap", "body_cap"), [(0, 0), (1, 1 + (64 << 10))])
+def test_max_upload_bytes_0_closes_the_upload_routes_at_the_guard(monkeypatch, cap, body_cap):
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", cap)  # what MAX_UPLOAD_BYTES=0 in the environment sets
+    (middleware,) = app.launch_options(app.parse_args([]))["app_kwargs"]["middleware"]
+    assert middleware.cls is Guard and middleware.kwargs["max_upload_bytes"] == body_cap
+    status, detail, read = asyncio.run(refusal(Guard(None, **middleware.kwargs)))
+    if cap == 0:  # closed: refused before anything is read, and not as a body over a cap of 0 (413)
+        assert (status, detail, read) == (403, "This app takes no uploads.", b"")
+    else:  # a 1-byte cap: this 100-byte file's body fits in the 64 KiB its multipart headers get
+        assert (status, detail) == (200, "stored") and read

@@ -52,8 +52,9 @@ def _assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
 @pytest.mark.parametrize(
     ("style", "kwargs"),
     [
-        ("2b", {"strength": 0.5, "num_inference_steps": 4}),  # DDIM: steps 3 and 4 of 4
-        ("5b", {"strength": 0.75, "num_inference_steps": 4, "use_dynamic_cfg": True}),  # DPM: 3 of 4
+        # int(steps · strength), not round(): DDIM 3.5 runs steps 5 to 7 of 7, DPM 3.6 runs 4 to 6 of 6
+        ("2b", {"strength": 0.5, "num_inference_steps": 7}),
+        ("5b", {"strength": 0.6, "num_inference_steps": 6, "use_dynamic_cfg": True}),
     ],
 )
 def test_video_to_video_matches_reference(style, kwargs, request):
@@ -114,12 +115,18 @@ def test_i2v_checkpoint_loads_strictly_with_its_learned_table(tiny_i2v):
 
 def test_strength_runs_the_last_steps_and_the_step_cache_counts_those(tiny_2b):
     assert [steps_to_run(50, s) for s in (0.8, 1.0, 0.5, 0.01)] == [40, 50, 25, 0]
+    assert (steps_to_run(7, 0.5), steps_to_run(6, 0.6)) == (3, 3)  # truncated as diffusers does: not 4
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")
-    seen = []
-    result = pipe(PROMPT, video=VIDEO, strength=0.5, num_inference_steps=8, seed=0, step_cache=1e9,
+    pipe.load()
+    seen, timesteps, embed = [], [], pipe.transformer.embed
+    pipe.transformer.embed = lambda x, text, t: timesteps.append(int(t[0])) or embed(x, text, t)
+    result = pipe(PROMPT, video=VIDEO, strength=0.5, num_inference_steps=7, seed=0, step_cache=1e9,
                   callback=lambda s, n: seen.append((s, n)))  # fmt: skip
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert result.timings["steps_computed"] == 2  # the first and the last of the 4 run, the rest skipped
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # int(3.5)
+    assert timesteps == pipe.scheduler.timesteps(7)[4:].tolist()  # the last 3 of the 7
+    assert (
+        result.timings["steps_computed"] == 2
+    )  # the first and the last of the 3 run, the middle one skipped
     assert result.settings["strength"] == 0.5 and "encode" in result.timings
 
 
