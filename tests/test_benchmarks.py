@@ -200,7 +200,7 @@ def test_gpu_check_compiles_and_runs_under_the_pipelines_kernel_pick(tmp_path, m
     assert (
         len(picks) == 1 and out["attention_kernel"] == "CUDNN_ATTENTION"
     )  # picked once: the first pick stands
-    refused = "No viable backend for scaled_dot_product_attention"
+    refused = "_scaled_dot_product_cudnn_attention"  # the picked kernel's op, called by name: none on a CPU
     assert refused in out["eager_error"]
     assert [len(r["shape"]) for r in out["shapes"]] == [4] * 3
     assert all(refused in r["error_detail"] for r in out["shapes"]), out["shapes"]

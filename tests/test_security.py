@@ -199,7 +199,12 @@ class TrickleServer:
 
 def test_a_trickling_enhancer_holds_only_its_own_callers_and_says_how_long_it_waited(tmp_path):
     trickle = TrickleServer()
-    env = {"OPENAI_BASE_URL": trickle.url, "PROMPT_ENHANCER_TIMEOUT": "2", "PROMPT_ENHANCER_CONCURRENCY": "4"}
+    env = {
+        "OPENAI_BASE_URL": trickle.url,
+        "PROMPT_ENHANCER_TIMEOUT": "2",
+        "PROMPT_ENHANCER_CONCURRENCY": "4",
+        "QUEUE_PER_ADDRESS": "8",
+    }  # several callers from this one address at once
     proc, url, _ = start_app(tmp_path, env=env)
     try:
         clients = [Client(url, verbose=False) for _ in range(4)]
