@@ -112,7 +112,9 @@ def test_generate_and_draft_use_the_speed_chosen_and_render_final_renders_in_ful
     # The page's handler, called as Gradio calls it, with each input's value.
     texts = []
     for speed, cache in (("Fastest", "fast"), (final_speed.value, None)):
-        *_, clip = list(runs[0].fn(*GOOD.values(), SimpleNamespace(session_hash="s"), speed, **QUIET))[-1]
+        *_, clip = list(runs[0].fn(*GOOD.values(), SimpleNamespace(session_hash="s"), speed=speed, **QUIET))[
+            -1
+        ]
         assert calls.runs[-1][0]["step_cache"] == cache and clip["settings"]["step_cache"] == cache
         assert ("steps_computed" in clip["settings"]) == (cache is not None)
         texts.append(clips.done_text(clip))
