@@ -10,31 +10,25 @@ rank 0 serves the page (ranks.py).
 
 from __future__ import annotations
 
+import webapp  # first: on ZeroGPU it imports spaces, which must come before torch (webapp/__init__.py)
+
+# isort: split
 import hashlib
 import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
-if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
-    # Hugging Face ZeroGPU: spaces patches torch as it is imported, so it must come before torch does.
-    import spaces  # noqa: F401
-
 import gradio as gr
 
-import jobs
-import ranks
-import uploads
-from clips import CLIP_NAME, GIF, MAX_GALLERY, OUTPUT_TTL_S, clean_outputs  # noqa: F401 (the app's names)
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
-from events import CANCEL, OPTIONAL_FIELDS, PageEvents, model_status, pipelines  # noqa: F401 (the app's names)
-from jobs import ABANDONED_S, HEARTBEAT_S, ZERO_GPU, gpu_seconds, user_error  # noqa: F401 (the app's names)
-from launch import gradio_cache_dir, launch_options, parse_args  # noqa: F401 (the app's names)
-from pool import pick_devices
-from serve import (  # noqa: F401 (the app's names)
-    TINY_NOTICE,
-    load_pipeline,
+from webapp import jobs, ranks, uploads
+from webapp.clips import GIF, OUTPUT_TTL_S
+from webapp.events import CANCEL, PageEvents, pipelines
+from webapp.launch import gradio_cache_dir, parse_args
+from webapp.pool import pick_devices
+from webapp.serve import (
     load_pipelines,
     open_pipeline,
     prompt_enhancer,
@@ -42,8 +36,7 @@ from serve import (  # noqa: F401 (the app's names)
     start_server,
     startup_lines,
 )
-from validation import (  # noqa: F401 (the app's names)
-    FIELDS,
+from webapp.validation import (
     FULL,
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
@@ -52,7 +45,6 @@ from validation import (  # noqa: F401 (the app's names)
     PROMPT_BOX_CHARS,
     SPEED_CHOICES,
     TokenMeter,
-    check_inputs,
     frame_counts,
 )
 
@@ -145,7 +137,7 @@ def create_demo(
     renderer = jobs.Renderer(pipes, output_dir, enhancer, parallel)
     d = pipe.defaults if pipe else RELEASE_DEFAULTS
     events = PageEvents(pipes, renderer, enhancer, output_dir, notice, d["num_inference_steps"])
-    if ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
+    if webapp.ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
         jobs.PIPELINE = pipe
     with gr.Blocks(
         title="CogVideoX", analytics_enabled=False, delete_cache=(max(60, OUTPUT_TTL_S // 4), OUTPUT_TTL_S)
@@ -236,7 +228,7 @@ def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
                                  elem_id="cancel")  # fmt: skip
     # Where the user looks after a click: the job's progress and queue place, then how it went.
     c.run_status = gr.Markdown(IDLE, elem_id="run-status")
-    if ZERO_GPU:
+    if webapp.ZERO_GPU:
         gr.Markdown(ZERO_GPU_CANCEL_NOTE, elem_classes="hint", elem_id="cancel-note")
 
 
@@ -277,14 +269,14 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
         concurrency_id="gpu", show_progress_on=[c.video, c.run_status], concurrency_limit=concurrency,
     )  # fmt: skip
     runs = [
-        c.run_btn.click(**lock, inputs=[*fields, c.randomize, c.speed, *media]).success(
+        c.run_btn.click(**lock, inputs=[c.randomize, *fields, c.speed, *media]).success(
             **job, api_name="generate"
         ),
-        c.draft_btn.click(**lock, inputs=[*draft_fields, c.randomize, c.speed, *media]).success(
+        c.draft_btn.click(**lock, inputs=[c.randomize, *draft_fields, c.speed, *media]).success(
             **{**job, "inputs": [*draft_fields, c.speed, *media]}, api_visibility="private"
         ),
         c.final_btn.click(ev.final_inputs, c.current, [*fields, c.randomize, c.smooth, c.strength], **UI)
-        .success(**lock, inputs=[*fields, c.randomize, full_speed, *media])
+        .success(**lock, inputs=[c.randomize, *fields, full_speed, *media])
         .success(**{**job, "inputs": [*fields, full_speed, *media]}, api_visibility="private"),
     ]
     c.views = [
@@ -350,10 +342,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.parallel:  # every rank of torchrun's: rank 0 serves the page, the others its jobs
         ranks.main(args, open_pipeline, lambda pipe, notice, session: serve(args, [pipe], notice, session),
-                   zero_gpu=ZERO_GPU)  # fmt: skip
+                   zero_gpu=webapp.ZERO_GPU)  # fmt: skip
         return
     try:  # a device this machine lacks is the operator's mistake: one line, not a page that cannot render
-        devices = pick_devices(args.device, args.devices, zero_gpu=ZERO_GPU)
+        devices = pick_devices(args.device, args.devices, zero_gpu=webapp.ZERO_GPU)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     pipes, notice = load_pipelines(args, devices)

@@ -377,6 +377,7 @@ class PromptEnhancer:
         count_tokens: Callable[[str], int],
         max_tokens: int = MAX_TOKENS,
         env: Mapping[str, str] = os.environ,
+        local_device: str | None = None,
     ) -> PromptEnhancer:
         """The endpoint if configured, else a local model whose weights are on disk, else none (with why).
 
@@ -396,10 +397,7 @@ class PromptEnhancer:
         local_model = env.get("PROMPT_ENHANCER_LOCAL_MODEL", "").strip()
         cache_dir = _hub_cache(env)
         if local_weights_available(local_model or DEFAULT_LOCAL_MODEL, cache_dir):
-            # On ZeroGPU CUDA exists only inside a spaces.GPU function, yet torch.cuda.is_available() is true in
-            # every thread of the main process: an enhance request (a handler thread) would reach CUDA's init.
-            device = "cpu" if env.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true") else None
-            backend = LocalBackend(local_model or DEFAULT_LOCAL_MODEL, cache_dir, device=device)
+            backend = LocalBackend(local_model or DEFAULT_LOCAL_MODEL, cache_dir, device=local_device)
             return cls(backend, count_tokens, max_tokens)
         reason = _unavailable_reason(local_model or DEFAULT_LOCAL_MODEL, explicit=bool(local_model))
         return cls(None, count_tokens, max_tokens, unavailable_reason=reason)

@@ -21,6 +21,7 @@ from cogvideox.enhance import PromptEnhancer
 from cogvideox.testing import EchoBackend, free_port
 from cogvideox.text import TokenCount
 from cogvideox.video import read_mp4
+from webapp import clips, events, jobs, launch, serve, validation
 
 GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2,
             guidance_scale=6.0, num_frames=9)  # fmt: skip
@@ -31,13 +32,15 @@ REWRITE = "A red fox with a thick winter coat trots across a snowy meadow at daw
 def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("app") / "outputs"
     env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))  # as main() does: outside the served folder
+    env.setenv(
+        "GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out))
+    )  # as main() does: outside the served folder
     env.setenv("QUEUE_PER_ADDRESS", "8")  # several visitors at once, all from 127.0.0.1
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda text: pipe.count_tokens(text).n_tokens)
-    demo = app.create_demo(pipe, enhancer, output_dir=out, notice=app.TINY_NOTICE, queue_size=3)
-    args = app.parse_args(["--port", str(free_port()), "--output-dir", str(out)])
-    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    demo = app.create_demo(pipe, enhancer, output_dir=out, notice=serve.TINY_NOTICE, queue_size=3)
+    args = launch.parse_args(["--port", str(free_port()), "--output-dir", str(out)])
+    demo.launch(**launch.launch_options(args), prevent_thread_lock=True, quiet=True)
     try:
         yield demo, pipe, out
     finally:
@@ -83,7 +86,7 @@ def test_generate_returns_a_decodable_mp4_with_the_settings(server, client):
     assert settings["prompt"] == GOOD["prompt"] and settings["guidance_scale"] == 6.0
     assert settings["model"] and settings["time_taken_s"] > 0
     stem = Path(video).stem
-    assert app.CLIP_NAME.match(Path(video).name)
+    assert clips.CLIP_NAME.match(Path(video).name)
     assert (out / f"{stem}.mp4").is_file() and (out / f"{stem}.json").is_file()
     assert not (out / f"{stem}.gif").exists()  # made only when someone asks for it (test_ui.py)
 
@@ -99,12 +102,12 @@ def test_seed_minus_one_picks_a_random_32_bit_seed_and_reports_it(client):
         ({"prompt": ""}, "prompt"),
         ({"prompt": "   "}, "prompt"),
         ({"prompt": 42}, "prompt"),
-        ({"prompt": "x" * (app.MAX_PROMPT_CHARS + 1)}, "prompt"),
+        ({"prompt": "x" * (validation.MAX_PROMPT_CHARS + 1)}, "prompt"),
         ({"negative_prompt": ["a"]}, "negative_prompt"),
         ({"seed": 2**32}, "seed"),
         ({"seed": "abc"}, "seed"),
         ({"steps": 0}, "steps"),
-        ({"steps": app.MAX_STEPS + 1}, "steps"),
+        ({"steps": validation.MAX_STEPS + 1}, "steps"),
         ({"steps": 2.5}, "steps"),
         ({"steps": "2"}, "steps"),
         ({"guidance_scale": 0.5}, "guidance_scale"),
@@ -127,12 +130,12 @@ def test_the_server_keeps_serving_after_bad_inputs(client):
 
 def test_checks_inside_the_job_match_the_ones_before_it(server):
     pipe = server[1]
-    kwargs, errors = app.check_inputs(pipe, "a cat", None, 3.0, 4.0, 5, 9.0)  # JSON may send 3.0 for 3
+    kwargs, errors = validation.check_inputs(pipe, "a cat", None, 3.0, 4.0, 5, 9.0)  # JSON may send 3.0 for 3
     assert errors == {} and kwargs["seed"] == 3 and kwargs["num_inference_steps"] == 4
     assert kwargs["negative_prompt"] == "" and kwargs["guidance_scale"] == 5.0
-    _, errors = app.check_inputs(pipe, "a cat", "", 1, 2, math.nan, 9)
+    _, errors = validation.check_inputs(pipe, "a cat", "", 1, 2, math.nan, 9)
     assert set(errors) == {"guidance_scale"}
-    _, errors = app.check_inputs(None, "a cat", "", 1, 2, 6.0, 9)  # no model: refused, with the reason
+    _, errors = validation.check_inputs(None, "a cat", "", 1, 2, 6.0, 9)  # no model: refused, with the reason
     assert "no model" in errors["prompt"]
 
 
@@ -173,7 +176,7 @@ def test_cancel_stops_the_job_within_a_step_and_frees_the_gpu(server, slow_steps
     job = client.submit(**{**GOOD, "steps": 100}, api_name="/generate")
     wait_until(lambda: len(slow_steps) >= 3)
     job.cancel()
-    time.sleep(app.HEARTBEAT_S + app.ABANDONED_S + 0.3)  # the job notices, and its running step finishes
+    time.sleep(jobs.HEARTBEAT_S + jobs.ABANDONED_S + 0.3)  # the job notices, and its running step finishes
     stopped_at = len(slow_steps)
     time.sleep(0.5)
     assert len(slow_steps) == stopped_at < 60, "the pipeline kept denoising after cancel"
@@ -234,11 +237,11 @@ def test_launch_is_hardened(server):
     refused = httpx.post(demo.local_url + "gradio_api/upload", files=small)
     assert refused.status_code == 403 and refused.json()["detail"].startswith("Only videos and images")
     with pytest.raises(SystemExit):
-        app.parse_args(["--share"])  # a public link without a password is refused...
-    assert app.parse_args(["--share", "--auth", "me:pw"]).auth == [("me", "pw")]
-    assert app.parse_args(["--share", "--insecure-share"]).share  # ...unless asked for explicitly
+        launch.parse_args(["--share"])  # a public link without a password is refused...
+    assert launch.parse_args(["--share", "--auth", "me:pw"]).auth == [("me", "pw")]
+    assert launch.parse_args(["--share", "--insecure-share"]).share  # ...unless asked for explicitly
     with pytest.raises(SystemExit):
-        app.parse_args(["--auth", "no-colon"])
+        launch.parse_args(["--auth", "no-colon"])
 
 
 def test_settings_come_from_the_environment_too(monkeypatch):
@@ -246,7 +249,7 @@ def test_settings_come_from_the_environment_too(monkeypatch):
     monkeypatch.setenv("COGVIDEOX_PORT", "9999")
     monkeypatch.setenv("COGVIDEOX_MEMORY_MODE", "sequential")
     monkeypatch.setenv("COGVIDEOX_AUTH", "a:b,c:d")
-    args = app.parse_args([])
+    args = launch.parse_args([])
     assert (args.model, args.port, args.memory_mode, args.auth) == (
         "some/model",
         9999,
@@ -255,14 +258,14 @@ def test_settings_come_from_the_environment_too(monkeypatch):
     )
     monkeypatch.setenv("COGVIDEOX_DTYPE", "fp8")
     with pytest.raises(SystemExit):
-        app.parse_args([])
+        launch.parse_args([])
 
 
 def test_compile_reaches_the_pipeline(monkeypatch, tmp_path):
-    assert not app.parse_args([]).compile
+    assert not launch.parse_args([]).compile
     monkeypatch.setenv("COGVIDEOX_COMPILE", "1")
-    args = app.parse_args(["--model", "tiny-random", "--output-dir", str(tmp_path)])
-    pipe, notice = app.load_pipeline(args)
+    args = launch.parse_args(["--model", "tiny-random", "--output-dir", str(tmp_path)])
+    pipe, notice = serve.load_pipeline(args)
     assert args.compile and pipe.compile and "random weights" in notice.lower()
 
 
@@ -273,11 +276,11 @@ def test_old_outputs_are_cleaned_up(server, client):
     for path in [*old, keep]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"old")
-        os.utime(path, (time.time() - app.OUTPUT_TTL_S - 60,) * 2)
+        os.utime(path, (time.time() - clips.OUTPUT_TTL_S - 60,) * 2)
     video, _, _ = client.predict(**GOOD, api_name="/generate")
     assert not any(p.exists() for p in old)
     assert keep.exists() and (out / Path(video).name).exists()
-    assert demo.delete_cache[1] == app.OUTPUT_TTL_S  # Gradio drops its own cached copies as old
+    assert demo.delete_cache[1] == clips.OUTPUT_TTL_S  # Gradio drops its own cached copies as old
 
 
 def test_token_count_shows_what_is_cut(server, monkeypatch):
@@ -295,17 +298,17 @@ def test_token_count_shows_what_is_cut(server, monkeypatch):
 
 
 def test_without_a_model_the_page_still_builds_and_says_why(tmp_path):
-    args = app.parse_args(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)])
-    pipe, notice = app.load_pipeline(args)
+    args = launch.parse_args(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)])
+    pipe, notice = serve.load_pipeline(args)
     assert pipe is None and "unavailable" in notice and "tiny-random" in notice
     demo = app.create_demo(None, output_dir=tmp_path, notice=notice)
-    assert notice in app.model_status(None, notice)
+    assert notice in events.model_status(None, notice)
     assert {"/generate", "/enhance"} <= {f"/{fn.api_name}" for fn in demo.fns.values() if fn.api_name}
 
 
 def test_zero_gpu_duration_grows_with_the_work():
-    short = app.gpu_seconds(None, {"num_inference_steps": 10, "num_frames": 9})
-    full = app.gpu_seconds(None, {"num_inference_steps": 50, "num_frames": 49})
+    short = jobs.gpu_seconds(None, {"num_inference_steps": 10, "num_frames": 9})
+    full = jobs.gpu_seconds(None, {"num_inference_steps": 50, "num_frames": 49})
     assert 60 <= short < full
 
 

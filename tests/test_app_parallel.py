@@ -24,6 +24,7 @@ from gradio_client import Client
 from gradio_client.exceptions import ValidationError
 
 import app
+import webapp
 from cogvideox import CogVideoXPipeline
 from cogvideox.testing import free_port
 from cogvideox.video import read_mp4, write_mp4
@@ -185,7 +186,7 @@ def test_what_parallel_cannot_run_with_is_one_line(
     tiny_2b, tmp_path, monkeypatch, argv, world, zero_gpu, message
 ):
     torchrun_env(monkeypatch, world)
-    monkeypatch.setattr(app, "ZERO_GPU", zero_gpu)
+    monkeypatch.setattr(webapp, "ZERO_GPU", zero_gpu)
     with pytest.raises(SystemExit) as stop:
         app.main(["--model", str(tiny_2b), "--output-dir", str(tmp_path / "out"), "--device", "cpu", *argv])
     assert stop.value.code == message

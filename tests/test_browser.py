@@ -20,6 +20,7 @@ from cogvideox import CogVideoXPipeline
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.testing import EchoBackend
 from cogvideox.video import write_mp4
+from webapp import launch, serve
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,11 +40,11 @@ def server(tiny_2b, tmp_path_factory):
     env.setenv("GRADIO_TEMP_DIR", str(out / "gradio"))
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda text: pipe.count_tokens(text).n_tokens)
-    demo = app.create_demo(pipe, enhancer, output_dir=out, notice=app.TINY_NOTICE)
+    demo = app.create_demo(pipe, enhancer, output_dir=out, notice=serve.TINY_NOTICE)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(**app.launch_options(app.parse_args(["--port", str(port), "--output-dir", str(out)]), app.THEME),
+    demo.launch(**launch.launch_options(launch.parse_args(["--port", str(port), "--output-dir", str(out)]), app.THEME),
                 prevent_thread_lock=True, quiet=True)  # fmt: skip
     try:
         yield demo.local_url, pipe, out

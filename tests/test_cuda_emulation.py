@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cogvideox import CogVideoXPipeline, offload
 from cogvideox.offload import Offloader, module_bytes
-from pool import DevicePool
+from webapp.pool import DevicePool
 
 FLASH, MATH = SDPBackend.FLASH_ATTENTION, SDPBackend.MATH
 WAIT_S = 30

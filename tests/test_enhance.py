@@ -18,6 +18,7 @@ from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -35,6 +36,7 @@ from cogvideox.enhance import (
     clean_rewrite,
     trim_to_budget,
 )
+from webapp import serve
 
 RELEASE_PROMPTS = [
     example["prompt"]
@@ -696,7 +698,7 @@ HOSTILE = 'quota <a href="https://evil.example/">renew here</a> <img src=x onerr
 
 def enhance_in_the_page(enhancer: PromptEnhancer, tmp_path: Path) -> gr.Error:
     """The enhance button's handler, as Gradio calls it; the gr.Error it raises."""
-    from events import PageEvents
+    from webapp.events import PageEvents
 
     events = PageEvents([], None, enhancer, tmp_path, "", 50)
     with pytest.raises(gr.Error) as raised:
@@ -741,8 +743,13 @@ def test_on_zero_gpu_the_local_model_runs_on_the_cpu(tiny_chat_model, count_toke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as spaces makes it in the main process
     env = {"PROMPT_ENHANCER_LOCAL_MODEL": str(tiny_chat_model)}
     assert PromptEnhancer.from_env(count_tokens, env=env).backend.device.type == "cuda"
-    zero = PromptEnhancer.from_env(count_tokens, env={**env, "SPACES_ZERO_GPU": "true"})
-    assert zero.backend.device.type == "cpu"
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PROMPT_ENHANCER_LOCAL_MODEL", str(tiny_chat_model))
+    pipe = SimpleNamespace(count_tokens=lambda text: SimpleNamespace(n_tokens=count_tokens(text)))
+    assert serve.prompt_enhancer(pipe).backend.device.type == "cuda"
+    monkeypatch.setattr(serve, "ZERO_GPU", True)  # the app asks for the CPU there
+    assert serve.prompt_enhancer(pipe).backend.device.type == "cpu"
 
 
 def test_any_failure_of_the_local_model_is_an_enhance_error(tiny_chat_model, count_tokens, monkeypatch):

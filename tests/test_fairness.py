@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import app
-import fairness
 from cogvideox import CogVideoXPipeline
 from cogvideox.testing import free_port
 from tools import attack
+from webapp import fairness, launch
 
 STEP_S = 0.05  # each transformer call: a 100-step job lasts >= 5 s
 LISTEN_S = 1.5
@@ -25,15 +25,15 @@ SETTINGS = {"QUEUE_PER_ADDRESS": "3", "QUEUE_LISTEN_S": str(LISTEN_S), "SESSIONS
 def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("fair") / "outputs"
     env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))
+    env.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))
     for name, value in SETTINGS.items():  # read at launch, as from the command line's environment
         env.setenv(name, value)
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     pipe.load()
     slow = pipe.transformer.register_forward_pre_hook(lambda *_: time.sleep(STEP_S))
     demo = app.create_demo(pipe, output_dir=out)  # the app's queue: 8 jobs
-    args = app.parse_args(["--port", str(free_port()), "--output-dir", str(out)])
-    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    args = launch.parse_args(["--port", str(free_port()), "--output-dir", str(out)])
+    demo.launch(**launch.launch_options(args), prevent_thread_lock=True, quiet=True)
     try:
         yield demo
     finally:
@@ -129,5 +129,5 @@ def test_the_limits_come_from_the_environment(env, expected):
 def test_a_limit_that_is_not_a_positive_number_is_one_line_at_start(monkeypatch, capsys, value):
     monkeypatch.setenv("QUEUE_PER_ADDRESS", value)
     with pytest.raises(SystemExit):
-        app.parse_args([])
+        launch.parse_args([])
     assert f"QUEUE_PER_ADDRESS must be a positive integer, not {value!r}" in capsys.readouterr().err

@@ -15,9 +15,8 @@ import imageio_ffmpeg
 import pytest
 from test_security import start_app, stop
 
-import guard
-import launch
-from guard import Guard, allowed_route, client_address, other_site, parse_networks
+from webapp import guard, launch
+from webapp.guard import Guard, allowed_route, client_address, other_site, parse_networks
 
 # What a visit really requests (recorded from Chromium and gradio_client: the page, a generation, an upload, Cancel,
 # the API page's curl): each must pass. Written out here, apart from guard.ROUTES, so a rule that is too narrow fails.

@@ -23,7 +23,8 @@ import app
 from cogvideox.pipeline import GenerationCancelled
 from cogvideox.testing import free_port
 from cogvideox.video import read_mp4
-from pool import DevicePool, parse_devices, pick_devices
+from webapp import events, launch, serve
+from webapp.pool import DevicePool, parse_devices, pick_devices
 
 GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=8,
             guidance_scale=6.0, num_frames=9)  # fmt: skip
@@ -35,13 +36,13 @@ STEP_S = 0.05
 def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("pool") / "outputs"
     env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))
+    env.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))
     env.setenv("QUEUE_PER_ADDRESS", "8")  # several visitors at once, all from 127.0.0.1
-    args = app.parse_args(["--model", str(tiny_2b), "--devices", "cpu,cpu", "--port", str(free_port()),
+    args = launch.parse_args(["--model", str(tiny_2b), "--devices", "cpu,cpu", "--port", str(free_port()),
                            "--output-dir", str(out)])  # fmt: skip
-    pipes, notice = app.load_pipelines(args, pick_devices(args.device, args.devices))  # as main() does
+    pipes, notice = serve.load_pipelines(args, pick_devices(args.device, args.devices))  # as main() does
     demo = app.create_demo(pipes, output_dir=out, notice=notice, queue_size=4)
-    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    demo.launch(**launch.launch_options(args), prevent_thread_lock=True, quiet=True)
     try:
         yield demo, pipes, out
     finally:
@@ -179,7 +180,7 @@ def test_out_of_memory_on_one_device_releases_only_that_pipeline(server, steps, 
 def test_the_page_says_how_many_devices_serve_it(server):
     demo, pipes, _ = server
     assert "2 devices: cpu, cpu" in httpx.get(demo.local_url + "config").text
-    assert "2 devices" not in app.model_status(pipes[0], "")  # one pipeline: the line as before
+    assert "2 devices" not in events.model_status(pipes[0], "")  # one pipeline: the line as before
     generate = next(fn for fn in demo.fns.values() if fn.api_name == "generate")
     assert generate.concurrency_limit == 2
 
@@ -235,7 +236,7 @@ def test_device_lists_are_checked_before_anything_loads(monkeypatch, tmp_path):
         with pytest.raises(SystemExit, match=r"^error: [^\n]+$"):
             app.main([*base, *argv])
     monkeypatch.setenv("COGVIDEOX_DEVICES", "cpu,cpu")
-    assert app.parse_args([]).devices == "cpu,cpu"
+    assert launch.parse_args([]).devices == "cpu,cpu"
     monkeypatch.setenv("COGVIDEOX_DEVICE", "cpu")
     with pytest.raises(SystemExit, match="not both"):
         app.main(base)

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import launch
 from cogvideox import CogVideoXPipeline, text
 from cogvideox import __main__ as cli
 from cogvideox.video import read_mp4
+from webapp import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -131,18 +131,19 @@ def server(tiny_2b, tmp_path_factory):
     import app
     from cogvideox.enhance import PromptEnhancer
     from cogvideox.testing import EchoBackend
+    from webapp import serve
 
     out = tmp_path_factory.mktemp("app") / "outputs"
     env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))
+    env.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda prompt: pipe.count_tokens(prompt).n_tokens)
-    demo = app.create_demo(pipe, enhancer, output_dir=out, notice=app.TINY_NOTICE)
+    demo = app.create_demo(pipe, enhancer, output_dir=out, notice=serve.TINY_NOTICE)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = app.parse_args(["--port", str(port), "--output-dir", str(out)])
-    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    args = launch.parse_args(["--port", str(port), "--output-dir", str(out)])
+    demo.launch(**launch.launch_options(args), prevent_thread_lock=True, quiet=True)
     try:
         yield demo
     finally:

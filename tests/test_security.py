@@ -22,14 +22,14 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-import launch
-from clips import CLIP_NAME
 from cogvideox import CogVideoXPipeline
 from cogvideox.testing import free_port
 from cogvideox.video import read_mp4, write_mp4
-from guard import LoginThrottle
 from tools import attack
-from validation import check_inputs
+from webapp import launch
+from webapp.clips import CLIP_NAME
+from webapp.guard import LoginThrottle
+from webapp.validation import check_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = dict(prompt="a red kite", negative_prompt="", seed=7, steps=1, guidance_scale=6.0, num_frames=9)
@@ -243,10 +243,11 @@ def broken(tiny_2b, tmp_path, component, key, value):
 
 def test_a_broken_checkpoint_is_named_in_the_page(tiny_2b, tmp_path):
     import app
+    from webapp import serve
 
     root = broken(tiny_2b, tmp_path, "vae", "scaling_factor", 0)
     args = launch.parse_args(["--model", str(root), "--output-dir", str(tmp_path / "out")])
-    pipe, notice = app.load_pipeline(args)
+    pipe, notice = serve.load_pipeline(args)
     assert pipe is None and f"{root / 'vae' / 'config.json'}: 'scaling_factor' must be positive" in notice
     # Weights that break only when loaded: the first Generate says which file, and the server goes on.
     root = tmp_path / "truncated"
@@ -386,7 +387,7 @@ def test_the_api_schema_types_frames_and_steps_as_integers(public_app):
 
 
 def test_token_meters_cannot_pile_up(tiny_2b):
-    from validation import TokenMeter
+    from webapp.validation import TokenMeter
 
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")
     entered, release = threading.Barrier(3), threading.Event()

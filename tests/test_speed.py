@@ -17,11 +17,10 @@ from gradio_client import Client
 from gradio_client.exceptions import ValidationError
 
 import app
-import clips
-import jobs
 from cogvideox import CogVideoXPipeline
 from cogvideox.video import read_mp4
-from validation import FULL, SPEEDS, check_inputs
+from webapp import clips, jobs, launch, validation
+from webapp.validation import FULL, SPEEDS, check_inputs
 
 GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=6, guidance_scale=6.0,
             num_frames=9)  # fmt: skip
@@ -58,10 +57,10 @@ def calls(monkeypatch):
 def server(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("speed") / "outputs"
     env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))
+    env.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))
     demo = app.create_demo(pipe, output_dir=out)
-    args = app.parse_args(["--port", str(app_port()), "--output-dir", str(out)])
-    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    args = launch.parse_args(["--port", str(app_port()), "--output-dir", str(out)])
+    demo.launch(**launch.launch_options(args), prevent_thread_lock=True, quiet=True)
     try:
         yield demo, out
     finally:
@@ -106,14 +105,16 @@ def test_generate_and_draft_use_the_speed_chosen_and_render_final_renders_in_ful
     runs = [f for f in demo.fns.values() if f.name == "generate"]  # Generate, Draft, Render final
     assert len(runs) == 3
     finals = [f for f in runs if radio not in f.inputs]
-    at = len(app.FIELDS)  # speed follows the fields (then the optional video, strength, smooth)
+    at = len(validation.FIELDS)  # speed follows the fields (then the optional video, strength, smooth)
     assert len(finals) == 1 and all(f.inputs[at] is radio for f in runs if f not in finals)
     final_speed = finals[0].inputs[at]
     assert final_speed.value == FULL and not final_speed.visible
     # The page's handler, called as Gradio calls it, with each input's value.
     texts = []
     for speed, cache in (("Fastest", "fast"), (final_speed.value, None)):
-        *_, clip = list(runs[0].fn(*GOOD.values(), SimpleNamespace(session_hash="s"), speed, **QUIET))[-1]
+        *_, clip = list(runs[0].fn(*GOOD.values(), SimpleNamespace(session_hash="s"), speed=speed, **QUIET))[
+            -1
+        ]
         assert calls.runs[-1][0]["step_cache"] == cache and clip["settings"]["step_cache"] == cache
         assert ("steps_computed" in clip["settings"]) == (cache is not None)
         texts.append(clips.done_text(clip))

@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 
 import app
-import clips
-import jobs
 from cogvideox import CogVideoXPipeline
 from cogvideox.pipeline import MAX_SEED, GenerationCancelled
 from cogvideox.video import read_mp4
-from validation import MAX_PROMPT_CHARS, PROMPT_BOX_CHARS, TokenMeter
+from webapp import clips, jobs, launch, serve
+from webapp.validation import MAX_PROMPT_CHARS, PROMPT_BOX_CHARS, TokenMeter
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2, guidance_scale=6.0,
@@ -77,18 +76,18 @@ def a_clip(folder: Path, prompt: str = "a fox in the snow", seed: int = 5, steps
 def test_randomize_gives_every_run_a_new_seed_and_a_fixed_seed_stays(demo):
     start = event(demo, "start_run")
     values = [*GOOD.values()]
-    seeds = {start(*values, True)[0] for _ in range(5)}
+    seeds = {start(True, *values)[0] for _ in range(5)}
     assert len(seeds) == 5 and all(isinstance(s, int) and 0 <= s < MAX_SEED for s in seeds)
     assert 7 not in seeds  # the seed box's value is not what a randomized run uses
-    locked = start(*values, False)
+    locked = start(False, *values)
     assert locked[0] == SKIP  # unticked: the seed box's own seed is used, as it is
     run, draft, final, cancel = (asked(b)["interactive"] for b in locked[1:5])
     assert (run, draft, final, cancel) == (False, False, False, True) and locked[5] == ""
     rows, _ = app._load_presets(49)  # a preset is shown with its own seed: Randomize goes off
     assert rows and all(row[-1] is False for row in rows)
     # Inputs the job would refuse lock nothing: its validator says what is wrong, and no event would unlock.
-    assert start(*{**GOOD, "prompt": "  "}.values(), True) == (SKIP,) * 6
-    assert start(*{**GOOD, "num_frames": 10}.values(), "yes") == (SKIP,) * 6
+    assert start(True, *{**GOOD, "prompt": "  "}.values()) == (SKIP,) * 6
+    assert start("yes", *{**GOOD, "num_frames": 10}.values()) == (SKIP,) * 6
 
 
 def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_until_a_clip(demo, out):
@@ -340,14 +339,14 @@ def test_cancel_stops_the_sessions_job_and_reports_its_step_and_the_job_ends_wit
 def test_start_up_lines_name_the_url_the_model_and_how_to_share_safely(tiny_2b):
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)  # not loaded yet
     page = SimpleNamespace(local_url="http://127.0.0.1:7860/", share_url=None)
-    lines = app.startup_lines(app.parse_args([]), pipe, page)
+    lines = serve.startup_lines(launch.parse_args([]), pipe, page)
     assert lines[0] == "CogVideoX demo: http://127.0.0.1:7860/"
     assert "(cpu, float32); memory mode: picked from free memory" in lines[1]
     assert "--share --auth-file" in lines[2] and "share=True" not in "\n".join(lines)
     shared = SimpleNamespace(local_url=page.local_url, share_url="https://abc.gradio.live")
-    lines = app.startup_lines(app.parse_args(["--share", "--auth", "me:pw"]), pipe, shared)
+    lines = serve.startup_lines(launch.parse_args(["--share", "--auth", "me:pw"]), pipe, shared)
     assert lines[2] == "  public link: https://abc.gradio.live, login required (1 user)" and len(lines) == 3
-    lines = app.startup_lines(app.parse_args(["--host", "0.0.0.0"]), None, page)
+    lines = serve.startup_lines(launch.parse_args(["--host", "0.0.0.0"]), None, page)
     assert "unavailable" in lines[1] and "no login" in lines[2] and "--auth-file" in lines[3]
 
 

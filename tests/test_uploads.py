@@ -22,12 +22,12 @@ from gradio_client.exceptions import ValidationError
 from PIL import Image
 
 import app
-import uploads
 from cogvideox import CogVideoXPipeline, media
 from cogvideox.testing import free_port, write_tiny_checkpoint
 from cogvideox.video import read_mp4, write_gif, write_mp4
-from guard import Guard
 from tools import attack
+from webapp import launch, uploads, validation
+from webapp.guard import Guard
 
 TEXT = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2, guidance_scale=6.0,
             num_frames=17)  # fmt: skip
@@ -46,10 +46,12 @@ def moving_frames(count: int, height: int = 120, width: int = 160) -> np.ndarray
 
 def served(demo, out: Path, *, cap: int = CAP):
     mp = pytest.MonkeyPatch()
-    mp.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))  # as main() does: outside the served folder
+    mp.setenv(
+        "GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out))
+    )  # as main() does: outside the served folder
     mp.setattr(uploads, "MAX_UPLOAD_BYTES", cap)
-    args = app.parse_args(["--port", str(free_port()), "--output-dir", str(out)])
-    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    args = launch.parse_args(["--port", str(free_port()), "--output-dir", str(out)])
+    demo.launch(**launch.launch_options(args), prevent_thread_lock=True, quiet=True)
     return mp
 
 
@@ -58,7 +60,7 @@ def server(tiny_2b, tmp_path_factory):
     out = tmp_path_factory.mktemp("uploads") / "outputs"
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     mp = pytest.MonkeyPatch()
-    mp.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))  # before the Blocks: its cache folder
+    mp.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))  # before the Blocks: its cache folder
     demo = app.create_demo(pipe, output_dir=out)
     env = served(demo, out)
     try:
@@ -143,7 +145,7 @@ def test_a_file_that_is_not_a_video_is_refused_before_the_queue_and_the_server_g
     client = Client(server[0].local_url, verbose=False)
     with pytest.raises(ValidationError, match=error) as refused:
         client.predict(**TEXT, video=handle_file(str(files[name])), api_name="/generate")
-    assert str(app.gradio_cache_dir(server[2])) not in str(
+    assert str(launch.gradio_cache_dir(server[2])) not in str(
         refused.value
     )  # the visitor's file name, not our path
     assert read_mp4(client.predict(**TEXT, api_name="/generate")[0]).shape[0] == 17
@@ -175,8 +177,8 @@ def test_the_attack_tools_lying_videos_are_all_refused(server):
 def test_strength_and_smooth_are_checked_like_the_other_fields(server, client, files):
     pipe, values = server[1], {**TEXT, "steps": 20}.values()
     for strength in (0.05, 1.0):  # the bounds are in; just past them, NaN and the wrong types are out
-        assert not app.check_inputs(pipe, *values, video={"path": "x"}, strength=strength)[1]
-    assert "strength" in app.check_inputs(pipe, *values, video={"path": "x"}, strength=float("nan"))[1]
+        assert not validation.check_inputs(pipe, *values, video={"path": "x"}, strength=strength)[1]
+    assert "strength" in validation.check_inputs(pipe, *values, video={"path": "x"}, strength=float("nan"))[1]
     for strength in (0.04, 1.01, True, "0.5"):
         with pytest.raises(ValidationError, match=r"strength: must be a number from 0\.05 to 1"):
             client.predict(
@@ -221,7 +223,7 @@ def i2v_server(tmp_path_factory):
     out = tmp_path_factory.mktemp("i2v") / "outputs"
     pipe = CogVideoXPipeline.from_pretrained(root, device="cpu", dtype=torch.float32)
     mp = pytest.MonkeyPatch()
-    mp.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))
+    mp.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))
     demo = app.create_demo(pipe, output_dir=out)
     env = served(demo, out)
     try:
@@ -273,7 +275,7 @@ def test_an_upload_comes_back_as_media_or_a_download_never_a_page(server, files)
     r = upload(demo.local_url, "page.mp4", files["html"].read_bytes(), "text/html")  # its name says video
     assert r.status_code == 200
     (path,) = r.json()
-    assert Path(path).resolve().is_relative_to(Path(app.gradio_cache_dir(server[2])).resolve())
+    assert Path(path).resolve().is_relative_to(Path(launch.gradio_cache_dir(server[2])).resolve())
     back = httpx.get(f"{demo.local_url}gradio_api/file={path}")
     assert back.status_code == 200 and back.headers["x-content-type-options"] == "nosniff"
     assert back.headers["content-type"] == "video/mp4"  # not text/html: with nosniff, never run as a page
@@ -314,7 +316,7 @@ def test_an_upload_over_the_cap_is_refused_at_the_guard_and_other_bodies_keep_th
 def test_uploads_are_swept_after_their_time_and_cut_off_parts_too(server):
     demo, _, out = server
     (path,) = upload(demo.local_url, "old.mp4", b"\x00" * 1000).json()
-    folder = app.gradio_cache_dir(out)
+    folder = launch.gradio_cache_dir(out)
     partial = folder / "tmpcutoff"
     partial.write_bytes(b"\x00" * 10)
     now = time.time()

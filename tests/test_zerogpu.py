@@ -24,11 +24,11 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
-import jobs
 from cogvideox import CogVideoXPipeline
 from cogvideox.pipeline import GenerationCancelled
 from cogvideox.testing import free_port
 from cogvideox.video import read_mp4
+from webapp import jobs, validation
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "zerogpu_app.py"
@@ -210,7 +210,7 @@ def gpu_pipe(tiny_2b):
 
 def test_the_gpu_function_takes_and_returns_only_what_pickles(gpu_pipe, monkeypatch):
     monkeypatch.setattr(jobs, "PIPELINE", gpu_pipe)
-    kwargs, errors = app.check_inputs(gpu_pipe, "a red fox", "", 7, 1, 6.0, 9)
+    kwargs, errors = validation.check_inputs(gpu_pipe, "a red fox", "", 7, 1, 6.0, 9)
     assert not errors
     pickle.dumps((kwargs, gr.Progress()))  # what spaces sends to the worker
     result = pickle.loads(pickle.dumps(jobs.render_on_gpu(kwargs)))  # and what comes back

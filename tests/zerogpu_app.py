@@ -34,6 +34,7 @@ from spaces.zero.torch import patching
 
 import app
 from cogvideox.pipeline import CogVideoXPipeline
+from webapp import launch, serve
 
 FAILURES = {
     "REFUSE": lambda: ValueError("the prompt is refused by the pipeline"),
@@ -72,7 +73,7 @@ def log_progress(path: str) -> None:
 
 
 def report_load(argv: list[str]) -> None:
-    pipe, notice = app.load_pipeline(app.parse_args(argv))
+    pipe, notice = serve.load_pipeline(launch.parse_args(argv))
     if pipe is None:
         raise SystemExit(notice)
     param = next(pipe.transformer.parameters())

@@ -24,23 +24,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):  # as spaces reads it
-    import spaces  # it patches torch as it is imported, so it comes before torch
-else:
-    spaces = None
-
 import gradio as gr
 import torch
 
-from clips import OUTPUT_TTL_S, clean_outputs, save_clip, write_preview
 from cogvideox.offload import is_out_of_memory
 from cogvideox.pipeline import CogVideoXPipeline, GenerationCancelled, GenerationResult
-from pool import DevicePool
-from ranks import LoadFailed
-from uploads import UploadError, prepare
-from validation import FULL, check_inputs, preview_every
+from webapp import ZERO_GPU
+from webapp.clips import OUTPUT_TTL_S, clean_outputs, save_clip, write_preview
+from webapp.pool import DevicePool
+from webapp.ranks import LoadFailed
+from webapp.request import Checked, Request, RequestError, endpoint
+from webapp.validation import preview_every
 
-ZERO_GPU = spaces is not None
 # The scheduler refuses a longer request ("ZeroGPU illegal duration"). spaces does not hold the cap (the server
 # checks it) and the docs do not give it; 300 s is the per-call maximum Hugging Face staff gave
 # (huggingface.co/spaces/zero-gpu-explorers/README/discussions/7). Override it if it moves.
@@ -142,6 +137,8 @@ def render_on_gpu(settings: dict, progress=_progress) -> GenerationResult:
 
 
 if ZERO_GPU:
+    import spaces  # already imported, before torch, by webapp/__init__.py
+
     render_on_gpu = spaces.GPU(duration=lambda settings, *_: gpu_seconds(PIPELINE, settings))(render_on_gpu)
 
 
@@ -200,30 +197,27 @@ class Renderer:
         self.pipe = pipes[0] if pipes else None  # limits and validation: every pipeline has the same
         self.output_dir, self.enhancer, self.parallel = output_dir, enhancer, parallel
         self.running: dict[str, Run] = {}  # session -> its job, while it runs
+        self.checked = Checked(self.pipe, parallel)  # a click's Request, checked once (request.py)
+        # What Gradio calls: /generate, its parameters those of a Request.
+        self.generate = endpoint(self._generate, "generate", self._generate.__doc__)
 
-    def generate(
-        self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, request: gr.Request,
-        speed=FULL, video=None, strength=None, smooth=False, image=None, progress=_progress,
-    ):  # fmt: skip
+    def _generate(self, values: dict, request: gr.Request, progress=_progress):
         """Render a video. seed -1 picks a random one; speed Full, Faster or Fastest (the step cache: Faster and
         Fastest skip steps that change little). Optional: video, a clip to start from (MP4, WebM, MOV, GIF…:
         center-cropped to the model's size at 8 fps; the video has as many frames as it has, up to num_frames),
         changed by strength (0.05 to 1, default 0.8: lower keeps more of it); smooth, a frame interpolated between
         each two, written at 16 fps (as long, smoother); image, the first frame, which image-to-video models
         need. Returns the MP4, the seed used and the settings."""
-        values = (prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed)
-        kwargs, errors = check_inputs(self.pipe, *values, video, strength, smooth, image)
-        if not errors and self.parallel is not None:
-            errors = self.parallel.problems(self.pipe, kwargs)
-        if errors:
-            raise user_error("; ".join(f"{k}: {v}" for k, v in errors.items()))
-        try:  # the upload, read (already, by the check before the queue: remembered)
-            kwargs, extras = prepare(self.pipe, kwargs, smooth)
-        except UploadError as e:
-            raise user_error(f"{e.field}: {e}") from None
+        try:  # checked when the click locked the buttons, or by the validator: taken as it was
+            job = self.checked(values)
+        except RequestError as e:
+            raise user_error(str(e)) from None
+        yield from self._run(job, request.session_hash, progress)
+
+    def _run(self, job: Request, session: str, progress):
         clean_outputs(self.output_dir, OUTPUT_TTL_S)
         # The worker stops at its next step, leaving the GPU to the next job, once the request is gone.
-        session, pulled, latest = request.session_hash, [time.monotonic()], []
+        pulled, latest = [time.monotonic()], []
         run = self.running[session] = Run()
 
         def wanted():
@@ -235,7 +229,7 @@ class Renderer:
 
         worker = threading.Thread(
             target=contextvars.copy_context().run,  # gr.Progress (and ZeroGPU) read the request's context
-            args=(self._job, run, kwargs, wanted, report, extras),
+            args=(self._job, run, job, wanted, report),
             daemon=True,
         )
         worker.start()
@@ -292,12 +286,12 @@ class Renderer:
             time.sleep(0.2)  # and its last message on its way to the page
         return cancelled_text(run)
 
-    def _job(self, run: Run, kwargs, wanted, progress, extras=None):
+    def _job(self, run: Run, job: Request, wanted, progress):
         started = time.perf_counter()
         try:
-            result = self._on_a_device(run, kwargs, wanted, progress)
+            result = self._on_a_device(run, job.pipeline_kwargs(), wanted, progress)
             progress(1.0, desc="Writing the MP4")  # the device is free again: the next job starts meanwhile
-            run.clip = save_clip(result, self.output_dir, started, **(extras or {}))  # extras: smooth, source
+            run.clip = save_clip(result, self.output_dir, started, **job.clip_options())
         except Exception as e:
             # A bug is re-raised in the request, where Gradio reports it; a cancel keeps its own words for Cancel.
             run.error = e if isinstance(e, GenerationCancelled) else known_error(e) or e

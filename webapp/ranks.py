@@ -42,7 +42,7 @@ from cogvideox.parallel import (
     video_tokens,
 )
 from cogvideox.pipeline import MAX_SEED, GenerationCancelled
-from validation import MIN_FRAMES
+from webapp.validation import MIN_FRAMES
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 WAIT_FOR_JOBS = timedelta(days=365)

@@ -193,23 +193,10 @@ class Guard:
         root = scope.get("root_path", "")
         path = path[len(root) :] or "/" if root and path.startswith(root) else path
         headers = dict(scope.get("headers") or [])
-        if not allowed_route(method, path):
-            return await _refuse(send, 404, "Not Found")
-        if self.auth and other_site(method, headers, self._own_hosts(scope, headers)):
-            return await _refuse(send, 403, "Requests from other sites are refused: open the app's own page.")
-        upload = None
-        if method == "POST" and path.rstrip("/").endswith(UPLOAD_PATHS):
-            if not self.max_upload_bytes:
-                return await _refuse(send, 403, "This app takes no uploads.")
-            if path.endswith("/"):  # the app would redirect it, unread, to the route itself
-                return await _refuse(send, 404, "Not Found")
-            upload = UploadCheck(headers.get(b"content-type", b""))
-            if upload.problem:
-                return await _refuse(send, 415, upload.problem)
+        refusal, upload = self._before_reading(scope, path, method, headers)
+        if refusal:
+            return await _refuse(send, *refusal)
         cap = self.max_upload_bytes if upload else self.max_body_bytes
-        declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > cap:
-            return await _refuse(send, 413, f"Request body over {cap} bytes.")
         login = method == "POST" and path.endswith(LOGIN_PATHS)
         address = client_address(scope, headers)
         if login and (wait := self.throttle.wait_s(address)) > 0:
@@ -249,6 +236,30 @@ class Guard:
             await _refuse(send, 403, refused)
         if login and status:
             self.throttle.record(address, success=status == 200)
+
+    def _before_reading(
+        self, scope, path: str, method: str, headers: dict
+    ) -> tuple[tuple | None, UploadCheck | None]:
+        """What can be refused from the request line and headers alone: (status, message) or None, and the upload
+        check of an upload route."""
+        if not allowed_route(method, path):
+            return (404, "Not Found"), None
+        if self.auth and other_site(method, headers, self._own_hosts(scope, headers)):
+            return (403, "Requests from other sites are refused: open the app's own page."), None
+        upload = None
+        if method == "POST" and path.rstrip("/").endswith(UPLOAD_PATHS):
+            if not self.max_upload_bytes:
+                return (403, "This app takes no uploads."), None
+            if path.endswith("/"):  # the app would redirect it, unread, to the route itself
+                return (404, "Not Found"), None
+            upload = UploadCheck(headers.get(b"content-type", b""))
+            if upload.problem:
+                return (415, upload.problem), None
+        cap = self.max_upload_bytes if upload else self.max_body_bytes
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > cap:
+            return (413, f"Request body over {cap} bytes."), None
+        return None, upload
 
     def _own_hosts(self, scope, headers: dict[bytes, bytes]) -> set[str]:
         hosts = {headers.get(b"host", b"").decode("latin-1").lower(), *(o.lower() for o in self.origins)}

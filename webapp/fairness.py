@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
-from guard import client_address
+from webapp.guard import client_address
 
 # Each may be overridden by an environment variable of the same name, read when the server starts.
 QUEUE_PER_ADDRESS = 2  # jobs of one kind waiting or running per client address

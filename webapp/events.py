@@ -15,15 +15,15 @@ from pathlib import Path
 
 import gradio as gr
 
-import clips as gallery_store
-import uploads
-from clips import MAX_GALLERY, OUTPUT_TTL_S
 from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
-from jobs import Renderer, user_error
-from validation import FIELDS, FULL, MAX_PROMPT_CHARS, SPEEDS, check_inputs
+from webapp import clips as gallery_store
+from webapp import uploads
+from webapp.clips import MAX_GALLERY, OUTPUT_TTL_S
+from webapp.jobs import Renderer, user_error
+from webapp.request import RequestError, named
+from webapp.validation import FIELDS, MAX_PROMPT_CHARS, SPEEDS
 
-OPTIONAL_FIELDS = ("speed", "video", "strength", "smooth", "image")  # /generate's inputs after FIELDS
 CANCEL = "⏹ Cancel"
 
 
@@ -70,24 +70,19 @@ class PageEvents:
 
     # -- before a job ----------------------------------------------------------------------------------------
 
-    def problems(self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL, video=None,
-                 strength=None, smooth=False, image=None) -> dict:  # fmt: skip
-        """{field: problem} of a request, its upload read if the values pass (remembered for the job)."""
-        kwargs, errors = check_inputs(self.pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames,
-                                      speed, video, strength, smooth, image)  # fmt: skip
-        if not errors and self.renderer.parallel is not None:  # what these processes can split
-            errors = self.renderer.parallel.problems(self.pipe, kwargs)
-        if errors:
-            return errors
+    def problems(self, values: dict) -> dict:
+        """{field: problem} of a request's values; none, and the job takes the Request this checked (its upload
+        read) as it is."""
         try:
-            uploads.prepare(self.pipe, kwargs)
-        except uploads.UploadError as e:  # not a video, damaged, too long, gone: before the job is queued
-            return {e.field: str(e)}
+            self.renderer.checked(values)
+        except RequestError as e:
+            return e.problems
         return {}
 
-    def validate(self, *values):
-        errors, names = self.problems(*values), (*FIELDS, *OPTIONAL_FIELDS)[: len(values)]
-        return [gr.validate(f not in errors, errors.get(f, "")) for f in names]
+    def validate(self, *inputs):
+        values = named(inputs)
+        errors = self.problems(values)
+        return [gr.validate(name not in errors, errors.get(name, "")) for name in values]
 
     def buttons(self, running: bool) -> tuple:
         """Generate, Draft and Render final are off while the session's own job runs or waits; Cancel only then."""
@@ -95,14 +90,15 @@ class PageEvents:
         return gr.Button(interactive=can), gr.Button(interactive=can), gr.Button(interactive=not running), (
             gr.Button(CANCEL, interactive=running))  # fmt: skip
 
-    def start_run(self, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, randomize, *media):
+    def start_run(self, randomize, *inputs):
         # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
         # lock nothing (its validator then says what is wrong, and no event would unlock them).
+        values = named(inputs)
         if randomize is True:
-            seed = secrets.randbelow(MAX_SEED)
-        if self.problems(prompt, negative_prompt, seed, steps, guidance_scale, num_frames, *media):
+            values["seed"] = secrets.randbelow(MAX_SEED)
+        if self.problems(values):
             return (gr.skip(),) * 6
-        return seed if randomize is True else gr.skip(), *self.buttons(running=True), ""
+        return values["seed"] if randomize is True else gr.skip(), *self.buttons(running=True), ""
 
     def final_inputs(self, clip):
         if not isinstance(clip, dict):

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from starlette.middleware import Middleware
 
-import fairness
-import uploads
-from guard import Guard, parse_networks
+from webapp import fairness, uploads
+from webapp.guard import Guard, parse_networks
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", 256 * 1024))  # a job's JSON is ~5 kB at most
 
 

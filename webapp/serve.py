@@ -4,22 +4,17 @@ server's launch and the lines the log shows once the page is up. app.py's `main`
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from urllib.parse import urlsplit
-
-if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
-    # Hugging Face ZeroGPU: spaces patches torch as it is imported, so it must come before torch does.
-    import spaces  # noqa: F401
 
 import gradio as gr
 from gradio.tunneling import CURRENT_TUNNELS
 
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import CogVideoXPipeline
-from events import pipelines
-from jobs import ZERO_GPU
-from launch import guard_origins, launch_options
+from webapp import ZERO_GPU
+from webapp.events import pipelines
+from webapp.launch import guard_origins, launch_options
 
 TINY_NOTICE = (
     "🎲 **tiny-random**: a tiny model with **random weights**. Its videos are noise; "
@@ -87,7 +82,10 @@ def prompt_enhancer(pipe: CogVideoXPipeline | None) -> PromptEnhancer | None:
     if pipe is None:
         return None
     try:
-        return PromptEnhancer.from_env(lambda text: pipe.count_tokens(text).n_tokens)
+        # On ZeroGPU, CUDA exists only inside a spaces.GPU function, yet torch.cuda.is_available() is true in every
+        # thread of the main process: a local model there would reach CUDA's init from an enhance request.
+        device = "cpu" if ZERO_GPU else None
+        return PromptEnhancer.from_env(lambda text: pipe.count_tokens(text).n_tokens, local_device=device)
     except ValueError as e:
         print(f"prompt enhancer disabled: {e}")
         return None

@@ -21,7 +21,7 @@ import gradio as gr
 import numpy as np
 
 from cogvideox.video import read_mp4, smooth_clip, write_gif, write_mp4, write_sidecar
-from validation import check_inputs
+from webapp.validation import check_inputs
 
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
 OUTPUT_TTL_S = int(os.environ.get("OUTPUT_TTL_S", 6 * 3600))  # our clips and Gradio's copies

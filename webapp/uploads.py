@@ -27,7 +27,7 @@ from gradio.utils import get_upload_folder
 
 from cogvideox import media
 from cogvideox.sampling import DEFAULT_STRENGTH
-from validation import MIN_FRAMES, MIN_STRENGTH
+from webapp.validation import MIN_FRAMES, MIN_STRENGTH
 
 # Limits; each may be overridden by an environment variable of the same name (0 closes the upload route).
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", media.MAX_INPUT_BYTES))
