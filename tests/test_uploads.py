@@ -417,7 +417,7 @@ def test_camera_names_in_upper_case_are_uploaded_and_read_end_to_end(server, fil
     """IMG_0042.MOV and DSC01.JPG, as phones and cameras name them: through the guard, then read as the page's
     checks read them (the note shown on upload runs the same load as the job)."""
     demo, pipe, out = server
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(app.gradio_cache_dir(out)))  # this server's (another may be up)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))  # this server's (another may be up)
     jpeg = tmp_path / "still.jpg"
     Image.open(files["png"]).save(jpeg, quality=95)
     notes = {}
@@ -473,7 +473,7 @@ async def refusal(guard: Guard) -> tuple[int, str, bytes]:
 @pytest.mark.parametrize(("cap", "body_cap"), [(0, 0), (1, 1 + (64 << 10))])
 def test_max_upload_bytes_0_closes_the_upload_routes_at_the_guard(monkeypatch, cap, body_cap):
     monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", cap)  # what MAX_UPLOAD_BYTES=0 in the environment sets
-    (middleware,) = app.launch_options(app.parse_args([]))["app_kwargs"]["middleware"]
+    middleware, _fairness = launch.launch_options(launch.parse_args([]))["app_kwargs"]["middleware"]
     assert middleware.cls is Guard and middleware.kwargs["max_upload_bytes"] == body_cap
     status, detail, read = asyncio.run(refusal(Guard(None, **middleware.kwargs)))
     if cap == 0:  # closed: refused before anything is read, and not as a body over a cap of 0 (413)
