@@ -122,22 +122,11 @@ def prepare(
     steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
     guidance = d.guidance_scale if guidance_scale is None else guidance_scale
     negative_prompt = "" if negative_prompt is None else negative_prompt
+    extras = dict(
+        step_cache=step_cache, preview_every=preview_every, video=video, image=image, strength=strength
+    )
     check_arguments(
-        transformer,
-        vae,
-        prompt,
-        negative_prompt,
-        num_frames,
-        height,
-        width,
-        steps,
-        guidance,
-        seed,
-        step_cache,
-        preview_every,
-        video,
-        image,
-        strength,
+        transformer, vae, prompt, negative_prompt, num_frames, height, width, steps, guidance, seed, **extras
     )
     if video is not None:
         strength = float(sampling.DEFAULT_STRENGTH if strength is None else strength)
