@@ -27,11 +27,9 @@ import argparse
 import dataclasses
 import functools
 import gc
-import json
 import sys
 import time
 import weakref
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
@@ -41,7 +39,7 @@ from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import T5Config, T5EncoderModel
 
-from benchmarks.common import GiB, machine, markdown_table, source_digest
+from benchmarks.common import GiB, machine, markdown_table, source_digest, write_report
 from benchmarks.random_checkpoint import T5_XXL
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.offload import Offloader, _block_lists, _tensors
@@ -459,9 +457,6 @@ def main(argv=None) -> int:
     if args.out:
         data = {
             "prediction": True,
-            "machine": machine(),
-            "source": digest,
-            "args": vars(args),
             "latent_shape": latent_shape,
             "allowance_gib": ALLOWANCE_GIB,
             "card_gib": CARD_GIB,
@@ -470,7 +465,7 @@ def main(argv=None) -> int:
             "modes": rows,
             "step_work": work,
         }
-        Path(args.out).write_text(json.dumps(data, indent=2))
+        write_report(args.out, args, data, digest)
     return 0
 
 

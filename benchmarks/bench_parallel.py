@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine, markdown_table, source_digest
+from benchmarks.common import machine, markdown_table, source_digest, write_report
 from cogvideox.config import PRESETS, TransformerConfig, VAEConfig
 from cogvideox.parallel import split_sizes, video_tokens
 
@@ -316,8 +316,9 @@ def fit_to_gpus(args) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"machine: {machine()}; cogvideox/*.py sha256 {source_digest()}; load {os.getloadavg()[0]:.2f}")
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "digest": source_digest()}
+    digest = source_digest()  # before anything runs: another process may edit the package meanwhile
+    print(f"machine: {machine()}; cogvideox/*.py sha256 {digest}; load {os.getloadavg()[0]:.2f}")
+    results = {}
     failed = False
     if args.device == "cuda" and torch.cuda.device_count() == 0:
         print("error: --device cuda: this machine has no CUDA device", file=sys.stderr)
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
         if measured is not None:
             results["measured"] = measured
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+            write_report(args.out, args, results, digest)
 
     if not args.computed_only:
         with tempfile.TemporaryDirectory(prefix="cogvideox-bench-parallel-") as tmp:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import importlib.util
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import GiB, PeakMemory, machine, markdown_table, source_digest, sync
+from benchmarks.common import GiB, PeakMemory, machine, markdown_table, source_digest, sync, write_report
 from benchmarks.random_checkpoint import SIZES, write_random_checkpoint
 from cogvideox.config import TransformerConfig
 
@@ -393,16 +391,8 @@ def main(argv=None) -> int:
         if r.attention:
             print(f"attention kernel {r.impl} {r.mode}: {r.attention} (fastest of those timed at load)")
     if args.out:
-        data = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine(),
-            "source": digest,
-            "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
-            "tokens": tokens,
-            "flops_per_step": flops,
-            "runs": [dataclasses.asdict(dataclasses.replace(r, frames=None)) for r in runs],
-        }
-        Path(args.out).write_text(json.dumps(data, indent=2))
+        kept = [dataclasses.asdict(dataclasses.replace(r, frames=None)) for r in runs]
+        write_report(args.out, args, {"tokens": tokens, "flops_per_step": flops, "runs": kept}, digest)
     if problems:
         print("VIDEOS DIFFER: " + "; ".join(problems), file=sys.stderr)
         return 1
