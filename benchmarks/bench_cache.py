@@ -73,9 +73,17 @@ def _run(pipe, setting: str, args, size) -> dict:
     if setting.endswith("+preview"):
         kwargs["preview"] = lambda *_: None
     try:
-        result = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                      num_frames=frames, height=height, width=width,
-                      callback=lambda *_: marks.append(time.perf_counter()), **kwargs)  # fmt: skip
+        result = pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            num_frames=frames,
+            height=height,
+            width=width,
+            callback=lambda *_: marks.append(time.perf_counter()),
+            **kwargs,
+        )
     finally:
         hook.remove()
     steps = [b - a for a, b in itertools.pairwise(marks)]
@@ -114,8 +122,13 @@ def microbenchmarks(pipe, args, size) -> dict:
     frames, height, width = size
     c, v = pipe.transformer_config, pipe.vae_config
     batch = 2 if args.guidance > 1 else 1
-    latent = (1, (frames - 1) // v.temporal_compression_ratio + 1, c.in_channels,
-              height // v.spatial_compression, width // v.spatial_compression)  # fmt: skip
+    latent = (
+        1,
+        (frames - 1) // v.temporal_compression_ratio + 1,
+        c.in_channels,
+        height // v.spatial_compression,
+        width // v.spatial_compression,
+    )
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         emb = torch.randn(batch, c.time_embed_dim, generator=g)

@@ -148,8 +148,14 @@ def report(results: dict, args) -> None:
     def cell(t: dict) -> str:
         return f"{t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f})"
 
-    headers = ["module", "input", "diffusers s, median (min-max)", "ours s, median (min-max)",
-               "ours/diffusers", "max abs diff"]  # fmt: skip
+    headers = [
+        "module",
+        "input",
+        "diffusers s, median (min-max)",
+        "ours s, median (min-max)",
+        "ours/diffusers",
+        "max abs diff",
+    ]
     rows = [
         [
             name,

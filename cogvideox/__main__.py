@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import RELEASE_DEFAULTS  # torch-free: --help and bad flags answer in milliseconds
 
 # Known without a model, so bad values fail in milliseconds: torch and the pipeline are imported only to generate.
 # Equal to the library's limits (cogvideox/pipeline.py; a test keeps them in step).
@@ -120,6 +121,20 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="python -m cogvideox", description="CogVideoX: text, video or image to video")
+    add_generation_flags(p)
+    add_input_and_run_flags(p)
+    p.add_argument("--version", action="version", version=f"cogvideox {__version__}")
+    args = p.parse_args(argv)
+    if args.strength is not None and args.video is None:
+        p.error("--strength applies to --video only: pass --video too")
+    if args.video is not None and args.image is not None:
+        p.error("pass either --video or --image, not both")
+    return args
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The model, the prompt, the output, the sampling settings and where it runs."""
+    d = RELEASE_DEFAULTS
     p.add_argument(
         "--model",
         default="THUDM/CogVideoX-2b",
@@ -132,41 +147,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output (and its .json) if they exist")
     p.add_argument("--seed", type=integer(0, MAX_SEED - 1), help="default: random (printed and saved)")
-    p.add_argument("--steps", type=integer(1, MAX_STEPS), help="default: 50")
-    p.add_argument("--guidance", type=guidance, help="default: 6.0")
-    p.add_argument("--frames", type=integer(1), help="8N+1; default: the model's (49)")
+    p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"default: {d.num_inference_steps}")
+    p.add_argument("--guidance", type=guidance, help=f"default: {d.guidance_scale}")
+    p.add_argument("--frames", type=integer(1), help=f"8N+1; default: the model's ({d.num_frames})")
     size = integer(16, MAX_SIZE, multiple=16)
-    p.add_argument("--height", type=size, help="a multiple of 16; default: the model's (480)")
-    p.add_argument("--width", type=size, help="a multiple of 16; default: the model's (720)")
+    p.add_argument("--height", type=size, help=f"a multiple of 16; default: the model's ({d.height})")
+    p.add_argument("--width", type=size, help=f"a multiple of 16; default: the model's ({d.width})")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: the model's")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--memory-mode", choices=["resident", "model", "sequential"], default=None)
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default=None, help="default: the checkpoint's")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
-    p.add_argument("--step-cache", type=step_cache, default=None, metavar="off|quality|fast|THRESHOLD",
-                   help="skip transformer passes on steps that change little (TeaCache): quality 0.1, fast 0.2; "
-                   "default off (every step computed)")  # fmt: skip
-    p.add_argument("--video", type=input_file, metavar="PATH",
-                   help="video to video: an MP4, MOV, WebM, MKV, AVI or GIF, center-cropped to the size, resampled to "
-                   "8 fps and cut to 8N+1 frames (--frames defaults to its length, at most the model's)")  # fmt: skip
-    p.add_argument("--strength", type=strength, metavar="S",
-                   help="with --video: how much of it is redrawn, in (0, 1]; default 0.8")  # fmt: skip
-    p.add_argument("--image", type=input_file, metavar="PATH",
-                   help="image to video (image-to-video models): a PNG, JPEG, WebP or GIF, center-cropped to the size")  # fmt: skip
-    p.add_argument("--smooth", action="store_true",
-                   help="motion-interpolated frames between the generated ones: 2T-1 frames written at 16 fps, "
-                   "the same duration")  # fmt: skip
-    p.add_argument("--parallel", choices=["cfg", "sp", "cfg,sp"], default=None,
-                   help="under torchrun (torchrun --nproc-per-node N -m cogvideox ...), one clip on all N processes: "
-                   "cfg runs the two CFG passes on 2 of them (with --guidance > 1), sp splits the video tokens over "
-                   "the rest (the heads, 30 for 2B and 48 for 5B, must divide by it); rank 0 writes the output")  # fmt: skip
-    p.add_argument("--version", action="version", version=f"cogvideox {__version__}")
-    args = p.parse_args(argv)
-    if args.strength is not None and args.video is None:
-        p.error("--strength applies to --video only: pass --video too")
-    if args.video is not None and args.image is not None:
-        p.error("pass either --video or --image, not both")
-    return args
+
+
+def add_input_and_run_flags(p: argparse.ArgumentParser) -> None:
+    """The step cache, the start video or image, smoothing and torchrun's parallel modes."""
+    p.add_argument(
+        "--step-cache",
+        type=step_cache,
+        default=None,
+        metavar="off|quality|fast|THRESHOLD",
+        help="skip transformer passes on steps that change little (TeaCache): quality 0.1, fast 0.2; "
+        "default off (every step computed)",
+    )
+    p.add_argument(
+        "--video",
+        type=input_file,
+        metavar="PATH",
+        help="video to video: an MP4, MOV, WebM, MKV, AVI or GIF, center-cropped to the size, resampled to "
+        "8 fps and cut to 8N+1 frames (--frames defaults to its length, at most the model's)",
+    )
+    p.add_argument(
+        "--strength",
+        type=strength,
+        metavar="S",
+        help="with --video: how much of it is redrawn, in (0, 1]; default 0.8",
+    )
+    p.add_argument(
+        "--image",
+        type=input_file,
+        metavar="PATH",
+        help="image to video (image-to-video models): a PNG, JPEG, WebP or GIF, center-cropped to the size",
+    )
+    p.add_argument(
+        "--smooth",
+        action="store_true",
+        help="motion-interpolated frames between the generated ones: 2T-1 frames written at 16 fps, "
+        "the same duration",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=["cfg", "sp", "cfg,sp"],
+        default=None,
+        help="under torchrun (torchrun --nproc-per-node N -m cogvideox ...), one clip on all N processes: "
+        "cfg runs the two CFG passes on 2 of them (with --guidance > 1), sp splits the video tokens over "
+        "the rest (the heads, 30 for 2B and 48 for 5B, must divide by it); rank 0 writes the output",
+    )
 
 
 def check_output(path: Path, overwrite: bool) -> str | None:
@@ -416,8 +452,10 @@ def load_inputs(args: argparse.Namespace, pipe, kwargs: dict) -> dict:
     except ValueError as e:
         raise ValueError(f"--video: {e}") from None
     if args.frames is not None and len(video) < args.frames:
-        raise ValueError(f"--frames {args.frames} is more than {args.video.name} gives at 8 fps ({len(video)} "
-                         f"frames): pass fewer or leave --frames out to use its length")  # fmt: skip
+        raise ValueError(
+            f"--frames {args.frames} is more than {args.video.name} gives at 8 fps ({len(video)} "
+            f"frames): pass fewer or leave --frames out to use its length"
+        )
     kwargs["num_frames"] = len(video)
     return {"video": video, "strength": args.strength}
 

@@ -206,10 +206,10 @@ def interpolate(frames: np.ndarray, factor: int = 2, timeout: float | None = Non
     timeout = INTERPOLATE_TIMEOUT_S if timeout is None else timeout
     raw = ["-f", "rawvideo", "-pix_fmt", "rgb24"]
     # Input at 1 fps: minterpolate then runs at `factor` fps; only the ratio matters.
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-               *raw, "-s", f"{width}x{height}", "-r", "1", "-i", "pipe:0",
-               "-vf", f"tpad=stop_mode=clone:stop=1,format=yuv444p,minterpolate=fps={factor}:mi_mode=mci",
-               *raw, "pipe:1"]  # fmt: skip
+    quiet = ["-hide_banner", "-nostdin", "-loglevel", "error"]
+    source = [*raw, "-s", f"{width}x{height}", "-r", "1", "-i", "pipe:0"]
+    vf = f"tpad=stop_mode=clone:stop=1,format=yuv444p,minterpolate=fps={factor}:mi_mode=mci"
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), *quiet, *source, "-vf", vf, *raw, "pipe:1"]
     try:
         proc = subprocess.run(command, input=frames.tobytes(), capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

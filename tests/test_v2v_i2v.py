@@ -85,8 +85,13 @@ def test_image_to_video_matches_reference(tiny_i2v, kwargs):
     pipe = CogVideoXPipeline.from_pretrained(tiny_i2v, device="cpu", dtype=torch.float32)
     assert pipe.needs_image
     result = pipe(PROMPT, image=IMAGE, seed=99, **kwargs)
-    ref = _reference("CogVideoXImageToVideoPipeline", tiny_i2v, 99, image=Image.fromarray(IMAGE),
-                     **{"num_frames": 17, **kwargs})  # fmt: skip
+    ref = _reference(
+        "CogVideoXImageToVideoPipeline",
+        tiny_i2v,
+        99,
+        image=Image.fromarray(IMAGE),
+        **{"num_frames": 17, **kwargs},
+    )
     _assert_close(result.frames, ref)
     assert result.settings["mode"] == "image-to-video" and result.settings["strength"] is None
 
@@ -116,8 +121,15 @@ def test_strength_runs_the_last_steps_and_the_step_cache_counts_those(tiny_2b):
     assert [steps_to_run(50, s) for s in (0.8, 1.0, 0.5, 0.01)] == [40, 50, 25, 0]
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")
     seen = []
-    result = pipe(PROMPT, video=VIDEO, strength=0.5, num_inference_steps=8, seed=0, step_cache=1e9,
-                  callback=lambda s, n: seen.append((s, n)))  # fmt: skip
+    result = pipe(
+        PROMPT,
+        video=VIDEO,
+        strength=0.5,
+        num_inference_steps=8,
+        seed=0,
+        step_cache=1e9,
+        callback=lambda s, n: seen.append((s, n)),
+    )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert result.timings["steps_computed"] == 2  # the first and the last of the 4 run, the rest skipped
     assert result.settings["strength"] == 0.5 and "encode" in result.timings

@@ -229,8 +229,11 @@ def test_interpolate_failures_are_one_runtime_error_with_ffmpegs_reason(monkeypa
     monkeypatch.setattr(
         video, "MIN_INTERPOLATE_SIZE", 1
     )  # let frames through that minterpolate itself refuses
-    with pytest.raises(RuntimeError, match=r"frame interpolation failed \(ffmpeg exit code \d+, 0 of 5 frames\): "
-                       r".*Height or width < 32"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"frame interpolation failed \(ffmpeg exit code \d+, 0 of 5 frames\): "
+        r".*Height or width < 32",
+    ):
         interpolate(np.zeros((3, 16, 16, 3), np.uint8))
 
 
