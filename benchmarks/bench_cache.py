@@ -19,9 +19,7 @@ on the trained timestep embedding, so the "steps computed" here say nothing abou
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -32,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine, markdown_table, source_digest
+from benchmarks.common import machine, markdown_table, source_digest, write_report
 from benchmarks.random_checkpoint import write_random_checkpoint
 from cogvideox.cache import PRESETS, StepCache
 
@@ -75,9 +73,17 @@ def _run(pipe, setting: str, args, size) -> dict:
     if setting.endswith("+preview"):
         kwargs["preview"] = lambda *_: None
     try:
-        result = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                      num_frames=frames, height=height, width=width,
-                      callback=lambda *_: marks.append(time.perf_counter()), **kwargs)  # fmt: skip
+        result = pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            num_frames=frames,
+            height=height,
+            width=width,
+            callback=lambda *_: marks.append(time.perf_counter()),
+            **kwargs,
+        )
     finally:
         hook.remove()
     steps = [b - a for a, b in itertools.pairwise(marks)]
@@ -116,8 +122,13 @@ def microbenchmarks(pipe, args, size) -> dict:
     frames, height, width = size
     c, v = pipe.transformer_config, pipe.vae_config
     batch = 2 if args.guidance > 1 else 1
-    latent = (1, (frames - 1) // v.temporal_compression_ratio + 1, c.in_channels,
-              height // v.spatial_compression, width // v.spatial_compression)  # fmt: skip
+    latent = (
+        1,
+        (frames - 1) // v.temporal_compression_ratio + 1,
+        c.in_channels,
+        height // v.spatial_compression,
+        width // v.spatial_compression,
+    )
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         emb = torch.randn(batch, c.time_embed_dim, generator=g)
@@ -153,15 +164,11 @@ def _sequence(c, latent: tuple) -> int:
     return c.max_text_seq_length + f * (h // c.patch_size) * (w // c.patch_size)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(args, size: tuple) -> tuple[dict, dict, dict[str, list[dict]]]:
+    """On a random checkpoint: the per-call microbenchmarks, the cache's indicator per step, and each setting's
+    runs, interleaved (A B, B A, ...) so the shared machine's drift hits every setting alike."""
     from cogvideox import CogVideoXPipeline
 
-    digest = source_digest()
-    print(f"machine: {machine()}; cogvideox/*.py sha256 {digest}; load {os.getloadavg()[0]:.2f}", flush=True)
-    size = SIZES[args.size]
     with tempfile.TemporaryDirectory(prefix="cogvideox-bench-") as tmp:
         path = write_random_checkpoint(Path(args.ckpt or tmp), args.size)
         pipe = CogVideoXPipeline.from_pretrained(
@@ -170,15 +177,18 @@ def main(argv=None) -> int:
         pipe.load()
         micro = microbenchmarks(pipe, args, size)  # also fits the preview map, outside the timed runs
         signal = indicator(pipe, args)
-        pipe(
-            PROMPT, num_inference_steps=1, seed=0, num_frames=size[0], height=size[1], width=size[2]
-        )  # warm-up
+        frames, height, width = size
+        pipe(PROMPT, num_inference_steps=1, seed=0, num_frames=frames, height=height, width=width)  # warm-up
         runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
         for r in range(args.repeats):
             for setting in SETTINGS if r % 2 == 0 else reversed(SETTINGS):
                 runs[setting].append(_run(pipe, setting, args, size))
                 print(f"{setting}: {runs[setting][-1]['s_per_step']:.3f} s/step", flush=True)
-    load_after = os.getloadavg()[0]
+    return micro, signal, runs
+
+
+def settings_table(runs: dict[str, list[dict]], args) -> str:
+    """One row per setting: steps computed, wall time, step times, the speed-up and the pixel difference."""
 
     def steps_of(setting: str, key: str) -> list[float]:
         return [t for r in runs[setting] for t in r[key]]
@@ -190,38 +200,66 @@ def main(argv=None) -> int:
     def estimate(setting: str) -> float:
         """s/step from the fastest computed and skipped step (the shared machine's stalls left out)."""
         n = runs[setting][0]["steps_computed"]
-        return (
-            n * fastest(setting, "computed_steps_s") + (args.steps - n) * fastest(setting, "skipped_steps_s")
-        ) / args.steps
+        computed, skipped = fastest(setting, "computed_steps_s"), fastest(setting, "skipped_steps_s")
+        return (n * computed + (args.steps - n) * skipped) / args.steps
 
     def both(setting: str, key: str) -> str:
         values = steps_of(setting, key)
         return f"{min(values):.3g} / {statistics.median(values):.3g}" if values else "n/a"
 
-    step = fastest("off", "computed_steps_s")
     rows = []
     for s in SETTINGS:
         first = runs[s][0]
         diff = int(np.abs(first["frames"].astype(int) - runs["off"][0]["frames"]).max())
         threshold = "off" if s.startswith("off") else PRESETS.get(s, 0.0)
         wall = statistics.median(r["denoise_s"] for r in runs[s])
-        rows.append([s, threshold, first["steps_computed"], wall, both(s, "computed_steps_s"), both(s, "skipped_steps_s"),
-                     estimate(s), f"{estimate('off') / estimate(s):.2f}x", diff])  # fmt: skip
-    table = markdown_table(["setting", "threshold", "steps computed", "denoise s (wall, median)",
-                            "computed step s (min / median)", "skipped step s (min / median)",
-                            "s/step (from min)", "speed-up", "max px diff"], rows)  # fmt: skip
-    per_call = [[name, *micro[key], 100 * micro[key][0] / 1e3 / step] for name, key in [
-        ("cache decision", "decision_ms"),
-        ("residual bookkeeping (computed step)", "bookkeeping_ms"),
-        ("preview (map + uint8 + host copy)", "preview_ms"),
-    ]]  # fmt: skip
-    print(f"\n{size[0]} frames {size[2]}x{size[1]}, {args.steps} steps, CFG {args.guidance}, fp32, {args.size} "
-          f"model, tokens {micro['tokens']}, latents {micro['latents']}; load {load_after:.2f} at the end\n")  # fmt: skip
-    print(table + "\n")
+        steps = [both(s, "computed_steps_s"), both(s, "skipped_steps_s"), estimate(s)]
+        rows.append(
+            [
+                s,
+                threshold,
+                first["steps_computed"],
+                wall,
+                *steps,
+                f"{estimate('off') / estimate(s):.2f}x",
+                diff,
+            ]
+        )
+    headers = [
+        "setting",
+        "threshold",
+        "steps computed",
+        "denoise s (wall, median)",
+        "computed step s (min / median)",
+    ]
+    headers += ["skipped step s (min / median)", "s/step (from min)", "speed-up", "max px diff"]
+    return markdown_table(headers, rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    digest = source_digest()
+    print(f"machine: {machine()}; cogvideox/*.py sha256 {digest}; load {os.getloadavg()[0]:.2f}", flush=True)
+    size = SIZES[args.size]
+    micro, signal, runs = measure(args, size)
+    step = min(t for r in runs["off"] for t in r["computed_steps_s"])  # an uncached step, at its fastest
+    per_call = [
+        [name, *micro[key], 100 * micro[key][0] / 1e3 / step]
+        for name, key in [
+            ("cache decision", "decision_ms"),
+            ("residual bookkeeping (computed step)", "bookkeeping_ms"),
+            ("preview (map + uint8 + host copy)", "preview_ms"),
+        ]
+    ]
     print(
-        markdown_table(["per call", "min ms", "median ms", "% of an uncached step (min / min)"], per_call)
-        + "\n"
+        f"\n{size[0]} frames {size[2]}x{size[1]}, {args.steps} steps, CFG {args.guidance}, fp32, {args.size} model, "
+        f"tokens {micro['tokens']}, latents {micro['latents']}; load {os.getloadavg()[0]:.2f} at the end\n"
     )
+    print(settings_table(runs, args) + "\n")
+    headers = ["per call", "min ms", "median ms", "% of an uncached step (min / min)"]
+    print(markdown_table(headers, per_call) + "\n")
     print(f"preview map fit (once per pipeline): {micro['preview_fit_s']:.3f} s")
     for name, values in signal.items():
         q = np.quantile(values, [0, 0.5, 1])
@@ -229,18 +267,8 @@ def main(argv=None) -> int:
     for s in SETTINGS:
         print(f"pattern {s}: {runs[s][0]['pattern']}")
     if args.out:
-        data = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine(),
-            "source": digest,
-            "args": vars(args),
-            "micro": micro,
-            "indicator": signal,
-            "runs": {
-                s: [{k: v for k, v in r.items() if k != "frames"} for r in rs] for s, rs in runs.items()
-            },
-        }
-        Path(args.out).write_text(json.dumps(data, indent=2))
+        kept = {s: [{k: v for k, v in r.items() if k != "frames"} for r in rs] for s, rs in runs.items()}
+        write_report(args.out, args, {"micro": micro, "indicator": signal, "runs": kept}, digest)
     return 0
 
 

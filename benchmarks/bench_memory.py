@@ -27,11 +27,9 @@ import argparse
 import dataclasses
 import functools
 import gc
-import json
 import sys
 import time
 import weakref
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
@@ -41,7 +39,7 @@ from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import T5Config, T5EncoderModel
 
-from benchmarks.common import GiB, machine, markdown_table, source_digest
+from benchmarks.common import GiB, machine, markdown_table, source_digest, write_report
 from benchmarks.random_checkpoint import T5_XXL
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.offload import Offloader, _block_lists, _tensors
@@ -182,8 +180,12 @@ def step_work(impl: str, transformer: nn.Module, t_cfg: TransformerConfig, laten
         denoise_stage(
             _forward(impl, transformer), latent_shape, t_cfg.max_text_seq_length, t_cfg.text_embed_dim
         )
-    return {"gemm_tflop": work.gemm_flops / 1e12, "attention_tflop": work.attention_flops / 1e12,
-            "other_gb": work.other_bytes / 1e9, "other_ops": work.other_ops}  # fmt: skip
+    return {
+        "gemm_tflop": work.gemm_flops / 1e12,
+        "attention_tflop": work.attention_flops / 1e12,
+        "other_gb": work.other_bytes / 1e9,
+        "other_ops": work.other_ops,
+    }
 
 
 def measure(fn) -> dict[str, float]:
@@ -205,9 +207,17 @@ def model_configs(size: str) -> tuple[TransformerConfig, VAEConfig, dict]:
     transformer, vae, _ = tiny_configs("2b")
     # Four blocks, not two: with fewer than four, the three blocks in flight are the whole list.
     transformer = dataclasses.replace(transformer, num_layers=4)
-    t5 = {**T5_XXL, "vocab_size": 260, "d_model": transformer.text_embed_dim, "d_kv": 8, "d_ff": 64,
-          "num_heads": 4, "num_layers": 4, "relative_attention_num_buckets": 8,
-          "relative_attention_max_distance": 32}  # fmt: skip
+    t5 = {
+        **T5_XXL,
+        "vocab_size": 260,
+        "d_model": transformer.text_embed_dim,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_heads": 4,
+        "num_layers": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+    }
     return transformer, vae, t5
 
 
@@ -325,8 +335,10 @@ def run_stages(impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape:
     for name, fn in stages.items():
         t0 = time.perf_counter()
         results[name] = measure(fn)
-        print(f"{impl} {name}: peak {results[name]['peak']:.3g} GiB ({time.perf_counter() - t0:.1f} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"{impl} {name}: peak {results[name]['peak']:.3g} GiB ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
     return results
 
 
@@ -360,13 +372,21 @@ def mode_rows(impl: str, weights: dict, stages: dict) -> list[dict]:
             peaks = predict(weights, stages, mode, decode)
             peak = max(peaks.values())
             target = TARGETS_GIB[mode] if impl == "ours" else None
-            rows.append({
-                "impl": impl, "mode": mode, "decode": decode.removeprefix("decode "),
-                "text": peaks["text"], "denoise": peaks["denoise"], "decode_peak": peaks[decode],
-                "peak": peak, "peak_with_allowance": peak + allowance, "target": target,
-                "meets_target": None if target is None else [peak <= target, peak + allowance <= target],
-                "fits_card": peak + allowance <= CARD_GIB,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "impl": impl,
+                    "mode": mode,
+                    "decode": decode.removeprefix("decode "),
+                    "text": peaks["text"],
+                    "denoise": peaks["denoise"],
+                    "decode_peak": peaks[decode],
+                    "peak": peak,
+                    "peak_with_allowance": peak + allowance,
+                    "target": target,
+                    "meets_target": None if target is None else [peak <= target, peak + allowance <= target],
+                    "fits_card": peak + allowance <= CARD_GIB,
+                }
+            )
     return rows
 
 
@@ -401,13 +421,37 @@ def report(stages: dict, weights: dict, rows: list[dict], impls: list[str]) -> N
     def yes(ok: bool) -> str:
         return "yes" if ok else "NO"
 
-    headers = ["impl", "mode", "decode", "text", "denoise", "decode", "peak", "+ allowance", "target",
-               "target met (peak / + allowance)", f"fits {CARD_GIB:g} GiB card"]  # fmt: skip
+    headers = [
+        "impl",
+        "mode",
+        "decode",
+        "text",
+        "denoise",
+        "decode",
+        "peak",
+        "+ allowance",
+        "target",
+        "target met (peak / + allowance)",
+        f"fits {CARD_GIB:g} GiB card",
+    ]
     table = []
     for r in rows:
         met = "-" if r["meets_target"] is None else " / ".join(map(yes, r["meets_target"]))
-        table.append([r["impl"], r["mode"], r["decode"], r["text"], r["denoise"], r["decode_peak"], r["peak"],
-                      r["peak_with_allowance"], r["target"] or "-", met, yes(r["fits_card"])])  # fmt: skip
+        table.append(
+            [
+                r["impl"],
+                r["mode"],
+                r["decode"],
+                r["text"],
+                r["denoise"],
+                r["decode_peak"],
+                r["peak"],
+                r["peak_with_allowance"],
+                r["target"] or "-",
+                met,
+                yes(r["fits_card"]),
+            ]
+        )
     print(markdown_table(headers, table) + "\n")
 
 
@@ -446,22 +490,26 @@ def main(argv=None) -> int:
     stages = {impl: run_stages(impl, models[impl], t_cfg, latent_shape) for impl in args.impls}
     rows = [row for impl in args.impls for row in mode_rows(impl, weights[impl], stages[impl])]
     elapsed = time.perf_counter() - t0
-    print(f"\nPREDICTION (meta tensors on the CPU, no GPU ran), {elapsed:.0f} s: {args.size} model, {args.frames} "
-          f"frames {args.width}x{args.height}, FP16, CFG batch 2, {t_cfg.max_text_seq_length} text tokens, "
-          f"latents {latent_shape}; attention as CUDA's FlashAttention / memory-efficient kernels")  # fmt: skip
+    print(
+        f"\nPREDICTION (meta tensors on the CPU, no GPU ran), {elapsed:.0f} s: {args.size} model, {args.frames} "
+        f"frames {args.width}x{args.height}, FP16, CFG batch 2, {t_cfg.max_text_seq_length} text tokens, "
+        f"latents {latent_shape}; attention as CUDA's FlashAttention / memory-efficient kernels"
+    )
     report(stages, weights, rows, args.impls)
     work = {impl: step_work(impl, models[impl]["transformer"], t_cfg, latent_shape) for impl in args.impls}
     print("Work per denoising step: matmul and attention TFLOP, and what the other ops (memory-bound: norms,")
     print("modulation, activations, residuals, copies) read and write, in GB and kernels\n")
     keys = ("gemm_tflop", "attention_tflop", "other_gb", "other_ops")
-    print(markdown_table(["impl", "matmul TFLOP", "attention TFLOP", "other ops GB", "other ops"],
-                         [[impl, *(work[impl][k] for k in keys)] for impl in args.impls]) + "\n")  # fmt: skip
+    print(
+        markdown_table(
+            ["impl", "matmul TFLOP", "attention TFLOP", "other ops GB", "other ops"],
+            [[impl, *(work[impl][k] for k in keys)] for impl in args.impls],
+        )
+        + "\n"
+    )
     if args.out:
         data = {
             "prediction": True,
-            "machine": machine(),
-            "source": digest,
-            "args": vars(args),
             "latent_shape": latent_shape,
             "allowance_gib": ALLOWANCE_GIB,
             "card_gib": CARD_GIB,
@@ -470,7 +518,7 @@ def main(argv=None) -> int:
             "modes": rows,
             "step_work": work,
         }
-        Path(args.out).write_text(json.dumps(data, indent=2))
+        write_report(args.out, args, data, digest)
     return 0
 
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
-from benchmarks.common import machine, markdown_table, source_digest, summary, time_interleaved
+from benchmarks.common import machine, markdown_table, source_digest, summary, time_interleaved, write_report
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.testing import tiny_configs
 from cogvideox.transformer import CogVideoXTransformer
@@ -150,8 +148,14 @@ def report(results: dict, args) -> None:
     def cell(t: dict) -> str:
         return f"{t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f})"
 
-    headers = ["module", "input", "diffusers s, median (min-max)", "ours s, median (min-max)",
-               "ours/diffusers", "max abs diff"]  # fmt: skip
+    headers = [
+        "module",
+        "input",
+        "diffusers s, median (min-max)",
+        "ours s, median (min-max)",
+        "ours/diffusers",
+        "max abs diff",
+    ]
     rows = [
         [
             name,
@@ -193,8 +197,7 @@ def main(argv=None) -> int:
         failed += [failure] if failure else []
     report(results, args)
     if args.out:
-        data = {"machine": machine(), "source": digest, "args": vars(args), "results": results}
-        Path(args.out).write_text(json.dumps(data, indent=2))
+        write_report(args.out, args, {"results": results}, digest)
     if failed:
         print("OUTPUTS DIFFER: " + "; ".join(failed), file=sys.stderr)
         return 1

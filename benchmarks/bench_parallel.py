@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine, markdown_table, source_digest
+from benchmarks.common import machine, markdown_table, source_digest, write_report
 from cogvideox.config import PRESETS, TransformerConfig, VAEConfig
 from cogvideox.parallel import split_sizes, video_tokens
 
@@ -52,8 +52,15 @@ RELEASED = {  # model -> (bytes per element, layouts whose sp divides the heads:
 }
 
 
-def bytes_per_step(config: TransformerConfig, vae: VAEConfig, layout: tuple[int, int], size: tuple[int, int, int],
-                   element: int, rank: int = 0, cfg_on: bool = True) -> dict[str, int]:  # fmt: skip
+def bytes_per_step(
+    config: TransformerConfig,
+    vae: VAEConfig,
+    layout: tuple[int, int],
+    size: tuple[int, int, int],
+    element: int,
+    rank: int = 0,
+    cfg_on: bool = True,
+) -> dict[str, int]:
     """Bytes `rank` sends per step, by exchange, as cogvideox/parallel.py sends them (a step the step cache skips
     sends the head's all-gather and CFG's, not the all-to-alls).
 
@@ -91,13 +98,29 @@ def released_table() -> tuple[str, list[dict]]:
             sent = bytes_per_step(config, vae, (cfg, sp), size, element)
             compute = flops / (cfg * sp) / (PEAK_FLOPS * UTILISATION)
             link_s = {link: sent["total"] / bw for link, bw in LINKS.items()}
-            records.append({"model": name, "cfg": cfg, "sp": sp, "bytes": sent, "compute_s": compute,
-                            "link_s": link_s})  # fmt: skip
-            rows.append([name.upper(), f"{cfg}x{sp}", cfg * sp, f"{sent['total'] / 1e9:.2f}",
-                         f"{sent['cfg'] / 1e6:.1f}", f"{compute:.3f}",
-                         *(f"{1e3 * t:.1f} ({t / compute:.0%})" for t in link_s.values())])  # fmt: skip
-    headers = ["model", "cfg x sp", "GPUs", "GB sent/step/rank", "of it CFG MB", "compute s/step (assumed)",
-               *(f"{link} ms (share)" for link in LINKS)]  # fmt: skip
+            records.append(
+                {"model": name, "cfg": cfg, "sp": sp, "bytes": sent, "compute_s": compute, "link_s": link_s}
+            )
+            rows.append(
+                [
+                    name.upper(),
+                    f"{cfg}x{sp}",
+                    cfg * sp,
+                    f"{sent['total'] / 1e9:.2f}",
+                    f"{sent['cfg'] / 1e6:.1f}",
+                    f"{compute:.3f}",
+                    *(f"{1e3 * t:.1f} ({t / compute:.0%})" for t in link_s.values()),
+                ]
+            )
+    headers = [
+        "model",
+        "cfg x sp",
+        "GPUs",
+        "GB sent/step/rank",
+        "of it CFG MB",
+        "compute s/step (assumed)",
+        *(f"{link} ms (share)" for link in LINKS),
+    ]
     return markdown_table(headers, rows), records
 
 
@@ -137,8 +160,13 @@ def worker(
 
     Writes `{out}/{name}.{rank}.json` per job (step times and bytes sent, the forward's difference, or the
     ValueError) and rank 0 the frames."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(threads)
     import torch.distributed as dist
 
@@ -168,9 +196,15 @@ def generate(pipe, parallel, call: dict, frames_path: Path) -> dict:
     if result.frames is not None:
         np.save(frames_path, result.frames)
     steps = len(marks) - 1
-    return {"step_s": np.diff(marks).tolist(), "bytes_sent": parallel.bytes_sent, "steps": steps,
-            "steps_computed": result.timings.get("steps_computed", steps), "bytes_per_step": parallel.bytes_sent / steps,
-            "frames": result.frames is not None, "seed": result.seed}  # fmt: skip
+    return {
+        "step_s": np.diff(marks).tolist(),
+        "bytes_sent": parallel.bytes_sent,
+        "steps": steps,
+        "steps_computed": result.timings.get("steps_computed", steps),
+        "bytes_per_step": parallel.bytes_sent / steps,
+        "frames": result.frames is not None,
+        "seed": result.seed,
+    }
 
 
 def forward_check(pipe, parallel, call: dict, frames_path: Path) -> dict:
@@ -205,10 +239,16 @@ def launch(
 
     # Not this module: when it runs as __main__, each process re-runs it as __mp_main__ and warns if preloaded.
     multiprocessing.set_forkserver_preload(["cogvideox.pipeline", "cogvideox.parallel"])
-    mp.start_processes(worker, args=(world, free_port(), jobs, str(out), threads, device), nprocs=world,
-                       start_method="forkserver")  # fmt: skip
-    return {j["name"]: [json.loads((Path(out) / f"{j['name']}.{r}.json").read_text()) for r in range(world)]
-            for j in jobs}  # fmt: skip
+    mp.start_processes(
+        worker,
+        args=(world, free_port(), jobs, str(out), threads, device),
+        nprocs=world,
+        start_method="forkserver",
+    )
+    return {
+        j["name"]: [json.loads((Path(out) / f"{j['name']}.{r}.json").read_text()) for r in range(world)]
+        for j in jobs
+    }
 
 
 DEFAULT_LAYOUTS = "1x1,2x1,1x2,2x2"
@@ -230,8 +270,12 @@ def layout_list(text: str) -> list[tuple[int, int]]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=tuple(SIZES), default="small")
-    p.add_argument("--layouts", type=layout_list, default=None,
-                   help=f"CFGxSP per run, comma-separated (default {DEFAULT_LAYOUTS}: on CUDA, those the GPUs hold)")  # fmt: skip
+    p.add_argument(
+        "--layouts",
+        type=layout_list,
+        default=None,
+        help=f"CFGxSP per run, comma-separated (default {DEFAULT_LAYOUTS}: on CUDA, those the GPUs hold)",
+    )
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--ckpt", default=None, help="checkpoint folder: written if missing, reused if present")
@@ -277,11 +321,20 @@ def measure(args, tmp: Path, save: Callable[[list[dict]], None]) -> tuple[str, l
         reference = video if reference is None else reference
         diff = int(np.abs(video.astype(int) - reference.astype(int)).max())
         counted = [r["bytes_per_step"] for r in ranks]
-        formula = [bytes_per_step(config, vae, (cfg, sp), (frames, height, width), element, r)["total"]
-                   for r in range(cfg * sp)]  # fmt: skip
+        formula = [
+            bytes_per_step(config, vae, (cfg, sp), (frames, height, width), element, r)["total"]
+            for r in range(cfg * sp)
+        ]
         step = statistics.median(ranks[0]["step_s"])
-        records.append({"layout": name, "step_s": ranks[0]["step_s"], "bytes_per_step": counted,
-                        "formula_bytes_per_step": formula, "max_pixel_diff": diff})  # fmt: skip
+        records.append(
+            {
+                "layout": name,
+                "step_s": ranks[0]["step_s"],
+                "bytes_per_step": counted,
+                "formula_bytes_per_step": formula,
+                "max_pixel_diff": diff,
+            }
+        )
         save(records)
         rows.append([name, cfg * sp, step, f"{max(counted) / 1e6:.3f}", f"{max(formula) / 1e6:.3f}", diff])
         print(
@@ -291,8 +344,8 @@ def measure(args, tmp: Path, save: Callable[[list[dict]], None]) -> tuple[str, l
             print(
                 f"BYTES DIFFER from the formula: {name} counted {counted}, formula {formula}", file=sys.stderr
             )
-    headers = ["cfg x sp", "processes", "s/step (rank 0, median)", "MB sent/step (most of any rank, counted)",
-               "MB (formula)", "max pixel diff vs first layout"]  # fmt: skip
+    headers = ["cfg x sp", "processes", "s/step (rank 0, median)", "MB sent/step (most of any rank, counted)"]
+    headers += ["MB (formula)", "max pixel diff vs first layout"]
     return markdown_table(headers, rows), records
 
 
@@ -316,8 +369,9 @@ def fit_to_gpus(args) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"machine: {machine()}; cogvideox/*.py sha256 {source_digest()}; load {os.getloadavg()[0]:.2f}")
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "digest": source_digest()}
+    digest = source_digest()  # before anything runs: another process may edit the package meanwhile
+    print(f"machine: {machine()}; cogvideox/*.py sha256 {digest}; load {os.getloadavg()[0]:.2f}")
+    results = {}
     failed = False
     if args.device == "cuda" and torch.cuda.device_count() == 0:
         print("error: --device cuda: this machine has no CUDA device", file=sys.stderr)
@@ -331,18 +385,22 @@ def main(argv=None) -> int:
         if measured is not None:
             results["measured"] = measured
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+            write_report(args.out, args, results, digest)
 
     if not args.computed_only:
         with tempfile.TemporaryDirectory(prefix="cogvideox-bench-parallel-") as tmp:
             table, results["measured"] = measure(args, Path(tmp), save)
         how = "CPU, gloo, fp32" if args.device == "cpu" else "CUDA, NCCL, the model's dtype"
         print(f"\nMEASURED ({how}, {args.size}, {args.steps} steps):\n{table}")
-        failed = any("error" in r or r["bytes_per_step"] != r["formula_bytes_per_step"] or r["max_pixel_diff"] > 2
-                     for r in results["measured"])  # fmt: skip
+        failed = any(
+            "error" in r or r["bytes_per_step"] != r["formula_bytes_per_step"] or r["max_pixel_diff"] > 2
+            for r in results["measured"]
+        )
     table, results["computed"] = released_table()
-    print(f"\nCOMPUTED, not measured: released models, 49x480x720, CFG on, 16-bit activations; compute assumes "
-          f"{UTILISATION:.0%} of {PEAK_FLOPS / 1e12:.0f} TFLOP/s per GPU; links at nominal bandwidth:\n{table}")  # fmt: skip
+    print(
+        f"\nCOMPUTED, not measured: released models, 49x480x720, CFG on, 16-bit activations; compute assumes "
+        f"{UTILISATION:.0%} of {PEAK_FLOPS / 1e12:.0f} TFLOP/s per GPU; links at nominal bandwidth:\n{table}"
+    )
     save()
     return 1 if failed else 0
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import importlib.util
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import GiB, PeakMemory, machine, markdown_table, source_digest, sync
+from benchmarks.common import GiB, PeakMemory, machine, markdown_table, source_digest, sync, write_report
 from benchmarks.random_checkpoint import SIZES, write_random_checkpoint
 from cogvideox.config import TransformerConfig
 
@@ -327,8 +325,22 @@ def free(device: torch.device) -> str:
 
 def report(runs: list[Run], args) -> tuple[str, list[str]]:
     memory = PeakMemory(args.device).label
-    headers = ["impl", "mode", "load s", "text s", "s/step", "denoise s", "decode s", "total s",
-               "FLOP util", f"{memory}: text", "denoise", "decode", "reserved max", "max px diff"]  # fmt: skip
+    headers = [
+        "impl",
+        "mode",
+        "load s",
+        "text s",
+        "s/step",
+        "denoise s",
+        "decode s",
+        "total s",
+        "FLOP util",
+        f"{memory}: text",
+        "denoise",
+        "decode",
+        "reserved max",
+        "max px diff",
+    ]
     rows = []
     for r in runs:
         if r.skipped:
@@ -336,8 +348,22 @@ def report(runs: list[Run], args) -> tuple[str, list[str]]:
             continue
         util = None if r.flop_fraction is None else f"{100 * r.flop_fraction:.1f}%"
         peaks = [r.peak_gib.get(s) for s in STAGES]
-        rows.append([r.impl, r.mode, r.load_s, r.text_s, r.step_s, r.denoise_s, r.decode_s, r.total_s, util,
-                     *peaks, r.reserved_gib, r.max_pixel_diff])  # fmt: skip
+        rows.append(
+            [
+                r.impl,
+                r.mode,
+                r.load_s,
+                r.text_s,
+                r.step_s,
+                r.denoise_s,
+                r.decode_s,
+                r.total_s,
+                util,
+                *peaks,
+                r.reserved_gib,
+                r.max_pixel_diff,
+            ]
+        )
     ratios = []
     by_key = {(r.impl, r.mode): r for r in runs if not r.skipped}
     for mode in args.modes:
@@ -382,27 +408,21 @@ def main(argv=None) -> int:
 
     problems = compare(runs, args.max_pixel_diff)
     table, ratios = report(runs, args)
-    print(f"\n{args.frames} frames {args.width}x{args.height}, {args.steps} steps, CFG {args.guidance}, "
-          f"{args.dtype}, {args.size} model, VAE tiling {'on' if args.vae_tiling else 'off'}; "
-          f"{tokens} tokens, {flops:.3g} transformer FLOPs per step"
-          + (f", FLOP util against {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else "")
-          + "; max px diff against the first diffusers run\n")  # fmt: skip
+    print(
+        f"\n{args.frames} frames {args.width}x{args.height}, {args.steps} steps, CFG {args.guidance}, "
+        f"{args.dtype}, {args.size} model, VAE tiling {'on' if args.vae_tiling else 'off'}; "
+        f"{tokens} tokens, {flops:.3g} transformer FLOPs per step"
+        + (f", FLOP util against {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else "")
+        + "; max px diff against the first diffusers run\n"
+    )
     print(table + "\n")
     print("\n".join(ratios))
     for r in runs:
         if r.attention:
             print(f"attention kernel {r.impl} {r.mode}: {r.attention} (fastest of those timed at load)")
     if args.out:
-        data = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine(),
-            "source": digest,
-            "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
-            "tokens": tokens,
-            "flops_per_step": flops,
-            "runs": [dataclasses.asdict(dataclasses.replace(r, frames=None)) for r in runs],
-        }
-        Path(args.out).write_text(json.dumps(data, indent=2))
+        kept = [dataclasses.asdict(dataclasses.replace(r, frames=None)) for r in runs]
+        write_report(args.out, args, {"tokens": tokens, "flops_per_step": flops, "runs": kept}, digest)
     if problems:
         print("VIDEOS DIFFER: " + "; ".join(problems), file=sys.stderr)
         return 1

@@ -58,10 +58,14 @@ def main(argv=None) -> None:
         mp4 = seconds(lambda: write_mp4(frames, Path(tmp) / "clip.mp4", fps=args.fps), args.repeats)
         gif = seconds(lambda: write_gif(frames, Path(tmp) / "clip.gif", fps=args.fps), args.repeats)
         sizes = {name: (Path(tmp) / f"clip.{name}").stat().st_size / 2**20 for name in ("mp4", "gif")}
-    print(f"frames -> playable MP4 ({shape}): median {statistics.median(mp4):.2f} s of {args.repeats} "
-          f"({sizes['mp4']:.1f} MiB): what the page waits for")  # fmt: skip
-    print(f"frames -> GIF          ({shape}): median {statistics.median(gif):.2f} s of {args.repeats} "
-          f"({sizes['gif']:.1f} MiB): only when asked for")  # fmt: skip
+    print(
+        f"frames -> playable MP4 ({shape}): median {statistics.median(mp4):.2f} s of {args.repeats} "
+        f"({sizes['mp4']:.1f} MiB): what the page waits for"
+    )
+    print(
+        f"frames -> GIF          ({shape}): median {statistics.median(gif):.2f} s of {args.repeats} "
+        f"({sizes['gif']:.1f} MiB): only when asked for"
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import datetime
 import hashlib
+import json
 import platform
 import statistics
 import time
@@ -115,6 +118,24 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}); {cpu}"
     return f"{cpu} (torch {torch.__version__})"
+
+
+def write_report(
+    path: str | Path, args: argparse.Namespace, results: dict, source: str | None = None
+) -> Path:
+    """A benchmark's JSON: when, on which machine, which cogvideox/ (`source`: the digest taken before the run,
+    as another process may edit the package meanwhile) and with which arguments it ran, then its results."""
+    data = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "source": source or source_digest(),
+        "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
+        **results,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
 
 
 def fmt(value, digits: int = 3) -> str:

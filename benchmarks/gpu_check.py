@@ -236,35 +236,99 @@ def markdown(data: dict) -> str:
         rows.append([name, r["status"], r.get("verdict"), r.get("seconds"), _cell(detail, 400)])
     lines += [markdown_table(["section", "status", "verdict", "seconds", "result"], rows), ""]
 
-    def table(title, headers, rows, note=None):
-        lines.extend([f"## {title}", "", markdown_table(headers, rows), *(["", note] if note else []), ""])
-
-    if "attempts" in s.get("decode_oom", {}):
-        table("decode_oom: the retry ladder", ["attempt kwargs", "error", "seconds", "peak GiB"],
-              [[_cell(a["kwargs"]), _cell(a["error"]), a["seconds"], a["peak_gib"]]
-               for a in s["decode_oom"]["attempts"]])  # fmt: skip
-    if "resident" in s.get("offload", {}):
-        o = s["offload"]
-        table("offload: resident vs sequential", ["mode", "s/step (median)", "peak GiB", "allocated before GiB"],
-              [[m, o[m]["s_per_step"], o[m].get("peak_gib"), o[m].get("base_gib")]
-               for m in ("resident", "sequential")], o["summary"])  # fmt: skip
-    if "kernels" in s.get("attention", {}):
-        table("attention: fused SDPA kernels", ["backend", "ms", "TFLOP/s", "max abs diff vs efficient", "error"],
-              [[k["backend"], k.get("ms"), k.get("tflops"), k.get("max_abs_diff_vs_efficient"), _cell(k.get("error"))]
-               for k in s["attention"]["kernels"]], s["attention"]["summary"])  # fmt: skip
-    if "shapes" in s.get("compile", {}):
-        table("compile: one row per call pair", ["shape (b, f, h, w)", "frames", "first s", "later s",
-              "unique graphs", "error / note"],
-              [[_cell(r["shape"]), r["frames"], r.get("first_s"), r.get("later_s"), r.get("unique_graphs"),
-                _cell(r.get("error") or r.get("skipped"))] for r in s["compile"]["shapes"]])  # fmt: skip
-    if "weights" in s.get("pinned", {}):
-        p = s["pinned"]
-        table("pinned: page-locked vs weight bytes", ["component", "state-dict bytes", "params + buffers bytes"],
-              [[n, w["state_dict"], w["params_and_buffers"]] for n, w in p["weights"].items()],
-              f"pinned_bytes {p['pinned_bytes']}; home_bytes {p['home_bytes']}; process: "
-              f"{p['host_memory_delta']}")  # fmt: skip
+    lines += detail_tables(s)
     lines += [f"Next step (not run here): `{data['next_step']}`", ""]
     return "\n".join(lines)
+
+
+def _attempts(r: dict) -> list[list]:
+    return [[_cell(a["kwargs"]), _cell(a["error"]), a["seconds"], a["peak_gib"]] for a in r["attempts"]]
+
+
+def _modes(r: dict) -> list[list]:
+    return [
+        [m, r[m]["s_per_step"], r[m].get("peak_gib"), r[m].get("base_gib")]
+        for m in ("resident", "sequential")
+    ]
+
+
+def _kernels(r: dict) -> list[list]:
+    cells = ("backend", "ms", "tflops", "max_abs_diff_vs_efficient")
+    return [[*(k.get(c) for c in cells), _cell(k.get("error"))] for k in r["kernels"]]
+
+
+def _shapes(r: dict) -> list[list]:
+    cells = ("frames", "first_s", "later_s", "unique_graphs")
+    return [
+        [_cell(x["shape"]), *(x.get(c) for c in cells), _cell(x.get("error") or x.get("skipped"))]
+        for x in r["shapes"]
+    ]
+
+
+def _weights(r: dict) -> list[list]:
+    return [[n, w["state_dict"], w["params_and_buffers"]] for n, w in r["weights"].items()]
+
+
+def _pinned_note(r: dict) -> str:
+    return (
+        f"pinned_bytes {r['pinned_bytes']}; home_bytes {r['home_bytes']}; process: {r['host_memory_delta']}"
+    )
+
+
+# Each section's own table: (section, the key its record needs for it, title, headers, rows, note).
+DETAIL_TABLES = [
+    (
+        "decode_oom",
+        "attempts",
+        "the retry ladder",
+        ["attempt kwargs", "error", "seconds", "peak GiB"],
+        _attempts,
+        None,
+    ),
+    (
+        "offload",
+        "resident",
+        "resident vs sequential",
+        ["mode", "s/step (median)", "peak GiB", "allocated before GiB"],
+        _modes,
+        lambda r: r["summary"],
+    ),
+    (
+        "attention",
+        "kernels",
+        "fused SDPA kernels",
+        ["backend", "ms", "TFLOP/s", "max abs diff vs efficient", "error"],
+        _kernels,
+        lambda r: r["summary"],
+    ),
+    (
+        "compile",
+        "shapes",
+        "one row per call pair",
+        ["shape (b, f, h, w)", "frames", "first s", "later s", "unique graphs", "error / note"],
+        _shapes,
+        None,
+    ),
+    (
+        "pinned",
+        "weights",
+        "page-locked vs weight bytes",
+        ["component", "state-dict bytes", "params + buffers bytes"],
+        _weights,
+        _pinned_note,
+    ),
+]
+
+
+def detail_tables(s: dict) -> list[str]:
+    """Each section's own table (markdown lines), for the sections that got far enough to fill one."""
+    lines = []
+    for name, key, title, headers, rows, note in DETAIL_TABLES:
+        if key in s.get(name, {}):
+            lines += [f"## {name}: {title}", "", markdown_table(headers, rows(s[name]))]
+            text = note(s[name]) if note else None
+            lines += ["", text, ""] if text else [""]
+    return lines
 
 
 def main(argv=None) -> int:

@@ -3,15 +3,33 @@ queries that read None on a CPU, byte counts, timing, and errors recorded as str
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import time
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from benchmarks.common import GiB, sync
+
+
+class SectionRun(Protocol):
+    """What a section is handed (`gpu_check.Run`): the device, dtype and arguments, a log, a temporary folder.
+    Declared here so the sections need nothing from the runner that imports them."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+
+    def elapsed(self) -> float: ...
+    def log(self, message: str) -> None: ...
+    @property
+    def tmp(self) -> Path: ...
+    def scaffold(self) -> Path: ...
 
 
 class SectionTimeout(Exception):

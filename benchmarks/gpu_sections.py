@@ -1,6 +1,6 @@
 """The GPU check's sections, one function each (`CHECKS`), run by `gpu_check.py` on a random-weight model: what
 each measures is in that file's docstring. A section takes the `Run` (device, dtype, arguments, log, temporary
-folder) and returns its record, with a `verdict` and a one-line `summary`."""
+folder: `gpu_helpers.SectionRun`) and returns its record, with a `verdict` and a one-line `summary`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import statistics
 import time
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks.common import GiB, sync
 from benchmarks.gpu_helpers import (
+    SectionRun,
     SectionTimeout,
     allocated,
     error_record,
@@ -34,16 +34,13 @@ from benchmarks.gpu_helpers import (
     timed_calls,
 )
 
-if TYPE_CHECKING:
-    from benchmarks.gpu_check import Run
-
 TEXT_LEN = 226
 
 
 # -- (a) decode out of memory, then the tiled retry ---------------------------------------------------------
 
 
-def check_decode_oom(run: Run) -> dict:
+def check_decode_oom(run: SectionRun) -> dict:
     from cogvideox import CogVideoXPipeline, offload
     from cogvideox.config import VAEConfig
     from cogvideox.vae import CogVideoXVAE
@@ -64,24 +61,7 @@ def check_decode_oom(run: Run) -> dict:
     before = latents.clone()
     out = {"latent_shape": shape, "weights_gib": gib(tensor_bytes(pipe.vae))}
     out["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-    is_oom = getattr(offload, "is_out_of_memory", lambda e: isinstance(e, torch.OutOfMemoryError))
-    attempts, real_decode = [], pipe.vae.decode
-
-    def recording_decode(z, **kwargs):
-        record = {"kwargs": dict(kwargs), "error": None}
-        attempts.append(record)
-        reset_peak(dev)
-        t = time.perf_counter()
-        try:
-            video = real_decode(z, **kwargs)
-            sync(dev)
-            return video
-        except Exception as e:  # strings only: the failed attempt's tensors must be freed for the retry
-            record.update(error=short_error(e), error_class=type(e).__name__, out_of_memory=is_oom(e))
-            raise
-        finally:
-            record.update(seconds=time.perf_counter() - t, peak_gib=gib(peak_bytes(dev)))
-
+    attempts, recording_decode = recorded(pipe.vae.decode, dev)
     if cuda:
         free_memory(dev)
         total = torch.cuda.get_device_properties(dev).total_memory
@@ -111,16 +91,7 @@ def check_decode_oom(run: Run) -> dict:
     out["expected_frames_shape"] = [frames, height, width, 3]
     out["latents_unchanged"] = bool(torch.equal(latents, before))
     out["error_classes"] = sorted({a["error_class"] for a in attempts if a["error"]})
-    if cuda:
-        first, last = (attempts[0], attempts[-1]) if attempts else ({"kwargs": {}}, {"kwargs": {}})
-        untiled_failed = first["kwargs"].get("tiled") is False and bool(first.get("error"))
-        tiled_ok = bool(last["kwargs"].get("tiled")) and last.get("error") is None
-        shape_ok = out.get("frames_shape") == out["expected_frames_shape"]
-        out["verdict"] = (
-            "pass" if untiled_failed and tiled_ok and shape_ok and out["latents_unchanged"] else "fail"
-        )
-    else:
-        out["verdict"] = "n/a (no out-of-memory forced on a CPU)"
+    out["verdict"] = decode_verdict(out, attempts) if cuda else "n/a (no out-of-memory forced on a CPU)"
     out["summary"] = (
         f"attempts {[a['kwargs'] for a in attempts]}, errors {out['error_classes'] or 'none'}, "
         f"frames {out.get('frames_shape')}, latents unchanged {out['latents_unchanged']}"
@@ -128,10 +99,44 @@ def check_decode_oom(run: Run) -> dict:
     return out
 
 
+def recorded(decode, dev) -> tuple[list[dict], object]:
+    """A VAE decode that records each attempt (its kwargs, error, seconds, peak memory), and the records."""
+    from cogvideox import offload
+
+    is_oom = getattr(offload, "is_out_of_memory", lambda e: isinstance(e, torch.OutOfMemoryError))
+    attempts = []
+
+    def recording_decode(z, **kwargs):
+        record = {"kwargs": dict(kwargs), "error": None}
+        attempts.append(record)
+        reset_peak(dev)
+        t = time.perf_counter()
+        try:
+            video = decode(z, **kwargs)
+            sync(dev)
+            return video
+        except Exception as e:  # strings only: the failed attempt's tensors must be freed for the retry
+            record.update(error=short_error(e), error_class=type(e).__name__, out_of_memory=is_oom(e))
+            raise
+        finally:
+            record.update(seconds=time.perf_counter() - t, peak_gib=gib(peak_bytes(dev)))
+
+    return attempts, recording_decode
+
+
+def decode_verdict(out: dict, attempts: list[dict]) -> str:
+    """pass: the untiled decode ran out of memory, a tiled retry returned the whole video, the latents intact."""
+    first, last = (attempts[0], attempts[-1]) if attempts else ({"kwargs": {}}, {"kwargs": {}})
+    untiled_failed = first["kwargs"].get("tiled") is False and bool(first.get("error"))
+    tiled_ok = bool(last["kwargs"].get("tiled")) and last.get("error") is None
+    shape_ok = out.get("frames_shape") == out["expected_frames_shape"]
+    return "pass" if untiled_failed and tiled_ok and shape_ok and out["latents_unchanged"] else "fail"
+
+
 # -- (b) resident vs sequential -----------------------------------------------------------------------------
 
 
-def model_config(run: Run, layers: int):
+def model_config(run: SectionRun, layers: int):
     from cogvideox.config import PRESETS
     from cogvideox.testing import tiny_configs
 
@@ -147,7 +152,7 @@ def transformer_inputs(cfg, batch: int, latent: tuple[int, int, int], device, dt
     return x.to(device, dtype), embeds.to(device, dtype), torch.full((batch,), 999, device=device)
 
 
-def check_offload(run: Run) -> dict:
+def check_offload(run: SectionRun) -> dict:
     from cogvideox.offload import Offloader
     from cogvideox.transformer import CogVideoXTransformer
 
@@ -233,7 +238,7 @@ def _split(result) -> tuple[object, object]:
     return result, None
 
 
-def check_attention(run: Run) -> dict:
+def check_attention(run: SectionRun) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from cogvideox import layers
@@ -295,7 +300,7 @@ def compile_shapes(tiny: bool) -> list[tuple[int, int, int, int]]:
     return [largest, *[(2, f, 8, 12) for f in frames], (1, 13, 8, 12), (2, 13, 16, 24)]
 
 
-def compile_pipeline(run: Run, model, cfg):
+def compile_pipeline(run: SectionRun, model, cfg):
     """A pipeline around `model` (the scaffold's scheduler; the released VAE's compression, for the latent sizes):
     its `denoise` picks the attention kernel and runs the transformer under it, as a generation does."""
     from cogvideox import CogVideoXPipeline
@@ -329,7 +334,7 @@ def denoised(pipe, shape: tuple[int, int, int, int], steps: int = 2) -> tuple[li
     return [b - a for a, b in pairwise(marks)], latents
 
 
-def check_compile(run: Run) -> dict:
+def check_compile(run: SectionRun) -> dict:
     """Compiled blocks traced and run through the pipeline's `denoise`, so under the attention kernel it picks
     (with compile, the first pick stands for every size: the graphs keep the kernel they were traced under)."""
     import torch._dynamo
@@ -353,11 +358,38 @@ def check_compile(run: Run) -> dict:
     except Exception as e:
         out["eager_error"] = short_error(e)
     pipe.compile = True  # what from_pretrained(compile=True) sets: later sizes keep the first pick
+    compile_model(model, backend)
+    out["shapes"] = rows = compiled_rows(run, pipe, shapes, eager)
+    out["attention_kernels"] = {str(list(k)): jsonable(v) for k, v in pipe.attention_backends.items()}
+    out["attention_kernel"] = next(iter(out["attention_kernels"].values()), None)
+    out["counters"] = {name: dict(values) for name, values in counters.items() if values}
+    failed = [r for r in rows if "error" in r]
+    out["distinct_shapes_run"] = len({tuple(r["shape"]) for r in rows if "first_s" in r})
+    out["unique_graphs"] = counters["stats"].get("unique_graphs")
+    passed = not failed and "eager_error" not in out and out["distinct_shapes_run"] == len(shapes)
+    out["verdict"] = "pass" if passed else "fail"
+    first_error = f" ({failed[0]['error'][:120]})" if failed else ""
+    out["summary"] = (
+        f"{backend} under the pipeline's kernel pick {out['attention_kernel']}: {out['distinct_shapes_run']}/"
+        f"{len(shapes)} shapes ran, {len(failed)} calls failed{first_error}, unique graphs {out['unique_graphs']}"
+    )
+    return out
+
+
+def compile_model(model, backend: str) -> None:
+    """`model.compile_blocks()` with the torch.compile backend `backend`."""
     if "backend" in inspect.signature(model.compile_blocks).parameters:
         model.compile_blocks(backend=backend)
     else:  # a compile_blocks() without the parameter: its torch.compile gets the backend
         with patched(torch, "compile", functools.partial(torch.compile, backend=backend)):
             model.compile_blocks()
+
+
+def compiled_rows(run: SectionRun, pipe, shapes: list[tuple], eager: torch.Tensor | None) -> list[dict]:
+    """Each shape, then the first again (it must not compile again): two denoising steps, timed, and the graphs
+    compiled so far; the first shape's latents against eager. Stops when a budget is spent or the alarm fires."""
+    from torch._dynamo.utils import counters
+
     rows, t_section = [], time.perf_counter()
     for shape in [*shapes, shapes[0]]:
         row = {"shape": list(shape), "frames": 4 * (shape[1] - 1) + 1}
@@ -378,21 +410,7 @@ def check_compile(run: Run) -> dict:
         row["unique_graphs"] = counters["stats"].get("unique_graphs")
         status = row.get("error") or "first {first_s:.2f} s, later {later_s:.3f} s".format(**row)
         run.log(f"compile {row['shape']}: {status}, unique graphs {row['unique_graphs']}")
-    out["shapes"] = rows
-    out["attention_kernels"] = {str(list(k)): jsonable(v) for k, v in pipe.attention_backends.items()}
-    out["attention_kernel"] = next(iter(out["attention_kernels"].values()), None)
-    out["counters"] = {name: dict(values) for name, values in counters.items() if values}
-    failed = [r for r in rows if "error" in r]
-    out["distinct_shapes_run"] = len({tuple(r["shape"]) for r in rows if "first_s" in r})
-    out["unique_graphs"] = counters["stats"].get("unique_graphs")
-    passed = not failed and "eager_error" not in out and out["distinct_shapes_run"] == len(shapes)
-    out["verdict"] = "pass" if passed else "fail"
-    first_error = f" ({failed[0]['error'][:120]})" if failed else ""
-    out["summary"] = (
-        f"{backend} under the pipeline's kernel pick {out['attention_kernel']}: {out['distinct_shapes_run']}/"
-        f"{len(shapes)} shapes ran, {len(failed)} calls failed{first_error}, unique graphs {out['unique_graphs']}"
-    )
-    return out
+    return rows
 
 
 # -- (e) page-locked bytes vs weight bytes, then one short sequential generation ----------------------------
@@ -415,7 +433,7 @@ def host_memory() -> dict:
     return stats
 
 
-def check_pinned(run: Run) -> dict:
+def check_pinned(run: SectionRun) -> dict:
     from benchmarks.random_checkpoint import write_random_checkpoint
     from cogvideox import CogVideoXPipeline
 
@@ -470,7 +488,7 @@ def check_pinned(run: Run) -> dict:
     return out
 
 
-def sequential_generation(run: Run, pipe) -> dict:
+def sequential_generation(run: SectionRun, pipe) -> dict:
     dev = run.device
     frames, height, width, steps = (1, 64, 96, 1) if run.args.tiny else (49, 480, 720, 2)
     free_memory(dev)

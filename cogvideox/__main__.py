@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import RELEASE_DEFAULTS  # torch-free: --help and bad flags answer in milliseconds
 
 # Known without a model, so bad values fail in milliseconds: torch and the pipeline are imported only to generate.
 # Equal to the library's limits (cogvideox/pipeline.py; a test keeps them in step).
@@ -120,6 +121,20 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="python -m cogvideox", description="CogVideoX: text, video or image to video")
+    add_generation_flags(p)
+    add_input_and_run_flags(p)
+    p.add_argument("--version", action="version", version=f"cogvideox {__version__}")
+    args = p.parse_args(argv)
+    if args.strength is not None and args.video is None:
+        p.error("--strength applies to --video only: pass --video too")
+    if args.video is not None and args.image is not None:
+        p.error("pass either --video or --image, not both")
+    return args
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The model, the prompt, the output, the sampling settings and where it runs."""
+    d = RELEASE_DEFAULTS
     p.add_argument(
         "--model",
         default="THUDM/CogVideoX-2b",
@@ -132,41 +147,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output (and its .json) if they exist")
     p.add_argument("--seed", type=integer(0, MAX_SEED - 1), help="default: random (printed and saved)")
-    p.add_argument("--steps", type=integer(1, MAX_STEPS), help="default: 50")
-    p.add_argument("--guidance", type=guidance, help="default: 6.0")
-    p.add_argument("--frames", type=integer(1), help="8N+1; default: the model's (49)")
+    p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"default: {d.num_inference_steps}")
+    p.add_argument("--guidance", type=guidance, help=f"default: {d.guidance_scale}")
+    p.add_argument("--frames", type=integer(1), help=f"8N+1; default: the model's ({d.num_frames})")
     size = integer(16, MAX_SIZE, multiple=16)
-    p.add_argument("--height", type=size, help="a multiple of 16; default: the model's (480)")
-    p.add_argument("--width", type=size, help="a multiple of 16; default: the model's (720)")
+    p.add_argument("--height", type=size, help=f"a multiple of 16; default: the model's ({d.height})")
+    p.add_argument("--width", type=size, help=f"a multiple of 16; default: the model's ({d.width})")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: the model's")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--memory-mode", choices=["resident", "model", "sequential"], default=None)
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default=None, help="default: the checkpoint's")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
-    p.add_argument("--step-cache", type=step_cache, default=None, metavar="off|quality|fast|THRESHOLD",
-                   help="skip transformer passes on steps that change little (TeaCache): quality 0.1, fast 0.2; "
-                   "default off (every step computed)")  # fmt: skip
-    p.add_argument("--video", type=input_file, metavar="PATH",
-                   help="video to video: an MP4, MOV, WebM, MKV, AVI or GIF, center-cropped to the size, resampled to "
-                   "8 fps and cut to 8N+1 frames (--frames defaults to its length, at most the model's)")  # fmt: skip
-    p.add_argument("--strength", type=strength, metavar="S",
-                   help="with --video: how much of it is redrawn, in (0, 1]; default 0.8")  # fmt: skip
-    p.add_argument("--image", type=input_file, metavar="PATH",
-                   help="image to video (image-to-video models): a PNG, JPEG, WebP or GIF, center-cropped to the size")  # fmt: skip
-    p.add_argument("--smooth", action="store_true",
-                   help="motion-interpolated frames between the generated ones: 2T-1 frames written at 16 fps, "
-                   "the same duration")  # fmt: skip
-    p.add_argument("--parallel", choices=["cfg", "sp", "cfg,sp"], default=None,
-                   help="under torchrun (torchrun --nproc-per-node N -m cogvideox ...), one clip on all N processes: "
-                   "cfg runs the two CFG passes on 2 of them (with --guidance > 1), sp splits the video tokens over "
-                   "the rest (the heads, 30 for 2B and 48 for 5B, must divide by it); rank 0 writes the output")  # fmt: skip
-    p.add_argument("--version", action="version", version=f"cogvideox {__version__}")
-    args = p.parse_args(argv)
-    if args.strength is not None and args.video is None:
-        p.error("--strength applies to --video only: pass --video too")
-    if args.video is not None and args.image is not None:
-        p.error("pass either --video or --image, not both")
-    return args
+
+
+def add_input_and_run_flags(p: argparse.ArgumentParser) -> None:
+    """The step cache, the start video or image, smoothing and torchrun's parallel modes."""
+    p.add_argument(
+        "--step-cache",
+        type=step_cache,
+        default=None,
+        metavar="off|quality|fast|THRESHOLD",
+        help="skip transformer passes on steps that change little (TeaCache): quality 0.1, fast 0.2; "
+        "default off (every step computed)",
+    )
+    p.add_argument(
+        "--video",
+        type=input_file,
+        metavar="PATH",
+        help="video to video: an MP4, MOV, WebM, MKV, AVI or GIF, center-cropped to the size, resampled to "
+        "8 fps and cut to 8N+1 frames (--frames defaults to its length, at most the model's)",
+    )
+    p.add_argument(
+        "--strength",
+        type=strength,
+        metavar="S",
+        help="with --video: how much of it is redrawn, in (0, 1]; default 0.8",
+    )
+    p.add_argument(
+        "--image",
+        type=input_file,
+        metavar="PATH",
+        help="image to video (image-to-video models): a PNG, JPEG, WebP or GIF, center-cropped to the size",
+    )
+    p.add_argument(
+        "--smooth",
+        action="store_true",
+        help="motion-interpolated frames between the generated ones: 2T-1 frames written at 16 fps, "
+        "the same duration",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=["cfg", "sp", "cfg,sp"],
+        default=None,
+        help="under torchrun (torchrun --nproc-per-node N -m cogvideox ...), one clip on all N processes: "
+        "cfg runs the two CFG passes on 2 of them (with --guidance > 1), sp splits the video tokens over "
+        "the rest (the heads, 30 for 2B and 48 for 5B, must divide by it); rank 0 writes the output",
+    )
 
 
 def check_output(path: Path, overwrite: bool) -> str | None:
@@ -218,11 +254,55 @@ def run(args: argparse.Namespace, main_rank: bool = True) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .pipeline import GenerationCancelled
+    from .video import save_result
 
-    from .pipeline import CogVideoXPipeline, GenerationCancelled, check_device
+    # 1. The pipeline (configs only) and the call's arguments, checked before any weights load
+    pipe, model = open_pipeline(args)
+    if pipe is None:
+        return 1
+    kwargs, inputs = call_arguments(args, pipe)
+    # 2. A parallel run's process group (and every rank's weights)
+    parallel, load_s = start_parallel(args, pipe, kwargs)
+    warn_before_run(args, pipe, model)
+    # 3. The run, with a progress bar
+    report = Progress()
+    try:
+        run = dict(callback=report.step, on_stage=report.stage, step_cache=args.step_cache, parallel=parallel)
+        result = pipe(args.prompt, **run, **inputs, **kwargs)
+    except GenerationCancelled as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.frames is None:  # a parallel run's other ranks: rank 0 decodes and writes
+        return 0
+    # 4. The MP4 and its sidecar
+    if args.smooth:
+        report.stage("smoothing")
+    saved = save_result(
+        result,
+        args.output,
+        smooth=args.smooth,
+        extra=sidecar_extra(args),
+        timings=None if load_s is None else {"load": load_s},
+        on_smooth_error=lambda e: print(
+            f"warning: --smooth failed, writing the clip unsmoothed: {e}", file=sys.stderr
+        ),
+    )
+    if "steps_computed" in result.timings:
+        steps = result.timings["steps_computed"]
+        print(f"step cache: {steps} of {kwargs['num_inference_steps']} steps computed", file=sys.stderr)
+    print(
+        f"wrote {args.output} ({saved.frames} frames at {saved.fps} fps, seed {result.seed}) and {saved.sidecar} "
+        f"in {time.perf_counter() - report.start:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def open_pipeline(args: argparse.Namespace):
+    """The pipeline (configs and tokenizer only) and the model folder it reads; (None, None) after an error line."""
+    from .pipeline import CogVideoXPipeline, check_device
     from .testing import tiny_random_checkpoint
-    from .video import MIN_INTERPOLATE_SIZE, smooth_clip, write_mp4, write_sidecar
 
     model = args.model
     if model == TINY_RANDOM:
@@ -231,7 +311,7 @@ def generate(args: argparse.Namespace) -> int:
             model = tiny_random_checkpoint()
         except OSError as e:
             print(f"error: could not write the {TINY_RANDOM} model: {e}", file=sys.stderr)
-            return 1
+            return None, None
     device = args.device
     if args.parallel:
         from .parallel import torchrun_device
@@ -245,6 +325,16 @@ def generate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         compile=args.compile,
     )
+    return pipe, model
+
+
+def call_arguments(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
+    """The pipeline's keyword arguments (the model's defaults where a flag is left out) and its inputs (video= or
+    image=, read at the generation size), all checked against the model: a ValueError before any weights."""
+    import numpy as np
+
+    from .video import MIN_INTERPOLATE_SIZE
+
     d = pipe.defaults
     kwargs = dict(
         negative_prompt=args.negative_prompt,
@@ -263,74 +353,79 @@ def generate(args: argparse.Namespace) -> int:
     if inputs:
         pipe.validate(args.prompt, **kwargs, step_cache=args.step_cache, **inputs)
     if args.video is not None:
-        print(f"--video: {kwargs['num_frames']} frames at 8 fps of {size[1]}x{size[0]} (center crop) from "
-              f"{args.video}", file=sys.stderr)  # fmt: skip
+        print(
+            f"--video: {kwargs['num_frames']} frames at 8 fps of {size[1]}x{size[0]} (center crop) from {args.video}",
+            file=sys.stderr,
+        )
     if args.smooth and kwargs["num_frames"] < 2:
         raise ValueError("--smooth needs 9 frames or more: it adds frames between the generated ones")
     if args.smooth and min(size) < MIN_INTERPOLATE_SIZE:
         raise ValueError(f"--smooth needs --height and --width of at least {MIN_INTERPOLATE_SIZE}")
-    parallel, load_s = None, None
-    if args.parallel:  # the degrees checked against the model first, then the process group, then the weights
-        from .parallel import start_from_torchrun
+    return kwargs, inputs
 
-        t = time.perf_counter()
-        parallel = start_from_torchrun(args.parallel, pipe, kwargs["num_frames"], kwargs["height"],
-                                       kwargs["width"], kwargs["guidance_scale"],
-                                       on_load=lambda: print("loading model...", file=sys.stderr, flush=True))  # fmt: skip
-        load_s = time.perf_counter() - t  # every rank's load, before the first collective of the run
+
+def start_parallel(args: argparse.Namespace, pipe, kwargs: dict):
+    """--parallel: the degrees checked against the model, then the process group, then the weights on every rank;
+    (the Parallel, seconds to load) or (None, None)."""
+    if not args.parallel:
+        return None, None
+    from .parallel import start_from_torchrun
+
+    t = time.perf_counter()
+    size = kwargs["num_frames"], kwargs["height"], kwargs["width"]
+    parallel = start_from_torchrun(
+        args.parallel,
+        pipe,
+        *size,
+        kwargs["guidance_scale"],
+        on_load=lambda: print("loading model...", file=sys.stderr, flush=True),
+    )
+    return parallel, time.perf_counter() - t  # every rank's load, before the first collective of the run
+
+
+def warn_before_run(args: argparse.Namespace, pipe, model) -> None:
+    """What the user should know before waiting: tiny-random makes noise, and words past the prompt limit."""
     if args.model == TINY_RANDOM:
-        print(f"note: {TINY_RANDOM} has random weights, so its video is noise ({d['width']}x{d['height']}, "
-              f"at most {pipe.max_frames} frames; kept in {model})", file=sys.stderr)  # fmt: skip
+        d = pipe.defaults
+        print(
+            f"note: {TINY_RANDOM} has random weights, so its video is noise ({d['width']}x{d['height']}, at most "
+            f"{pipe.max_frames} frames; kept in {model})",
+            file=sys.stderr,
+        )
     count = pipe.count_tokens(args.prompt)
     if count.dropped_tokens:
-        print(f"warning: prompt is {count.n_tokens} tokens; {count.dropped_tokens} beyond {count.max_tokens} "
-              f"are dropped: {count.dropped_text!r}", file=sys.stderr)  # fmt: skip
-    start = stage_start = time.perf_counter()
+        print(
+            f"warning: prompt is {count.n_tokens} tokens; {count.dropped_tokens} beyond {count.max_tokens} are "
+            f"dropped: {count.dropped_text!r}",
+            file=sys.stderr,
+        )
 
-    def progress(step: int, total: int) -> None:
-        eta = (time.perf_counter() - stage_start) / step * (total - step)
+
+def sidecar_extra(args: argparse.Namespace) -> dict:
+    """What the sidecar says beyond the pipeline's settings: the model as asked for ("tiny-random" says more than
+    the temporary folder it was written to) and the input files."""
+    extra = {"model": args.model}
+    for flag in ("video", "image"):
+        if getattr(args, flag) is not None:
+            extra[f"input_{flag}"] = str(getattr(args, flag))
+    return extra
+
+
+class Progress:
+    """The CLI's stage lines and per-step progress bar with an ETA, on stderr."""
+
+    def __init__(self):
+        self.start = self.stage_start = time.perf_counter()
+
+    def step(self, step: int, total: int) -> None:
+        eta = (time.perf_counter() - self.stage_start) / step * (total - step)
         bar = "#" * (30 * step // total)
         end = "\n" if step == total else ""
         print(f"\r  [{bar:<30}] {step}/{total}  ETA {eta:5.1f}s", end=end, file=sys.stderr, flush=True)
 
-    def stage(name: str) -> None:
-        nonlocal stage_start
-        stage_start = time.perf_counter()
+    def stage(self, name: str) -> None:
+        self.stage_start = time.perf_counter()
         print(f"{name}...", file=sys.stderr, flush=True)
-
-    try:
-        run = dict(callback=progress, on_stage=stage, step_cache=args.step_cache, parallel=parallel, **inputs)
-        result = pipe(args.prompt, **run, **kwargs)
-    except GenerationCancelled as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result.frames is None:  # a parallel run's other ranks: rank 0 decodes and writes
-        return 0
-    frames, fps, timings = result.frames, result.fps, dict(result.timings)
-    if load_s is not None:
-        timings["load"] = load_s
-    if args.smooth:
-        stage("smoothing")
-        try:
-            frames, fps = smooth_clip(frames, fps)  # 2T-1 frames at twice the rate: the same duration
-            timings["smooth"] = time.perf_counter() - stage_start
-        except RuntimeError as e:  # ffmpeg failed: the generated clip is still worth keeping
-            print(f"warning: --smooth failed, writing the clip unsmoothed: {e}", file=sys.stderr)
-    # Each file is written beside its final name and renamed: an interrupted write leaves no partial file.
-    write_mp4(frames, args.output, fps=fps)
-    # The model as asked for: "tiny-random" says more than the temp folder it was written to.
-    settings = {**result.settings, "fps": fps, "smooth": fps != result.fps, "model": args.model}
-    settings["timings"] = timings
-    for flag in ("video", "image"):
-        if getattr(args, flag) is not None:
-            settings[f"input_{flag}"] = str(getattr(args, flag))
-    sidecar = write_sidecar(args.output, settings)
-    if "steps_computed" in result.timings:
-        print(f"step cache: {result.timings['steps_computed']} of {kwargs['num_inference_steps']} steps computed",
-              file=sys.stderr)  # fmt: skip
-    print(f"wrote {args.output} ({len(frames)} frames at {fps} fps, seed {result.seed}) and {sidecar} "
-          f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)  # fmt: skip
-    return 0
 
 
 def load_inputs(args: argparse.Namespace, pipe, kwargs: dict) -> dict:
@@ -357,8 +452,10 @@ def load_inputs(args: argparse.Namespace, pipe, kwargs: dict) -> dict:
     except ValueError as e:
         raise ValueError(f"--video: {e}") from None
     if args.frames is not None and len(video) < args.frames:
-        raise ValueError(f"--frames {args.frames} is more than {args.video.name} gives at 8 fps ({len(video)} "
-                         f"frames): pass fewer or leave --frames out to use its length")  # fmt: skip
+        raise ValueError(
+            f"--frames {args.frames} is more than {args.video.name} gives at 8 fps ({len(video)} "
+            f"frames): pass fewer or leave --frames out to use its length"
+        )
     kwargs["num_frames"] = len(video)
     return {"video": video, "strength": args.strength}
 

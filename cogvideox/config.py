@@ -210,6 +210,31 @@ class VAEConfig:
         return cls.from_dict(read_json(path), source=path)
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What a call leaves out: the model's training size (from its configs) and the release's sampling settings
+    (CogVideoX's reference: 50 steps, guidance 6, 8 fps). The pipeline, the CLI and the app all read these."""
+
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    fps: int = 8
+
+    @classmethod
+    def for_model(cls, transformer: TransformerConfig, vae: VAEConfig) -> GenerationDefaults:
+        s = vae.spatial_compression
+        return cls(transformer.sample_frames, transformer.sample_height * s, transformer.sample_width * s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The released models' (2B and 5B alike: 49 frames of 720x480), for whoever has no pipeline at hand.
+RELEASE_DEFAULTS = GenerationDefaults.for_model(TransformerConfig(), VAEConfig())
+
+
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
 
 

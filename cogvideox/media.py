@@ -188,9 +188,16 @@ def _ffmpeg_input(path: Path) -> list[str]:
     # "file:" so that a name such as "http:x" or "pipe:1" is still a local file. -max_pixels: every decoder (the
     # probe's trial decode too) refuses a larger frame before allocating it. They count rows padded to 64 pixels
     # (measured: H.264, VP9, GIF, PNG), hence twice the limit; the exact limit is checked on each decoded frame.
-    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats",
-            "-max_pixels", str(2 * MAX_INPUT_PIXELS), "-format_whitelist", DEMUXERS, "-protocol_whitelist", "file",
-            "-i", f"file:{path}"]  # fmt: skip
+    quiet = ["-hide_banner", "-nostdin", "-nostats"]
+    limits = [
+        "-max_pixels",
+        str(2 * MAX_INPUT_PIXELS),
+        "-format_whitelist",
+        DEMUXERS,
+        "-protocol_whitelist",
+        "file",
+    ]
+    return [imageio_ffmpeg.get_ffmpeg_exe(), *quiet, *limits, "-i", f"file:{path}"]
 
 
 def _probe(path: Path) -> None:
@@ -308,9 +315,18 @@ def _decode(path: Path) -> Iterator[tuple[np.ndarray, Fraction, Fraction]]:
     as PPM (each carries its size, so rotated video needs no guessing); showinfo logs each frame's timestamp
     before passing it on. Each frame's size as decoded is checked: the PPM's before its pixels are read, and
     showinfo's, as ffmpeg would scale a later frame of another size to the first's."""
-    command = [*_ffmpeg_input(path), "-loglevel", "info", "-map", "0:v:0", "-vf", "showinfo=checksum=0",
-               "-fps_mode", "passthrough", "-frames:v", str(MAX_DECODED_FRAMES + 1), "-f", "image2pipe",
-               "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
+    select = ["-map", "0:v:0", "-vf", "showinfo=checksum=0", "-fps_mode", "passthrough"]
+    output = [
+        "-frames:v",
+        str(MAX_DECODED_FRAMES + 1),
+        "-f",
+        "image2pipe",
+        "-c:v",
+        "ppm",
+        "-pix_fmt",
+        "rgb24",
+    ]
+    command = [*_ffmpeg_input(path), "-loglevel", "info", *select, *output, "pipe:1"]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timed_out = threading.Event()
     timer = threading.Timer(DECODE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))

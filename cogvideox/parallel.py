@@ -263,8 +263,16 @@ class Parallel:
         """Bytes this rank has sent to others in exchanges of activations (control messages not counted)."""
         return sum(ex.bytes_sent for ex in (self.cfg_exchange, self.sp_exchange) if ex is not None)
 
-    def check(self, config: TransformerConfig, vae: VAEConfig, num_frames: int, height: int, width: int,
-              cfg_on: bool, compiled: bool = False) -> None:  # fmt: skip
+    def check(
+        self,
+        config: TransformerConfig,
+        vae: VAEConfig,
+        num_frames: int,
+        height: int,
+        width: int,
+        cfg_on: bool,
+        compiled: bool = False,
+    ) -> None:
         """ValueError unless these degrees can run this model at this size (see `check_degrees`)."""
         tokens = video_tokens(config, vae, num_frames, height, width)
         check_degrees(config, self.cfg, self.sp, cfg_on, tokens, compiled)
@@ -349,8 +357,15 @@ def init_from_torchrun(device: str | torch.device | None = None) -> torch.device
     return device
 
 
-def start_from_torchrun(modes: str, pipe, num_frames: int, height: int, width: int, guidance_scale: float,
-                        on_load: Callable[[], None] | None = None) -> Parallel:  # fmt: skip
+def start_from_torchrun(
+    modes: str,
+    pipe,
+    num_frames: int,
+    height: int,
+    width: int,
+    guidance_scale: float,
+    on_load: Callable[[], None] | None = None,
+) -> Parallel:
     """The command line's path: the degrees from torchrun's WORLD_SIZE, checked against `pipe`'s model at this size
     before anything starts (ValueError), then the process group (on `pipe.device`), the layout, and the weights
     on every rank (`load_on_every_rank`; `on_load()` first). The group is destroyed at exit."""

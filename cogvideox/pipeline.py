@@ -3,12 +3,12 @@ with the transformer (CFG), decode with the VAE."""
 
 from __future__ import annotations
 
-import secrets
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,8 +18,12 @@ from einops import rearrange
 from torch.nn.attention import SDPBackend
 
 from . import __version__, sampling, text
-from .cache import StepCache, resolve_step_cache
-from .config import SchedulerConfig, TransformerConfig, VAEConfig, read_json
+
+# MAX_SEED is re-exported: the app and the tests take the seed range from here.
+from .arguments import MAX_SEED as MAX_SEED
+from .arguments import Call, check_arguments, check_device, prepare
+from .cache import StepCache
+from .config import GenerationDefaults, SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, load_module, resolve_model
 from .offload import Offloader
@@ -31,8 +35,6 @@ if TYPE_CHECKING:
     from .parallel import Parallel
 
 SCHEDULER_NAMES = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}
-MAX_SEED = 2**32
-MAX_GUIDANCE = 100.0  # far past any useful scale (6 is the release's); keeps float math finite
 EMBED_CACHE_SIZE = 32
 
 
@@ -50,37 +52,11 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")
-    return int(value)
-
-
-def check_device(device: str | torch.device | None) -> torch.device:
-    """The device to run on (default: CUDA if there is one); ValueError for one this machine does not have.
-
-    Asks the driver how many GPUs there are, but creates no CUDA context or object (ZeroGPU forbids that in the
-    main process)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be like cpu, cuda or cuda:1, got {device!r}") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "mps"):
-        raise ValueError(f"device must be cpu, cuda or mps, got {str(device)!r}")
-    return device
+@contextmanager
+def _timed(timings: dict, key: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
 
 
 class CogVideoXPipeline:
@@ -137,8 +113,14 @@ class CogVideoXPipeline:
         device = check_device(device)
         root = resolve_model(model)
         if isinstance(dtype, str):
-            dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-                     "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}.get(dtype)  # fmt: skip
+            dtype = {
+                "fp16": torch.float16,
+                "float16": torch.float16,
+                "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16,
+                "fp32": torch.float32,
+                "float32": torch.float32,
+            }.get(dtype)
             if dtype is None:
                 raise ValueError("dtype must be one of fp16, bf16, fp32")
         if dtype is None:
@@ -154,7 +136,7 @@ class CogVideoXPipeline:
 
     @property
     def fps(self) -> int:
-        return 8
+        return GenerationDefaults.fps
 
     @property
     def max_frames(self) -> int:
@@ -162,15 +144,8 @@ class CogVideoXPipeline:
 
     @property
     def defaults(self) -> dict:
-        s = self.vae_config.spatial_compression
-        return {
-            "num_frames": self.transformer_config.sample_frames,
-            "height": self.transformer_config.sample_height * s,
-            "width": self.transformer_config.sample_width * s,
-            "num_inference_steps": 50,
-            "guidance_scale": 6.0,
-            "fps": self.fps,
-        }
+        """num_frames, height, width, num_inference_steps, guidance_scale, fps: what a call leaves out."""
+        return GenerationDefaults.for_model(self.transformer_config, self.vae_config).as_dict()
 
     @property
     def loaded(self) -> bool:
@@ -184,35 +159,13 @@ class CogVideoXPipeline:
     def count_tokens(self, prompt: str) -> text.TokenCount:
         return text.count_tokens(self.tokenizer, prompt, self.transformer_config.max_text_seq_length)
 
-    def validate(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                 seed, step_cache=None, preview_every=1, video=None, image=None, strength=None):  # fmt: skip
-        """Raise ValueError, saying what is allowed, for any argument out of range. No heavy work."""
-        if not isinstance(prompt, str) or text.is_blank(prompt):
-            raise ValueError("prompt must be a non-empty string (invisible characters alone do not count)")
-        if not isinstance(negative_prompt, str):
-            raise ValueError("negative_prompt must be a string")
-        sampling.check_conditioning(self.transformer_config, self.vae_config.spatial_compression, video, image,
-                                    strength, num_frames, height, width, num_inference_steps)  # fmt: skip
-        temporal = int(self.vae_config.temporal_compression_ratio)
-        _check_int("num_frames", num_frames, 1, self.max_frames)
-        if (num_frames - 1) % (2 * temporal):
-            raise ValueError(
-                f"num_frames must be 8N+1 (1, 9, 17, ...) and at most {self.max_frames}, got {num_frames}"
-            )
-        for name, value in (("height", height), ("width", width)):
-            if _check_int(name, value, 16, 4096) % 16:
-                raise ValueError(f"{name} must be a positive multiple of 16 (at most 4096), got {value}")
-        _check_int("num_inference_steps", num_inference_steps, 1, 1000)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)):
-            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
-        # Compared, not converted: float(10**400) would raise OverflowError.
-        if not 1 <= guidance_scale <= MAX_GUIDANCE:  # NaN fails too
-            shown = guidance_scale if abs(guidance_scale) < 1e12 else "a number out of range"
-            raise ValueError(f"guidance_scale must be in [1, {MAX_GUIDANCE:g}], got {shown}")
-        if seed is not None:
-            _check_int("seed", seed, 0, MAX_SEED - 1)
-        resolve_step_cache(step_cache)
-        _check_int("preview_every", preview_every, 1)
+    def validate(self, *args, **kwargs) -> None:
+        """Raise ValueError, saying what is allowed, for any argument out of range. No heavy work.
+
+        The arguments are `__call__`'s checked ones: prompt, negative_prompt, num_frames, height, width,
+        num_inference_steps, guidance_scale, seed, step_cache=None, preview_every=1, video=None, image=None,
+        strength=None (`arguments.check_arguments`)."""
+        check_arguments(self.transformer_config, self.vae_config, *args, **kwargs)
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -315,81 +268,131 @@ class CogVideoXPipeline:
         parallel: a `cogvideox.parallel.Parallel` (CFG and/or sequence parallel over torch.distributed), passed on
         every rank with the same arguments; only rank 0 decodes: the other ranks' `frames` is None.
         """
-        d = self.defaults
-        if num_frames is None:
-            num_frames = len(video) if isinstance(video, np.ndarray) and video.ndim == 4 else d["num_frames"]
-        height = d["height"] if height is None else height
-        width = d["width"] if width is None else width
-        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
-        negative_prompt = "" if negative_prompt is None else negative_prompt
-        self.validate(prompt, negative_prompt, num_frames, height, width, steps, guidance, seed,
-                      step_cache, preview_every, video, image, strength)  # fmt: skip
-        if video is not None:
-            strength = float(sampling.DEFAULT_STRENGTH if strength is None else strength)
+        # 1. Check the inputs, defaults filled in (ValueError before any weights load)
+        call = prepare(
+            self.transformer_config,
+            self.vae_config,
+            prompt,
+            negative_prompt,
+            num_frames,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            seed,
+            use_dynamic_cfg,
+            step_cache,
+            preview_every,
+            video,
+            image,
+            strength,
+        )
         if preview is not None and not callable(preview):
             raise ValueError(f"preview must be a function (step, total, frames), got {preview!r}")
-        threshold = resolve_step_cache(step_cache)
-        seed = secrets.randbelow(MAX_SEED) if seed is None else int(seed)
-        if parallel is not None:  # before any weights: the degrees fit, and every rank runs the same call
-            parallel.check(self.transformer_config, self.vae_config, num_frames, height, width, guidance > 1,
-                           self.compile)  # fmt: skip
-            seed = parallel.agree(seed, (prompt, negative_prompt, num_frames, height, width, steps, guidance,
-                                         use_dynamic_cfg, threshold, strength, video is None, image is None))  # fmt: skip
-            callback = parallel.shared_callback(callback)
-            preview = preview if parallel.is_main else None
+        # 2. A parallel run: the degrees fit, and every rank runs the same call with rank 0's seed
+        if parallel is not None:
+            call, callback, preview = self.join_parallel(parallel, call, callback, preview)
+        # 3.-8. Load, encode, denoise, decode
+        return self.generate(call, video, image, callback, on_stage, preview, parallel)
+
+    def generate(self, call: Call, video, image, callback, on_stage, preview, parallel) -> GenerationResult:
+        """`__call__`'s stages after the checks: weights, prompt, start latents, denoising, frames, settings."""
         stage = on_stage or (lambda name: None)
         timings, t0 = {}, time.perf_counter()
-
-        if not self.loaded:
-            stage("loading model")
-            self.load()
-        timings["load"] = time.perf_counter() - t0
-
+        # 3. Weights
+        with _timed(timings, "load"):
+            if not self.loaded:
+                stage("loading model")
+                self.load()
+        # 4. Prompt embeddings: [negative, positive] with CFG
         stage("encoding text")
-        t = time.perf_counter()
-        cfg = guidance > 1.0
-        embeds = self.encode_prompts([negative_prompt, prompt] if cfg else [prompt])  # (B, 226, D)
-        timings["text"] = time.perf_counter() - t
-
+        with _timed(timings, "text"):
+            embeds = self.encode_prompts(call.prompts)  # (B, 226, D)
+        # 5. The start video's or image's latents
         condition = None
         if video is not None or image is not None:
             stage(f"encoding {'video' if video is not None else 'image'}")
-            t = time.perf_counter()
-            condition = self.encode_condition(video if video is not None else image, strength)
-            timings["encode"] = time.perf_counter() - t
-
+            with _timed(timings, "encode"):
+                condition = self.encode_condition(video if video is not None else image, call.strength)
+        # 6. Denoising loop
         stage("denoising")
-        t = time.perf_counter()
-        run = steps if strength is None else sampling.steps_to_run(steps, strength)
-        cache = None if threshold is None else StepCache.for_model(threshold, self.transformer_config, run)
-        on_x0 = None if preview is None else every(preview_every, self.latent_preview(), preview)
-        latents = self.denoise(embeds, seed, num_frames, height, width, steps, guidance, callback, use_dynamic_cfg,
-                               cache, on_x0, condition, parallel)  # fmt: skip
-        timings["denoise"] = time.perf_counter() - t
+        with _timed(timings, "denoise"):
+            latents = self.sample(call, embeds, condition, callback, preview, parallel, timings)
+        # 7. Latents to frames (rank 0 only)
+        stage("decoding")
+        with _timed(timings, "decode"):
+            frames = self.decode(latents) if parallel is None or parallel.is_main else None
+        timings["total"] = time.perf_counter() - t0
+        # 8. What was made, for the sidecar
+        settings = self.settings_of(call, condition, parallel)
+        return GenerationResult(frames, call.seed, self.fps, settings, settings["dropped_tokens"], timings)
+
+    def join_parallel(self, parallel: Parallel, call: Call, callback, preview):
+        """Before any weights: the degrees fit this model and size, every rank agrees on the call (and takes rank
+        0's seed), cancelling on any rank stops them all, and only rank 0 previews."""
+        parallel.check(
+            self.transformer_config,
+            self.vae_config,
+            call.num_frames,
+            call.height,
+            call.width,
+            call.guidance > 1,
+            self.compile,
+        )
+        seed = parallel.agree(call.seed, call.agreement())
+        return (
+            replace(call, seed=seed),
+            parallel.shared_callback(callback),
+            (preview if parallel.is_main else None),
+        )
+
+    def sample(
+        self, call: Call, embeds, condition, callback, preview, parallel, timings: dict
+    ) -> torch.Tensor:
+        """The denoising stage: the step cache and the preview set up for this call, then `denoise`."""
+        run = call.steps if call.strength is None else sampling.steps_to_run(call.steps, call.strength)
+        cache = (
+            None
+            if call.threshold is None
+            else StepCache.for_model(call.threshold, self.transformer_config, run)
+        )
+        on_x0 = None if preview is None else every(call.preview_every, self.latent_preview(), preview)
+        latents = self.denoise(
+            embeds,
+            call.seed,
+            call.num_frames,
+            call.height,
+            call.width,
+            call.steps,
+            call.guidance,
+            callback,
+            call.use_dynamic_cfg,
+            cache,
+            on_x0,
+            condition,
+            parallel,
+        )
         if cache is not None:
             timings["steps_computed"] = cache.computed
+        return latents
 
-        stage("decoding")
-        t = time.perf_counter()
-        frames = self.decode(latents) if parallel is None or parallel.is_main else None
-        timings["decode"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
-
-        count = self.count_tokens(prompt)
+    def settings_of(self, call: Call, condition: Condition | None, parallel: Parallel | None) -> dict:
+        """The generation's settings as the sidecar keeps them (JSON-ready)."""
+        count = self.count_tokens(call.prompt)
+        step_cache = call.step_cache
         settings = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "num_inference_steps": steps,
+            "prompt": call.prompt,
+            "negative_prompt": call.negative_prompt,
+            "seed": call.seed,
+            "num_inference_steps": call.steps,
             "mode": "text-to-video" if condition is None else f"{condition.kind}-to-video",
-            "strength": strength,
-            "guidance_scale": float(guidance),
-            "use_dynamic_cfg": use_dynamic_cfg,
-            "step_cache": step_cache if step_cache is None or isinstance(step_cache, str) else threshold,
-            "num_frames": num_frames,
-            "height": height,
-            "width": width,
+            "strength": call.strength,
+            "guidance_scale": float(call.guidance),
+            "use_dynamic_cfg": call.use_dynamic_cfg,
+            "step_cache": step_cache if step_cache is None or isinstance(step_cache, str) else call.threshold,
+            "num_frames": call.num_frames,
+            "height": call.height,
+            "width": call.width,
             "fps": self.fps,
             "model": self.model_id,
             "scheduler": self.scheduler.config.class_name,
@@ -399,22 +402,41 @@ class CogVideoXPipeline:
         }
         if parallel is not None:
             settings["parallel"] = {"cfg": parallel.cfg, "sp": parallel.sp}
-        return GenerationResult(frames, seed, self.fps, settings, count.dropped_tokens, timings)
+        return settings
 
-    def denoise(self, embeds, seed, num_frames, height, width, steps, guidance, callback=None, dynamic_cfg=False,
-                step_cache: StepCache | None = None, on_x0: Callable | None = None,
-                condition: Condition | None = None, parallel: Parallel | None = None):  # fmt: skip
+    def denoise(
+        self,
+        embeds,
+        seed,
+        num_frames,
+        height,
+        width,
+        steps,
+        guidance,
+        callback=None,
+        dynamic_cfg=False,
+        step_cache: StepCache | None = None,
+        on_x0: Callable | None = None,
+        condition: Condition | None = None,
+        parallel: Parallel | None = None,
+    ):
         """The sampler: CFG over [negative, positive] embeds; returns latents (1, F, C, h, w) in the model dtype.
 
         It starts from noise, or from `condition`, a video's or an image's VAE posterior (`sampling.start`).
         on_x0(step, total, x0) sees each step's predicted clean latents (read only: the DPM scheduler keeps them
         as state)."""
-        s = self.vae_config.spatial_compression
-        shape = (1, (num_frames - 1) // int(self.vae_config.temporal_compression_ratio) + 1,
-                 self.transformer_config.out_channels, height // s, width // s)  # fmt: skip
+        shape = self.latent_shape(num_frames, height, width)
         generator = torch.Generator("cpu").manual_seed(seed)
-        begin = sampling.start(self.scheduler, steps, shape, generator, self.device, self.dtype,
-                               self.vae_config.scaling_factor, condition)  # fmt: skip
+        begin = sampling.start(
+            self.scheduler,
+            steps,
+            shape,
+            generator,
+            self.device,
+            self.dtype,
+            self.vae_config.scaling_factor,
+            condition,
+        )
         latents, timesteps, total = begin.latents, begin.timesteps, len(begin.timesteps)
         # Wrappers of the model call forward(latents, text_embeds, timestep), applied in order (innermost first).
         wrappers = [] if step_cache is None else [step_cache.wrap]
@@ -439,6 +461,17 @@ class CogVideoXPipeline:
                 if callback is not None and callback(i + 1, total) is False:
                     raise GenerationCancelled(f"cancelled after step {i + 1} of {total}")
         return latents
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """(1, F, C, h, w) of the latents of one video of this size."""
+        s, temporal = self.vae_config.spatial_compression, int(self.vae_config.temporal_compression_ratio)
+        return (
+            1,
+            (num_frames - 1) // temporal + 1,
+            self.transformer_config.out_channels,
+            height // s,
+            width // s,
+        )
 
     def encode_condition(self, pixels: np.ndarray, strength: float | None = None) -> Condition:
         """A uint8 video (T, H, W, 3) (to be noised to `strength`) or image (H, W, 3) -> its VAE posterior."""

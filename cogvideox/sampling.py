@@ -71,8 +71,16 @@ def add_noise(scheduler: Scheduler, clean: Tensor, noise: Tensor, timestep: int)
     return alpha**0.5 * clean + (1 - alpha) ** 0.5 * noise
 
 
-def start(scheduler: Scheduler, steps: int, shape: tuple, generator: torch.Generator, device: torch.device,
-          dtype: torch.dtype, scaling_factor: float, condition: Condition | None = None) -> Start:  # fmt: skip
+def start(
+    scheduler: Scheduler,
+    steps: int,
+    shape: tuple,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+    scaling_factor: float,
+    condition: Condition | None = None,
+) -> Start:
     """Where the sampler starts, for latents of `shape` (1, F, C, h, w); draws from `generator` in the reference's
     order (posterior sample, then noise)."""
     timesteps = scheduler.timesteps(steps)
@@ -137,8 +145,9 @@ def _check_pixels(name: str, value, rank: int) -> np.ndarray:
     return value
 
 
-def check_conditioning(config: TransformerConfig, spatial: int, video, image, strength, num_frames, height,
-                       width, steps) -> None:  # fmt: skip
+def check_conditioning(
+    config: TransformerConfig, spatial: int, video, image, strength, num_frames, height, width, steps
+) -> None:
     """ValueError, saying what is allowed, for a video / image / strength that cannot work with this checkpoint
     at this size (`spatial`: the VAE's pixels per latent). No heavy work: arrays are checked by shape and dtype."""
     if video is not None and image is not None:

@@ -49,8 +49,15 @@ class PatchEmbed(nn.Module):
     persistent `patch_embed.pos_embedding` (1, L + N, D).
     """
 
-    def __init__(self, in_channels: int, dim: int, text_dim: int, patch_size: int, bias: bool,
-                 learned_positions: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        text_dim: int,
+        patch_size: int,
+        bias: bool,
+        learned_positions: int | None = None,
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)

@@ -7,14 +7,19 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .pipeline import GenerationResult
 
 # Visually lossless for generated 480p clips at a few MB; x264's default preset.
 CRF = 18
@@ -116,6 +121,67 @@ def write_sidecar(path: str | Path, settings: dict[str, Any]) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class SavedClip:
+    """What `save_result` wrote."""
+
+    mp4: Path
+    sidecar: Path
+    settings: dict[str, Any]  # the sidecar's contents less its "timings"
+    timings: dict[str, Any]
+    frames: int  # in the MP4: 2T-1 when smoothed
+    fps: int  # the MP4's
+
+    @property
+    def smoothed(self) -> bool:
+        return self.settings["smooth"]
+
+
+def save_result(
+    result: GenerationResult,
+    mp4_path: str | Path,
+    *,
+    smooth: bool = False,
+    extra: dict[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
+    started: float | None = None,
+    on_smooth_error: Callable[[RuntimeError], None] | None = None,
+) -> SavedClip:
+    """A generation's frames as an H.264 MP4 at `mp4_path` and its JSON sidecar beside it (same stem, .json). Each
+    file is written beside its final name and renamed: an interrupted write leaves no partial file.
+
+    smooth: motion-interpolated frames between the generated ones (`smooth_clip`: 2T-1 frames at twice the fps,
+    the same duration). When ffmpeg fails at it, `on_smooth_error(error)` is told and the clip is written
+    unsmoothed; without on_smooth_error the RuntimeError propagates and nothing is written.
+    The sidecar: {**result.settings, **extra, "fps": the file's, "smooth": whether it is smoothed,
+    "frames_written": its frame count (smoothed only; num_frames stays the generated count), "steps_computed" (when
+    the step cache ran), "time_taken_s" (with `started`, a time.perf_counter() reading: seconds since, once the
+    MP4 is written), "timings": {**result.timings, **timings, "smooth": seconds (smoothed only)}}.
+    """
+    if result.frames is None:
+        raise ValueError("the result has no frames (a parallel run's rank other than 0)")
+    frames, fps, timings = result.frames, result.fps, {**result.timings, **(timings or {})}
+    if smooth:
+        t = time.perf_counter()
+        try:
+            frames, fps = smooth_clip(frames, fps)
+            timings["smooth"] = time.perf_counter() - t
+        except RuntimeError as e:  # ffmpeg failed: the generated clip may still be worth keeping
+            if on_smooth_error is None:
+                raise
+            on_smooth_error(e)
+    mp4 = write_mp4(frames, mp4_path, fps=fps)
+    settings = {**result.settings, **(extra or {}), "fps": fps, "smooth": fps != result.fps}
+    if settings["smooth"]:
+        settings["frames_written"] = len(frames)
+    if "steps_computed" in result.timings:  # the step cache was on: how many steps ran the transformer
+        settings["steps_computed"] = result.timings["steps_computed"]
+    if started is not None:
+        settings["time_taken_s"] = round(time.perf_counter() - started, 2)
+    sidecar = write_sidecar(mp4, {**settings, "timings": timings})
+    return SavedClip(mp4, sidecar, settings, timings, len(frames), fps)
+
+
 def interpolate(frames: np.ndarray, factor: int = 2, timeout: float | None = None) -> np.ndarray:
     """(T, H, W, 3) uint8 -> factor·(T-1)+1 frames: the inputs at every factor-th index, motion-compensated
     frames between them (ffmpeg's minterpolate, mi_mode=mci, run by imageio-ffmpeg's binary).
@@ -140,10 +206,10 @@ def interpolate(frames: np.ndarray, factor: int = 2, timeout: float | None = Non
     timeout = INTERPOLATE_TIMEOUT_S if timeout is None else timeout
     raw = ["-f", "rawvideo", "-pix_fmt", "rgb24"]
     # Input at 1 fps: minterpolate then runs at `factor` fps; only the ratio matters.
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-               *raw, "-s", f"{width}x{height}", "-r", "1", "-i", "pipe:0",
-               "-vf", f"tpad=stop_mode=clone:stop=1,format=yuv444p,minterpolate=fps={factor}:mi_mode=mci",
-               *raw, "pipe:1"]  # fmt: skip
+    quiet = ["-hide_banner", "-nostdin", "-loglevel", "error"]
+    source = [*raw, "-s", f"{width}x{height}", "-r", "1", "-i", "pipe:0"]
+    vf = f"tpad=stop_mode=clone:stop=1,format=yuv444p,minterpolate=fps={factor}:mi_mode=mci"
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), *quiet, *source, "-vf", vf, *raw, "pipe:1"]
     try:
         proc = subprocess.run(command, input=frames.tobytes(), capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

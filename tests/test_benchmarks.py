@@ -10,9 +10,32 @@ import pytest
 from cogvideox.config import TransformerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODULES = ["--widths", "tiny", "--repeats", "1", "--threads", "1", "--layers", "1", "--frames", "2",
-                "--latent-height", "4", "--latent-width", "6", "--text-len", "8",
-                "--vae-frames", "3", "--vae-height", "4", "--vae-width", "6"]  # fmt: skip
+TINY_MODULES = [
+    *[
+        "--widths",
+        "tiny",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--layers",
+        "1",
+        "--frames",
+        "2",
+        "--latent-height",
+        "4",
+        "--latent-width",
+        "6",
+        "--text-len",
+        "8",
+        "--vae-frames",
+        "3",
+        "--vae-height",
+        "4",
+        "--vae-width",
+        "6",
+    ]
+]
 
 
 def run_module(module: str, *args) -> subprocess.CompletedProcess:
@@ -41,10 +64,32 @@ def test_bench_modules_fails_loudly_when_outputs_differ():
 
 def test_bench_pipeline_cpu_path_runs_end_to_end(tmp_path):
     proc = run_module(
-        "benchmarks.bench_pipeline", "--device", "cpu", "--size", "tiny", "--frames", "9", "--height", "64",
-        "--width", "96", "--steps", "2", "--modes", "resident,model", "--peak-tflops", "1",
-        "--threads", "1", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "pipeline.json",
-    )  # fmt: skip
+        *[
+            "benchmarks.bench_pipeline",
+            "--device",
+            "cpu",
+            "--size",
+            "tiny",
+            "--frames",
+            "9",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--steps",
+            "2",
+            "--modes",
+            "resident,model",
+            "--peak-tflops",
+            "1",
+            "--threads",
+            "1",
+            "--ckpt",
+        ],
+        tmp_path / "ckpt",
+        "--out",
+        tmp_path / "pipeline.json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ratio resident: ours/diffusers s/step " in proc.stdout
     assert "attention kernel ours resident: FLASH_ATTENTION" in proc.stdout
@@ -111,16 +156,32 @@ GPU_CHECK_SECTIONS = {"decode_oom", "offload", "attention", "pinned", "compile"}
 
 def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
     out = tmp_path / "check" / "gpu_check.json"
-    proc = run_module("benchmarks.gpu_check", "--device", "cpu", "--tiny", "--threads", "1", "--steps", "2",
-                      "--compile-shapes", "3", "--out", out)  # fmt: skip
+    proc = run_module(
+        *[
+            "benchmarks.gpu_check",
+            "--device",
+            "cpu",
+            "--tiny",
+            "--threads",
+            "1",
+            "--steps",
+            "2",
+            "--compile-shapes",
+            "3",
+            "--out",
+        ],
+        out,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     sections = data["sections"]
     assert set(sections) == GPU_CHECK_SECTIONS
     assert all(s["status"] == "ok" and s["verdict"] for s in sections.values()), sections
     assert "commit" in data["git"] and data["source_digest"] and data["device"]["type"] == "cpu"
-    assert data["next_step"].endswith("-m benchmarks.bench_pipeline --device cuda --modes resident "
-                                      "--ckpt /tmp/cogvideox-2b-random --out cuda-resident.json")  # fmt: skip
+    assert data["next_step"].endswith(
+        "-m benchmarks.bench_pipeline --device cuda --modes resident "
+        "--ckpt /tmp/cogvideox-2b-random --out cuda-resident.json"
+    )
     # What needs CUDA says so instead of a number.
     decode, offload, pinned = sections["decode_oom"], sections["offload"], sections["pinned"]
     assert decode["memory_limit"].startswith("skipped: needs CUDA")
@@ -139,8 +200,13 @@ def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
     assert pinned["weight_bytes"] > 0 and pinned["generation"]["frames_shape"] == [1, 64, 96, 3]
     md = out.with_suffix(".md").read_text()
     assert "| section | status | verdict | seconds | result |" in md
-    for header in ("attempt kwargs", "s/step (median)", "max abs diff vs efficient", "unique graphs",
-                   "state-dict bytes"):  # fmt: skip
+    for header in (
+        "attempt kwargs",
+        "s/step (median)",
+        "max abs diff vs efficient",
+        "unique graphs",
+        "state-dict bytes",
+    ):
         assert f"| {header} |" in md
     assert md in proc.stdout  # the summary is printed too
 
@@ -276,13 +342,7 @@ def test_bench_parallel_writes_each_layout_as_it_completes(tmp_path, monkeypatch
     calls, out = [], tmp_path / "parallel.json"
     monkeypatch.setattr(bench_parallel, "launch", fake_launch(calls, out))
     argv = [
-        "--size",
-        "tiny",
-        "--steps",
-        "1",
-        "--layouts",
-        "1x1,2x1",
-        "--ckpt",
+        *["--size", "tiny", "--steps", "1", "--layouts", "1x1,2x1", "--ckpt"],
         str(tmp_path / "ckpt"),
         "--out",
         out,

@@ -181,8 +181,25 @@ def test_the_cache_in_every_memory_mode_and_compiled(tiny_2b, resident_cached, m
 
 def test_the_benchmark_runs_end_to_end(tmp_path):
     # A smoke test (nothing is timed): the CPU benchmark at the tiny size prints its tables and writes its JSON.
-    cmd = [sys.executable, "-m", "benchmarks.bench_cache", "--size", "tiny", "--steps", "4", "--calls", "3",
-           "--threads", "1", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "cache.json")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *[
+            "-m",
+            "benchmarks.bench_cache",
+            "--size",
+            "tiny",
+            "--steps",
+            "4",
+            "--calls",
+            "3",
+            "--threads",
+            "1",
+            "--ckpt",
+        ],
+        str(tmp_path / "ckpt"),
+        "--out",
+        str(tmp_path / "cache.json"),
+    ]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

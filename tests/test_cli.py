@@ -25,8 +25,15 @@ def run_cli(*args, env=None):
 
 def test_cli_writes_a_playable_mp4_and_sidecar(tiny_2b, tmp_path):
     out = tmp_path / "clips" / "ship.mp4"
-    proc = run_cli("--model", tiny_2b, "--prompt", "a wooden toy ship", "--output", out, "--seed", 5,
-                   "--steps", 2, "--frames", 9, "--guidance", 4.5, "--device", "cpu")  # fmt: skip
+    proc = run_cli(
+        "--model",
+        tiny_2b,
+        "--prompt",
+        "a wooden toy ship",
+        "--output",
+        out,
+        *["--seed", "5", "--steps", "2", "--frames", "9", "--guidance", "4.5", "--device", "cpu"],
+    )
     assert proc.returncode == 0, proc.stderr
     assert "2/2" in proc.stderr and "denoising" in proc.stderr  # progress on the terminal
     frames = read_mp4(out)
@@ -48,8 +55,13 @@ def test_cli_tiny_random_needs_no_other_flags_and_is_written_once(tmp_path, monk
     temp = tmp_path / "temp"  # the CLI's temp dir, where the model goes
     temp.mkdir()
     out = tmp_path / "out.mp4"
-    proc = run_cli("--model", "tiny-random", "--prompt", "x", "--output", out, "--device", "cpu",
-                   env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+    proc = run_cli(
+        *["--model", "tiny-random", "--prompt", "x", "--output"],
+        out,
+        "--device",
+        "cpu",
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "random weights" in notes[0] and "96x64" in notes[0]
@@ -94,8 +106,12 @@ HEAVY = ["torch", "transformers", "safetensors", "numpy", "PIL", "imageio_ffmpeg
 
 def test_help_and_argument_errors_answer_at_once_in_one_line(tmp_path):
     # Timing asserts flake on a loaded 2-core CI; what made them slow (torch, transformers) is checked instead.
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "cogvideox", "--help"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cogvideox", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
     assert imported.isdisjoint(HEAVY), imported & set(HEAVY)
     assert proc.returncode == 0 and "tiny-random" in proc.stdout
@@ -103,21 +119,38 @@ def test_help_and_argument_errors_answer_at_once_in_one_line(tmp_path):
     taken = tmp_path / "taken.mp4"
     taken.write_bytes(b"")
     cases = {  # argv after --prompt x: the flag the one-line message must name
-        ("--steps", "0"): "--steps", ("--steps", "1001"): "--steps", ("--steps", "2.5"): "--steps",
-        ("--frames", "0"): "--frames", ("--guidance", "0.99"): "--guidance",
-        ("--guidance", "100.01"): "--guidance", ("--guidance", "nan"): "--guidance",
-        ("--guidance", "inf"): "--guidance", ("--guidance", "1e400"): "--guidance",
-        ("--height", "8"): "--height", ("--height", "0"): "--height", ("--height", "4112"): "--height",
-        ("--width", "100"): "--width", ("--seed", "-1"): "--seed", ("--seed", str(2**32)): "--seed",
-        ("--dtype", "fp8"): "--dtype", ("--memory-mode", "all"): "--memory-mode",
-        ("--output", "clip.gif"): "--output", ("--output", str(taken)): "--overwrite",
-        ("--strength", "0.5"): "--strength", ("--video", str(tmp_path / "none.mp4")): "--video",
-        ("--image", str(tmp_path)): "--image", ("--video", str(taken), "--strength", "0"): "--strength",
-    }  # fmt: skip
+        ("--steps", "0"): "--steps",
+        ("--steps", "1001"): "--steps",
+        ("--steps", "2.5"): "--steps",
+        ("--frames", "0"): "--frames",
+        ("--guidance", "0.99"): "--guidance",
+        ("--guidance", "100.01"): "--guidance",
+        ("--guidance", "nan"): "--guidance",
+        ("--guidance", "inf"): "--guidance",
+        ("--guidance", "1e400"): "--guidance",
+        ("--height", "8"): "--height",
+        ("--height", "0"): "--height",
+        ("--height", "4112"): "--height",
+        ("--width", "100"): "--width",
+        ("--seed", "-1"): "--seed",
+        ("--seed", str(2**32)): "--seed",
+        ("--dtype", "fp8"): "--dtype",
+        ("--memory-mode", "all"): "--memory-mode",
+        ("--output", "clip.gif"): "--output",
+        ("--output", str(taken)): "--overwrite",
+        ("--strength", "0.5"): "--strength",
+        ("--video", str(tmp_path / "none.mp4")): "--video",
+        ("--image", str(tmp_path)): "--image",
+        ("--video", str(taken), "--strength", "0"): "--strength",
+    }
     argvs = [["--prompt", "x", "--model", str(tmp_path / "nowhere"), *argv] for argv in cases]
     argvs.append(["--steps", "3"])  # no --prompt
-    proc = subprocess.run([sys.executable, "-c", NOTHING_HEAVY, json.dumps(argvs), json.dumps(HEAVY)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", NOTHING_HEAVY, json.dumps(argvs), json.dumps(HEAVY)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     for (argv, rc, err, heavy), flag in zip(results, [*cases.values(), "--prompt"], strict=True):
@@ -127,16 +160,29 @@ def test_help_and_argument_errors_answer_at_once_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "flag", "low", "high"),
-    [("num_inference_steps", "--steps", 1, MAX_STEPS), ("num_frames", "--frames", 1, 17),
-     ("guidance_scale", "--guidance", 1.0, MAX_GUIDANCE), ("height", "--height", 16, MAX_SIZE),
-     ("width", "--width", 16, MAX_SIZE), ("seed", "--seed", 0, MAX_SEED - 1)],
-)  # fmt: skip
+    [
+        ("num_inference_steps", "--steps", 1, MAX_STEPS),
+        ("num_frames", "--frames", 1, 17),
+        ("guidance_scale", "--guidance", 1.0, MAX_GUIDANCE),
+        ("height", "--height", 16, MAX_SIZE),
+        ("width", "--width", 16, MAX_SIZE),
+        ("seed", "--seed", 0, MAX_SEED - 1),
+    ],
+)
 def test_library_limits_are_the_clis_and_its_messages_come_out_in_cli_names(tiny_2b, name, flag, low, high):
     from cogvideox.pipeline import CogVideoXPipeline
 
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")
-    ok = dict(prompt="x", negative_prompt="", num_frames=9, height=64, width=96, num_inference_steps=2,
-              guidance_scale=6.0, seed=None)  # fmt: skip
+    ok = dict(
+        prompt="x",
+        negative_prompt="",
+        num_frames=9,
+        height=64,
+        width=96,
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        seed=None,
+    )
     step = 0.01 if name == "guidance_scale" else 1
     for edge in (low, high):
         pipe.validate(**{**ok, name: edge})  # the CLI's limits: the library takes them...
@@ -148,11 +194,16 @@ def test_library_limits_are_the_clis_and_its_messages_come_out_in_cli_names(tiny
 
 
 def test_model_dependent_errors_name_the_cli_flags(tiny_2b, tmp_path, capsys):
-    cases = [(["--frames", "10"], "--frames must be 8N+1 (1, 9, 17, ...) and at most 17, got 10"),
-             (["--frames", "25"], "--frames must be in [1, 17], got 25"),
-             (["--frames", "18"], "--frames must be in [1, 17], got 18"),
-             (["--prompt", " \u200b "], "--prompt must be a non-empty string (invisible characters alone do not count)"),
-             (["--device", "cuda:x"], "--device must be like cpu, cuda or cuda:1, got 'cuda:x'")]  # fmt: skip
+    cases = [
+        (["--frames", "10"], "--frames must be 8N+1 (1, 9, 17, ...) and at most 17, got 10"),
+        (["--frames", "25"], "--frames must be in [1, 17], got 25"),
+        (["--frames", "18"], "--frames must be in [1, 17], got 18"),
+        (
+            ["--prompt", " \u200b "],
+            "--prompt must be a non-empty string (invisible characters alone do not count)",
+        ),
+        (["--device", "cuda:x"], "--device must be like cpu, cuda or cuda:1, got 'cuda:x'"),
+    ]
     for argv, message in cases:
         out = tmp_path / "a.mp4"
         assert main(["--model", str(tiny_2b), "--prompt", "x", "--output", str(out), *argv]) == 2
@@ -186,8 +237,13 @@ def test_cli_checks_the_output_before_loading_and_never_overwrites_unasked(tiny_
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot write to {blocker}")
     # With --overwrite both are replaced by a real video and its settings.
     mp4.write_bytes(b"old")
-    proc = run_cli("--model", tiny_2b, "--prompt", "x", "--output", mp4, "--overwrite", "--steps", 1,
-                   "--frames", 9, "--seed", 1)  # fmt: skip
+    proc = run_cli(
+        "--model",
+        tiny_2b,
+        *["--prompt", "x", "--output"],
+        mp4,
+        *["--overwrite", "--steps", "1", "--frames", "9", "--seed", "1"],
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_mp4(mp4).shape == (9, 64, 96, 3) and json.loads(sidecar.read_text())["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "clip.json", "clip.mp4"]  # no temp files
@@ -199,10 +255,17 @@ def test_ctrl_c_while_denoising_prints_one_line_exits_130_and_writes_nothing(tin
 
     out = tmp_path / "clip.mp4"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cogvideox", "--model", str(tiny_2b), "--prompt", "x", "--output", str(out),
-         "--steps", "1000", "--frames", "17", "--device", "cpu"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            *["-m", "cogvideox", "--model"],
+            str(tiny_2b),
+            *["--prompt", "x", "--output"],
+            str(out),
+            *["--steps", "1000", "--frames", "17", "--device", "cpu"],
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen, deadline = "", time.monotonic() + 120
     while "denoising..." not in seen and time.monotonic() < deadline:
         seen += proc.stderr.read(1)
@@ -251,8 +314,15 @@ def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_step_cache_flag_reaches_the_pipeline_and_the_sidecar(tiny_2b, tmp_path):
     out = tmp_path / "cached.mp4"
-    proc = run_cli("--model", tiny_2b, "--prompt", "a kite", "--output", out, "--seed", 3, "--steps", 6,
-                   "--frames", 9, "--device", "cpu", "--step-cache", "10")  # fmt: skip
+    proc = run_cli(
+        "--model",
+        tiny_2b,
+        "--prompt",
+        "a kite",
+        "--output",
+        out,
+        *["--seed", "3", "--steps", "6", "--frames", "9", "--device", "cpu", "--step-cache", "10"],
+    )
     assert proc.returncode == 0, proc.stderr
     # The largest threshold: every step that may be skipped is (on random weights); the first and last always run.
     assert "step cache: 2 of 6 steps computed" in proc.stderr
@@ -290,8 +360,20 @@ def test_cli_smooth_writes_the_generated_frames_interpolated_at_16_fps(tiny_2b, 
     from cogvideox.video import interpolate, write_mp4
 
     out = tmp_path / "smooth.mp4"
-    assert main(["--model", str(tiny_2b), "--prompt", "a kite", "--seed", "4", "--steps", "1", "--frames", "9",
-                 "--device", "cpu", "--output", str(out), "--smooth"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_2b),
+                "--prompt",
+                "a kite",
+                *["--seed", "4", "--steps", "1", "--frames", "9", "--device", "cpu", "--output"],
+                str(out),
+                "--smooth",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "smoothing..." in err and "17 frames at 16 fps" in err
     doubled = read_mp4(out)
@@ -303,8 +385,9 @@ def test_cli_smooth_writes_the_generated_frames_interpolated_at_16_fps(tiny_2b, 
     assert meta["fps"] == 16 and meta["smooth"] is True and meta["num_frames"] == 9
     assert "smooth" in meta["timings"]
     # The same seed through the library: the file is its 9 frames, interpolated to 17, encoded at 16 fps.
-    frames = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")("a kite", num_frames=9, num_inference_steps=1,
-                                                                      seed=4).frames  # fmt: skip
+    frames = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu")(
+        "a kite", num_frames=9, num_inference_steps=1, seed=4
+    ).frames
     expected = read_mp4(write_mp4(interpolate(frames), tmp_path / "expected.mp4", fps=16))
     assert np.abs(doubled.astype(int) - expected).max() <= 1
 
@@ -312,8 +395,22 @@ def test_cli_smooth_writes_the_generated_frames_interpolated_at_16_fps(tiny_2b, 
 def test_cli_video_to_video_converts_the_clip_and_records_it(tiny_2b, tmp_path, capsys):
     clip = moving_clip(tmp_path / "clip.mp4", seconds=2)  # 2 s at 30 fps, 120x80: 17 frames at 96x64
     out = tmp_path / "v2v.mp4"
-    assert main(["--model", str(tiny_2b), "--prompt", "a kite", "--output", str(out), "--video", str(clip),
-                 "--strength", "0.5", "--steps", "4", "--seed", "2", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_2b),
+                "--prompt",
+                "a kite",
+                "--output",
+                str(out),
+                "--video",
+                str(clip),
+                *["--strength", "0.5", "--steps", "4", "--seed", "2", "--device", "cpu"],
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "--video: 17 frames at 8 fps of 96x64" in err and "encoding video..." in err
     assert "2/2" in err  # strength 0.5 of 4 steps: the last 2 run
@@ -341,8 +438,22 @@ def test_cli_image_to_video(tiny_i2v, tmp_path, capsys):
     image = tmp_path / "first.png"
     Image.fromarray(np.full((90, 160, 4), 200, np.uint8)).save(image)  # RGBA, another aspect ratio
     out = tmp_path / "i2v.mp4"
-    assert main(["--model", str(tiny_i2v), "--prompt", "a kite", "--output", str(out), "--image", str(image),
-                 "--steps", "1", "--frames", "9", "--device", "cpu"]) == 0, capsys.readouterr().err  # fmt: skip
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_i2v),
+                "--prompt",
+                "a kite",
+                "--output",
+                str(out),
+                "--image",
+                str(image),
+                *["--steps", "1", "--frames", "9", "--device", "cpu"],
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert read_mp4(out).shape == (9, d["height"], d["width"], 3)
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["mode"] == "image-to-video" and meta["input_image"] == str(image)
@@ -365,29 +476,76 @@ def test_cli_input_errors_in_one_line_before_weights(tiny_2b, tiny_i2v, tmp_path
     cases = [  # (model, argv, the whole stderr line after "error: ")
         (tiny_2b, ["--video", missing], f"argument --video: no such file: {missing} (see --help)"),
         (tiny_2b, ["--video", files], f"argument --video: is not a file: {files} (see --help)"),
-        (tiny_2b, ["--video", files / "random.mp4"], "--video: random.mp4 is not a video (MP4, MOV, WebM, MKV, "
-         "AVI, GIF) or an image (PNG, JPEG, WebP) that can be read (moov atom not found)"),
-        (tiny_2b, ["--video", files / "notes.txt"], "--video: notes.txt is not a video (MP4, MOV, WebM, MKV, AVI, "
-         "GIF) or an image (PNG, JPEG, WebP) that can be read (Invalid data found when processing input)"),
+        (
+            tiny_2b,
+            ["--video", files / "random.mp4"],
+            "--video: random.mp4 is not a video (MP4, MOV, WebM, MKV, "
+            "AVI, GIF) or an image (PNG, JPEG, WebP) that can be read (moov atom not found)",
+        ),
+        (
+            tiny_2b,
+            ["--video", files / "notes.txt"],
+            "--video: notes.txt is not a video (MP4, MOV, WebM, MKV, AVI, "
+            "GIF) or an image (PNG, JPEG, WebP) that can be read (Invalid data found when processing input)",
+        ),
         (tiny_2b, ["--video", files / "empty.mp4"], "--video: empty.mp4 is empty"),
         (tiny_2b, ["--strength", "0.5"], "--strength applies to --video only: pass --video too (see --help)"),
-        (tiny_2b, ["--video", clip, "--strength", "0"], "argument --strength: must be in (0, 1], got 0 (see --help)"),
-        (tiny_2b, ["--video", clip, "--strength", "1.5"], "argument --strength: must be in (0, 1], got 1.5 (see --help)"),
-        (tiny_2b, ["--video", clip, "--strength", "nan"], "argument --strength: must be in (0, 1], got nan (see --help)"),
-        (tiny_2b, ["--video", clip, "--image", clip], "pass either --video or --image, not both (see --help)"),
-        (tiny_2b, ["--video", clip, "--frames", "17"], "--frames 17 is more than clip.mp4 gives at 8 fps (9 frames): "
-         "pass fewer or leave --frames out to use its length"),
-        (tiny_2b, ["--video", clip, "--frames", "10"], "--frames must be 8N+1 (1, 9, 17, ...) and at most 17, got 10"),
-        (tiny_2b, ["--video", clip, "--strength", "0.1", "--steps", "5"],
-         "strength 0.1 of 5 steps runs no step: raise strength or num_inference_steps"),
-        (tiny_2b, ["--smooth", "--frames", "1"], "--smooth needs 9 frames or more: it adds frames between the generated ones"),
+        (
+            tiny_2b,
+            ["--video", clip, "--strength", "0"],
+            "argument --strength: must be in (0, 1], got 0 (see --help)",
+        ),
+        (
+            tiny_2b,
+            ["--video", clip, "--strength", "1.5"],
+            "argument --strength: must be in (0, 1], got 1.5 (see --help)",
+        ),
+        (
+            tiny_2b,
+            ["--video", clip, "--strength", "nan"],
+            "argument --strength: must be in (0, 1], got nan (see --help)",
+        ),
+        (
+            tiny_2b,
+            ["--video", clip, "--image", clip],
+            "pass either --video or --image, not both (see --help)",
+        ),
+        (
+            tiny_2b,
+            ["--video", clip, "--frames", "17"],
+            "--frames 17 is more than clip.mp4 gives at 8 fps (9 frames): "
+            "pass fewer or leave --frames out to use its length",
+        ),
+        (
+            tiny_2b,
+            ["--video", clip, "--frames", "10"],
+            "--frames must be 8N+1 (1, 9, 17, ...) and at most 17, got 10",
+        ),
+        (
+            tiny_2b,
+            ["--video", clip, "--strength", "0.1", "--steps", "5"],
+            "strength 0.1 of 5 steps runs no step: raise strength or num_inference_steps",
+        ),
+        (
+            tiny_2b,
+            ["--smooth", "--frames", "1"],
+            "--smooth needs 9 frames or more: it adds frames between the generated ones",
+        ),
         (tiny_2b, ["--smooth", "--height", "16"], "--smooth needs --height and --width of at least 32"),
-        (tiny_2b, ["--image", clip], f"--image needs an image-to-video model (like THUDM/CogVideoX-5b-I2V); {tiny_2b} "
-         "is text to video"),
+        (
+            tiny_2b,
+            ["--image", clip],
+            f"--image needs an image-to-video model (like THUDM/CogVideoX-5b-I2V); {tiny_2b} "
+            "is text to video",
+        ),
         (tiny_i2v, [], f"{tiny_i2v} is an image-to-video model: pass --image"),
-        (tiny_i2v, ["--image", files / "random.mp4"], "--image: random.mp4 is not a video (MP4, MOV, WebM, MKV, AVI, "
-         "GIF) or an image (PNG, JPEG, WebP) that can be read (moov atom not found)"),
-    ]  # fmt: skip
+        (
+            tiny_i2v,
+            ["--image", files / "random.mp4"],
+            "--image: random.mp4 is not a video (MP4, MOV, WebM, MKV, AVI, "
+            "GIF) or an image (PNG, JPEG, WebP) that can be read (moov atom not found)",
+        ),
+    ]
     out = tmp_path / "out" / "a.mp4"
     for model, argv, message in cases:
         try:

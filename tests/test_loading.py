@@ -74,33 +74,62 @@ def _set(component, key, value, name="config.json"):
 
 # (fault, how to make it, what the message must name). Each is found while loading, before any denoising.
 FAULTS = [
-    ("truncated transformer", lambda r: _truncate(r / "transformer" / "diffusion_pytorch_model.safetensors"),
-     "transformer/diffusion_pytorch_model.safetensors"),
-    ("truncated T5 shard", lambda r: _truncate(sorted((r / "text_encoder").glob("*.safetensors"))[0]),
-     "text_encoder"),
-    ("config null", lambda r: (r / "transformer" / "config.json").write_text("null"), "transformer/config.json"),
+    (
+        "truncated transformer",
+        lambda r: _truncate(r / "transformer" / "diffusion_pytorch_model.safetensors"),
+        "transformer/diffusion_pytorch_model.safetensors",
+    ),
+    (
+        "truncated T5 shard",
+        lambda r: _truncate(sorted((r / "text_encoder").glob("*.safetensors"))[0]),
+        "text_encoder",
+    ),
+    (
+        "config null",
+        lambda r: (r / "transformer" / "config.json").write_text("null"),
+        "transformer/config.json",
+    ),
     ("config a list", lambda r: (r / "vae" / "config.json").write_text("[1, 2]"), "vae/config.json"),
-    ("scheduler null", lambda r: (r / "scheduler" / "scheduler_config.json").write_text("null"),
-     "scheduler_config.json"),
+    (
+        "scheduler null",
+        lambda r: (r / "scheduler" / "scheduler_config.json").write_text("null"),
+        "scheduler_config.json",
+    ),
     ("T5 config null", lambda r: (r / "text_encoder" / "config.json").write_text("null"), "text_encoder"),
     ("layers a string", _set("transformer", "num_layers", "2"), "'num_layers' must be a whole number"),
     ("layers zero", _set("transformer", "num_layers", 0), "'num_layers' must be positive"),
     ("VAE scale zero", _set("vae", "scaling_factor", 0), "'scaling_factor' must be positive"),
-    ("VAE scale NaN", _set("vae", "scaling_factor", float("nan")), "'scaling_factor' must be a finite number"),
+    (
+        "VAE scale NaN",
+        _set("vae", "scaling_factor", float("nan")),
+        "'scaling_factor' must be a finite number",
+    ),
     ("groups", _set("vae", "norm_num_groups", 5), "multiples of 'norm_num_groups'"),
-    ("timesteps zero", _set("scheduler", "num_train_timesteps", 0, "scheduler_config.json"),
-     "scheduler_config.json: 'num_train_timesteps' must be positive"),
+    (
+        "timesteps zero",
+        _set("scheduler", "num_train_timesteps", 0, "scheduler_config.json"),
+        "scheduler_config.json: 'num_train_timesteps' must be positive",
+    ),
     ("beta a string", _set("scheduler", "beta_start", "x", "scheduler_config.json"), "'beta_start'"),
-    ("garbage tokenizer", lambda r: (r / "tokenizer" / "spiece.model").write_bytes(b"garbage" * 10),
-     "tokenizer"),
-    ("tokenizer config null", lambda r: (r / "tokenizer" / "tokenizer_config.json").write_text("null"),
-     "tokenizer"),
-    ("shard index null", lambda r: next((r / "text_encoder").glob("*.index.json")).write_text("null"),
-     "text_encoder"),
+    (
+        "garbage tokenizer",
+        lambda r: (r / "tokenizer" / "spiece.model").write_bytes(b"garbage" * 10),
+        "tokenizer",
+    ),
+    (
+        "tokenizer config null",
+        lambda r: (r / "tokenizer" / "tokenizer_config.json").write_text("null"),
+        "tokenizer",
+    ),
+    (
+        "shard index null",
+        lambda r: next((r / "text_encoder").glob("*.index.json")).write_text("null"),
+        "text_encoder",
+    ),
     ("VAE weights missing", lambda r: (r / "vae" / "diffusion_pytorch_model.safetensors").unlink(), "vae"),
     ("VAE config missing", lambda r: (r / "vae" / "config.json").unlink(), "vae/config.json"),
     ("wrong shapes", _set("transformer", "text_embed_dim", 64), "do not fit CogVideoXTransformer"),
-]  # fmt: skip
+]
 
 
 def broken_checkpoint(tiny_2b, tmp_path, mutate):
@@ -150,8 +179,10 @@ def test_cli_names_a_broken_checkpoint_in_one_line_and_exits_2(tiny_2b, tmp_path
     root = broken_checkpoint(tiny_2b, tmp_path, _set("vae", "scaling_factor", 0))
     proc = subprocess.run(
         [sys.executable, "-m", "cogvideox", "--model", root, "--prompt", "x", "--output", tmp_path / "a.mp4"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {root / 'vae' / 'config.json'}: 'scaling_factor' must be positive, got 0"

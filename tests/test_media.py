@@ -99,8 +99,17 @@ def test_a_rotated_phone_video_is_upright(tmp_path):
     frames[:, :, :32] = RED  # left half red, as stored
     stored = write_mp4(frames, tmp_path / "stored.mp4", fps=8)
     rotated = tmp_path / "rotated.mp4"  # a display matrix, as phones write: 90 degrees counter-clockwise
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-display_rotation", "90", "-i", stored,
-                    "-c", "copy", rotated], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            *["-v", "error", "-display_rotation", "90", "-i"],
+            stored,
+            "-c",
+            "copy",
+            rotated,
+        ],
+        check=True,
+    )
     video = load_video(rotated, 64, 48).astype(int)  # portrait now: no crop
     assert video.shape == (9, 64, 48, 3)
     assert video[:, -28:, :, 0].mean() > 200 and video[:, :28, :, 0].mean() < 30  # left went to the bottom
@@ -164,8 +173,14 @@ def bad_files(tmp_path):
     Image.fromarray(indexed_frames(1)[0]).save(tmp_path / "whole.png")
     whole = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.5",
-                    tmp_path / "sound.m4a"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            *["-v", "error", "-f", "lavfi", "-i", "sine=duration=0.5"],
+            tmp_path / "sound.m4a",
+        ],
+        check=True,
+    )
     (tmp_path / "folder.mp4").mkdir()
     return {
         "random.mp4": "is not a video .* or an image .* that can be read",
@@ -242,8 +257,17 @@ def spoofed_files(tmp_path) -> list[Path]:
     the container's own duration (the Matroska Segment's, rewritten)."""
     clip = write_mp4(indexed_frames(24, 96, 128), tmp_path / "clip.mp4", fps=8)
     tags, language, header = tmp_path / "tags.mp4", tmp_path / "language.mkv", tmp_path / "header.mkv"
-    ffmpeg("-i", clip, "-c", "copy", "-metadata", f"title={FAKE_SIZE}", "-metadata", f"comment={FAKE_LENGTH}",
-           "-metadata", f"artist={FAKE_FRAME}", tags)  # fmt: skip
+    ffmpeg(
+        "-i",
+        clip,
+        *["-c", "copy", "-metadata"],
+        f"title={FAKE_SIZE}",
+        "-metadata",
+        f"comment={FAKE_LENGTH}",
+        "-metadata",
+        f"artist={FAKE_FRAME}",
+        tags,
+    )
     ffmpeg("-i", clip, "-c", "copy", "-metadata:s:v:0", f"language={FAKE_LANGUAGE}", language)
     data = bytearray(language.read_bytes())
     at = data.index(b"\x44\x89\x88") + 3  # Duration: 8 bytes, a float of milliseconds
@@ -284,8 +308,12 @@ def test_a_later_frame_larger_than_the_stream_header_is_refused_as_decoded(tmp_p
     would scale the later frames down to 64x48; the limit holds on them as decoded."""
 
     def h264(size: str, seconds: float) -> bytes:
-        ffmpeg("-y", "-f", "lavfi", "-i", f"testsrc=size={size}:rate=8:duration={seconds}", "-c:v", "libx264",
-               "-pix_fmt", "yuv420p", tmp_path / "part.h264")  # fmt: skip
+        ffmpeg(
+            *["-y", "-f", "lavfi", "-i"],
+            f"testsrc=size={size}:rate=8:duration={seconds}",
+            *["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+            tmp_path / "part.h264",
+        )
         return (tmp_path / "part.h264").read_bytes()
 
     first = h264("64x48", 1)
@@ -323,15 +351,41 @@ print(*(after - was for after, was in zip(peaks(), before)))
 
 def test_an_oversized_file_is_refused_before_a_frame_of_its_size_is_allocated(tmp_path):
     honest = tmp_path / "honest.mp4"  # 4000x4000: 48 MB a frame as RGB, 24 MB in the decoder; 49 kB on disk
-    ffmpeg("-f", "lavfi", "-i", "color=gray:size=4000x4000:rate=8:duration=0.25", "-c:v", "libx264",
-           "-preset", "ultrafast", "-pix_fmt", "yuv420p", honest)  # fmt: skip
+    ffmpeg(
+        *[
+            "-f",
+            "lavfi",
+            "-i",
+            "color=gray:size=4000x4000:rate=8:duration=0.25",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        honest,
+    )
     spoofed = tmp_path / "spoofed.mkv"
-    ffmpeg("-i", honest, "-c", "copy", "-metadata", f"title={FAKE_SIZE}", "-metadata:s:v:0",
-           f"language={FAKE_LANGUAGE}", spoofed)  # fmt: skip
+    ffmpeg(
+        "-i",
+        honest,
+        *["-c", "copy", "-metadata"],
+        f"title={FAKE_SIZE}",
+        "-metadata:s:v:0",
+        f"language={FAKE_LANGUAGE}",
+        spoofed,
+    )
     small = write_mp4(indexed_frames(9), tmp_path / "small.mp4", fps=8)
     env = {**os.environ, "MAX_INPUT_PIXELS": str(1920 * 1080), "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS, small, honest, spoofed], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, small, honest, spoofed],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     *messages, rises = run.stdout.splitlines()
     assert messages == [

@@ -188,8 +188,9 @@ def test_each_streamed_block_lives_in_one_host_buffer_of_exactly_its_size():
         assert {v.untyped_storage().data_ptr() for v in views} == {pack.buffer.untyped_storage().data_ptr()}
         sizes = [v.numel() * v.element_size() for v in views]
         assert all(o % HostPack.ALIGN == 0 for o in pack.offsets)
-        assert pack.offsets == [sum(-(-s // HostPack.ALIGN) * HostPack.ALIGN for s in sizes[:k])
-                                for k in range(len(sizes))]  # fmt: skip
+        assert pack.offsets == [
+            sum(-(-s // HostPack.ALIGN) * HostPack.ALIGN for s in sizes[:k]) for k in range(len(sizes))
+        ]
         assert pack.nbytes == sum(-(-s // HostPack.ALIGN) * HostPack.ALIGN for s in sizes)
     assert weights <= offloader.home_bytes < weights + HostPack.ALIGN * len(expected)
     with offloader.use(model):
@@ -274,9 +275,13 @@ def test_no_cuda_object_is_made_before_weights_are_placed():
 
 @pytest.mark.parametrize(
     ("device", "message"),
-    [("cuda", "CUDA is not available on this machine; use --device cpu"), ("cuda:1", "CUDA is not available"),
-     ("gpu", "device must be like cpu, cuda"), ("xla", "device must be cpu, cuda or mps")],
-)  # fmt: skip
+    [
+        ("cuda", "CUDA is not available on this machine; use --device cpu"),
+        ("cuda:1", "CUDA is not available"),
+        ("gpu", "device must be like cpu, cuda"),
+        ("xla", "device must be cpu, cuda or mps"),
+    ],
+)
 def test_a_device_this_machine_lacks_is_a_value_error(tiny_2b, device, message):
     assert not torch.cuda.is_available()
     with pytest.raises(ValueError, match=message):

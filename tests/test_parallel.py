@@ -59,8 +59,11 @@ def test_degrees_must_divide_the_heads_and_the_error_names_those_that_do():
     two_b, five_b = PRESETS["2b"]["transformer"], PRESETS["5b"]["transformer"]
     for config, sp in [(two_b, 2), (two_b, 3), (two_b, 6), (five_b, 4), (five_b, 8)]:
         check_degrees(config, 2, sp, cfg_on=True, video_tokens=17_550)
-    with pytest.raises(ValueError, match=r"degree 4 does not divide the model's 30 attention heads; degrees that "
-                       r"work: 1, 2, 3, 5, 6, 10, 15, 30$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"degree 4 does not divide the model's 30 attention heads; degrees that "
+        r"work: 1, 2, 3, 5, 6, 10, 15, 30$",
+    ):
         check_degrees(two_b, 1, 4, cfg_on=True, video_tokens=17_550)
     with pytest.raises(
         ValueError, match=r"degree 5 does not divide the model's 48 .* 1, 2, 3, 4, 6, 8, 12, 16, 24, 48$"
@@ -90,8 +93,10 @@ def test_group_layout_keeps_sequence_groups_on_consecutive_ranks():
             assert sorted(r for g in groups for r in g) == list(range(cfg * sp))  # each rank once
             assert all(len(g) == size for g in groups)
         # a rank's sequence-parallel position is the same in both of its groups' orders
-        assert all(sp_groups[r // sp].index(r) == r % sp and cfg_groups[r % sp].index(r) == r // sp
-                   for r in range(cfg * sp))  # fmt: skip
+        assert all(
+            sp_groups[r // sp].index(r) == r % sp and cfg_groups[r % sp].index(r) == r // sp
+            for r in range(cfg * sp)
+        )
 
 
 def test_uneven_split_sizes_and_token_count():
@@ -137,8 +142,12 @@ def test_released_traffic_is_computed_from_the_same_formula(capsys):
 def checkpoints(tmp_path_factory, tiny_2b):
     """6-head tiny models (2 and 3 divide the heads): 2B style (sin-cos, DDIM) and 5B style (RoPE, DPM)."""
     root = tmp_path_factory.mktemp("parallel")
-    return {"2b": write_checkpoint(root / "2b", style="2b"), "5b": write_checkpoint(root / "5b", style="5b"),
-            "i2v": write_checkpoint(root / "i2v", style="i2v"), "2heads": tiny_2b}  # fmt: skip
+    return {
+        "2b": write_checkpoint(root / "2b", style="2b"),
+        "5b": write_checkpoint(root / "5b", style="5b"),
+        "i2v": write_checkpoint(root / "i2v", style="i2v"),
+        "2heads": tiny_2b,
+    }
 
 
 def job(name, ckpt, cfg, sp, call, forward=False):
@@ -153,15 +162,38 @@ def runs(checkpoints, tmp_path_factory):
     two, five = checkpoints["2b"], checkpoints["5b"]
     records = {}
     drawn = {k: v for k, v in ODD.items() if k != "seed"}  # no seed: each rank draws one, rank 0's is used
-    records |= launch(2, [job("cfg2_2b", two, 2, 1, ODD), job("sp2_5b", five, 1, 2, ODD),
-                          job("cfg2_2b_drawn", two, 2, 1, drawn),
-                          job("fwd_cfg2_2b", two, 2, 1, ODD, True), job("fwd_sp2_5b", five, 1, 2, ODD, True),
-                          job("fwd_sp2_i2v", checkpoints["i2v"], 1, 2, SAMPLE, True)], out)  # fmt: skip
-    records |= launch(3, [job("sp3_2b", two, 1, 3, ODD), job("sp3_5b", five, 1, 3, ODD),
-                          job("fwd_sp3_2b", two, 1, 3, FORTY, True), job("fwd_sp3_5b", five, 1, 3, FORTY, True),
-                          job("heads", checkpoints["2heads"], 1, 3, ODD)], out)  # fmt: skip
-    records |= launch(4, [job("2x2_5b", five, 2, 2, ODD), job("2x2_2b_cached", two, 2, 2, CACHED),
-                          job("fwd_2x2_5b", five, 2, 2, FORTY, True)], out)  # fmt: skip
+    records |= launch(
+        2,
+        [
+            job("cfg2_2b", two, 2, 1, ODD),
+            job("sp2_5b", five, 1, 2, ODD),
+            job("cfg2_2b_drawn", two, 2, 1, drawn),
+            job("fwd_cfg2_2b", two, 2, 1, ODD, True),
+            job("fwd_sp2_5b", five, 1, 2, ODD, True),
+            job("fwd_sp2_i2v", checkpoints["i2v"], 1, 2, SAMPLE, True),
+        ],
+        out,
+    )
+    records |= launch(
+        3,
+        [
+            job("sp3_2b", two, 1, 3, ODD),
+            job("sp3_5b", five, 1, 3, ODD),
+            job("fwd_sp3_2b", two, 1, 3, FORTY, True),
+            job("fwd_sp3_5b", five, 1, 3, FORTY, True),
+            job("heads", checkpoints["2heads"], 1, 3, ODD),
+        ],
+        out,
+    )
+    records |= launch(
+        4,
+        [
+            job("2x2_5b", five, 2, 2, ODD),
+            job("2x2_2b_cached", two, 2, 2, CACHED),
+            job("fwd_2x2_5b", five, 2, 2, FORTY, True),
+        ],
+        out,
+    )
     return {"records": records, "out": out}
 
 
@@ -182,8 +214,14 @@ def single(checkpoints):
     return result
 
 
-VIDEOS = {"cfg2_2b": (2, 1, "2b", ODD), "sp2_5b": (1, 2, "5b", ODD), "sp3_2b": (1, 3, "2b", ODD),
-          "sp3_5b": (1, 3, "5b", ODD), "2x2_5b": (2, 2, "5b", ODD), "2x2_2b_cached": (2, 2, "2b", CACHED)}  # fmt: skip
+VIDEOS = {
+    "cfg2_2b": (2, 1, "2b", ODD),
+    "sp2_5b": (1, 2, "5b", ODD),
+    "sp3_2b": (1, 3, "2b", ODD),
+    "sp3_5b": (1, 3, "5b", ODD),
+    "2x2_5b": (2, 2, "5b", ODD),
+    "2x2_2b_cached": (2, 2, "2b", CACHED),
+}
 
 
 @pytest.mark.slow
@@ -248,9 +286,24 @@ def test_a_degree_that_does_not_divide_the_heads_fails_on_every_rank(runs):
 def test_cli_under_torchrun_writes_one_video_from_rank_0(tmp_path):
     model = tiny_random_checkpoint()
     output = tmp_path / "fox.mp4"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cogvideox", "--model", "tiny-random", "--prompt", "a red fox trots through fresh snow",
-           "--seed", "7", "--frames", "9", "--steps", "2", "--parallel", "cfg,sp", "--output", str(output)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *[
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "cogvideox",
+            "--model",
+            "tiny-random",
+            "--prompt",
+        ],
+        "a red fox trots through fresh snow",
+        *["--seed", "7", "--frames", "9", "--steps", "2", "--parallel", "cfg,sp", "--output"],
+        str(output),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -272,12 +325,22 @@ def test_cli_under_torchrun_writes_one_video_from_rank_0(tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "world", "message"),
-    [("sp", "4", "error: sequence parallel degree 4 does not divide the model's 2 attention heads; degrees that "
-      "work: 1, 2\n"),
-     ("cfg", "3", "error: parallel cfg runs on exactly 2 processes, got 3; use cfg,sp for more\n"),
-     ("sp", None, "error: parallel runs under torchrun (torchrun --nproc-per-node N -m cogvideox ...): RANK is not "
-      "set\n")],
-)  # fmt: skip
+    [
+        (
+            "sp",
+            "4",
+            "error: sequence parallel degree 4 does not divide the model's 2 attention heads; degrees that "
+            "work: 1, 2\n",
+        ),
+        ("cfg", "3", "error: parallel cfg runs on exactly 2 processes, got 3; use cfg,sp for more\n"),
+        (
+            "sp",
+            None,
+            "error: parallel runs under torchrun (torchrun --nproc-per-node N -m cogvideox ...): RANK is not "
+            "set\n",
+        ),
+    ],
+)
 def test_cli_bad_degree_is_one_line_before_any_process_group(
     tmp_path, monkeypatch, capsys, flag, world, message
 ):
@@ -288,8 +351,14 @@ def test_cli_bad_degree_is_one_line_before_any_process_group(
         env = dict(RANK="0", WORLD_SIZE=world, LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-    argv = ["--model", "tiny-random", "--prompt", "a fox", "--frames", "9", "--steps", "2", "--device", "cpu",
-            "--parallel", flag, "--output", str(tmp_path / "x.mp4")]  # fmt: skip
+    argv = [
+        *["--model", "tiny-random", "--prompt"],
+        "a fox",
+        *["--frames", "9", "--steps", "2", "--device", "cpu", "--parallel"],
+        flag,
+        "--output",
+        str(tmp_path / "x.mp4"),
+    ]
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.splitlines()[-1] + "\n" == message
     assert not torch.distributed.is_initialized() and not (tmp_path / "x.mp4").exists()
@@ -322,8 +391,12 @@ def test_cli_loads_on_every_rank_before_the_first_collective_of_the_default_grou
 
         monkeypatch.setattr(dist, name, recorded)
     monkeypatch.setattr(parallel_module.atexit, "register", lambda fn: None)  # destroyed here instead
-    argv = ["--model", "tiny-random", "--prompt", "a fox", "--frames", "9", "--steps", "2", "--device", "cpu",
-            "--parallel", "sp", "--output", str(tmp_path / "fox.mp4")]  # fmt: skip
+    argv = [
+        *["--model", "tiny-random", "--prompt"],
+        "a fox",
+        *["--frames", "9", "--steps", "2", "--device", "cpu", "--parallel", "sp", "--output"],
+        str(tmp_path / "fox.mp4"),
+    ]
     try:
         assert cli.main(argv) == 0
     finally:

@@ -22,8 +22,14 @@ from cogvideox.video import read_mp4
 from webapp import clips, jobs, launch, validation
 from webapp.validation import FULL, SPEEDS, check_inputs
 
-GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=6, guidance_scale=6.0,
-            num_frames=9)  # fmt: skip
+GOOD = dict(
+    prompt="a red fox trots through fresh snow",
+    negative_prompt="",
+    seed=7,
+    steps=6,
+    guidance_scale=6.0,
+    num_frames=9,
+)
 QUIET = dict(progress=lambda *a, **k: None)
 
 
@@ -167,8 +173,9 @@ def test_the_heartbeat_sends_each_new_preview_once(pipe, tmp_path, monkeypatch):
         lambda *_: time.sleep(1.2)
     )  # steps of over 2 heartbeats
     try:
-        run = jobs.Renderer(pipe, tmp_path).generate(*{**GOOD, "steps": 2}.values(), SimpleNamespace(session_hash="q"),
-                                                     **QUIET)  # fmt: skip
+        run = jobs.Renderer(pipe, tmp_path).generate(
+            *{**GOOD, "steps": 2}.values(), SimpleNamespace(session_hash="q"), **QUIET
+        )
         heartbeats = list(run)[:-1]
     finally:
         hook.remove()

@@ -86,8 +86,13 @@ def test_image_to_video_matches_reference(tiny_i2v, kwargs):
     pipe = CogVideoXPipeline.from_pretrained(tiny_i2v, device="cpu", dtype=torch.float32)
     assert pipe.needs_image
     result = pipe(PROMPT, image=IMAGE, seed=99, **kwargs)
-    ref = _reference("CogVideoXImageToVideoPipeline", tiny_i2v, 99, image=Image.fromarray(IMAGE),
-                     **{"num_frames": 17, **kwargs})  # fmt: skip
+    ref = _reference(
+        "CogVideoXImageToVideoPipeline",
+        tiny_i2v,
+        99,
+        image=Image.fromarray(IMAGE),
+        **{"num_frames": 17, **kwargs},
+    )
     _assert_close(result.frames, ref)
     assert result.settings["mode"] == "image-to-video" and result.settings["strength"] is None
 
@@ -120,8 +125,15 @@ def test_strength_runs_the_last_steps_and_the_step_cache_counts_those(tiny_2b):
     pipe.load()
     seen, timesteps, embed = [], [], pipe.transformer.embed
     pipe.transformer.embed = lambda x, text, t: timesteps.append(int(t[0])) or embed(x, text, t)
-    result = pipe(PROMPT, video=VIDEO, strength=0.5, num_inference_steps=7, seed=0, step_cache=1e9,
-                  callback=lambda s, n: seen.append((s, n)))  # fmt: skip
+    result = pipe(
+        PROMPT,
+        video=VIDEO,
+        strength=0.5,
+        num_inference_steps=7,
+        seed=0,
+        step_cache=1e9,
+        callback=lambda s, n: seen.append((s, n)),
+    )
     assert seen == [(1, 3), (2, 3), (3, 3)]  # int(3.5)
     assert timesteps == pipe.scheduler.timesteps(7)[4:].tolist()  # the last 3 of the 7
     assert (

@@ -229,6 +229,69 @@ def test_interpolate_failures_are_one_runtime_error_with_ffmpegs_reason(monkeypa
     monkeypatch.setattr(
         video, "MIN_INTERPOLATE_SIZE", 1
     )  # let frames through that minterpolate itself refuses
-    with pytest.raises(RuntimeError, match=r"frame interpolation failed \(ffmpeg exit code \d+, 0 of 5 frames\): "
-                       r".*Height or width < 32"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"frame interpolation failed \(ffmpeg exit code \d+, 0 of 5 frames\): "
+        r".*Height or width < 32",
+    ):
         interpolate(np.zeros((3, 16, 16, 3), np.uint8))
+
+
+# -- save_result: the one path from a generation to its files (the CLI's and the app's) ------------------------
+
+
+def a_result(**timings):
+    from cogvideox.pipeline import GenerationResult
+
+    settings = {"prompt": "a square", "seed": 3, "num_frames": 9, "fps": 8, "model": "/tmp/folder"}
+    return GenerationResult(moving_square(), 3, 8, settings, timings={"denoise": 1.5, **timings})
+
+
+def test_save_result_writes_the_mp4_and_a_sidecar_of_the_settings_timings_and_extras(tmp_path):
+    import time
+
+    saved = video.save_result(
+        a_result(steps_computed=2),
+        tmp_path / "clip.mp4",
+        extra={"model": "tiny-random", "fps": 99, "input_video": "in.mp4"},
+        timings={"load": 4.0},
+        started=time.perf_counter() - 1,
+    )
+    assert read_mp4(saved.mp4).shape == (9, 48, 64, 3) and (saved.frames, saved.fps) == (9, 8)
+    meta = json.loads((tmp_path / "clip.json").read_text())
+    assert saved.sidecar == tmp_path / "clip.json" and {**saved.settings, "timings": saved.timings} == meta
+    # extra adds and overrides settings, but the file's fps is the file's
+    assert (meta["model"], meta["input_video"], meta["fps"], meta["seed"]) == ("tiny-random", "in.mp4", 8, 3)
+    assert meta["smooth"] is False and not saved.smoothed and "frames_written" not in meta
+    assert meta["steps_computed"] == 2 and 1 <= meta["time_taken_s"] < 30
+    assert meta["timings"] == {"denoise": 1.5, "steps_computed": 2, "load": 4.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.json", "clip.mp4"]  # no temp files
+
+
+def test_save_result_smoothed_says_so_and_keeps_the_generated_frame_count(tmp_path):
+    saved = video.save_result(a_result(), tmp_path / "clip.mp4", smooth=True)
+    assert read_mp4(saved.mp4).shape == (17, 48, 64, 3) and (saved.frames, saved.fps) == (17, 16)
+    meta = json.loads(saved.sidecar.read_text())
+    assert (meta["smooth"], meta["fps"], meta["frames_written"], meta["num_frames"]) == (True, 16, 17, 9)
+    assert saved.smoothed and "smooth" in meta["timings"] and "steps_computed" not in meta
+    assert "time_taken_s" not in meta  # only with started=
+
+
+def test_save_result_when_smoothing_fails_writes_unsmoothed_or_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "INTERPOLATE_TIMEOUT_S", 0.001)  # real ffmpeg, stopped: a RuntimeError
+    errors = []
+    saved = video.save_result(a_result(), tmp_path / "a.mp4", smooth=True, on_smooth_error=errors.append)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError) and "took longer" in str(errors[0])
+    assert read_mp4(saved.mp4).shape[0] == 9 and saved.fps == 8 and saved.settings["smooth"] is False
+    assert "smooth" not in saved.timings
+    with pytest.raises(RuntimeError, match="took longer"):  # no on_smooth_error: the error, and no files
+        video.save_result(a_result(), tmp_path / "b.mp4", smooth=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.mp4"]
+
+
+def test_save_result_refuses_a_result_without_frames(tmp_path):
+    result = a_result()
+    result.frames = None  # a parallel run's rank other than 0
+    with pytest.raises(ValueError, match="no frames"):
+        video.save_result(result, tmp_path / "clip.mp4")
+    assert list(tmp_path.iterdir()) == []

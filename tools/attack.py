@@ -104,9 +104,11 @@ class Attacker:
 
     def uploads(self, n: int) -> None:
         """Active content through every upload route: refused, so nothing is stored or served back."""
-        files = [("page.html", b"<script>alert(document.cookie)</script>", "text/html"),
-                 ("image.svg", b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>', "image/svg+xml"),
-                 ("x.js", b"alert(1)", "application/javascript")]  # fmt: skip
+        files = [
+            ("page.html", b"<script>alert(document.cookie)</script>", "text/html"),
+            ("image.svg", b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>', "image/svg+xml"),
+            ("x.js", b"alert(1)", "application/javascript"),
+        ]
         paths = [
             "gradio_api/upload",
             "upload",
@@ -125,9 +127,21 @@ class Attacker:
 
     def traversal(self) -> None:
         """Files outside the output folder, in every encoding: never served."""
-        targets = ["/etc/passwd", "../../../../etc/passwd", "..%2F..%2F..%2Fetc%2Fpasswd", "%2e%2e/%2e%2e/etc/passwd",
-                   "....//....//etc/passwd", "/proc/self/environ", "app.py", "./app.py", "%2Fetc%2Fpasswd",
-                   "..\\..\\etc\\passwd", "/etc/passwd%00.mp4", "file:///etc/passwd", "http://127.0.0.1:1/x"]  # fmt: skip
+        targets = [
+            "/etc/passwd",
+            "../../../../etc/passwd",
+            "..%2F..%2F..%2Fetc%2Fpasswd",
+            "%2e%2e/%2e%2e/etc/passwd",
+            "....//....//etc/passwd",
+            "/proc/self/environ",
+            "app.py",
+            "./app.py",
+            "%2Fetc%2Fpasswd",
+            "..\\..\\etc\\passwd",
+            "/etc/passwd%00.mp4",
+            "file:///etc/passwd",
+            "http://127.0.0.1:1/x",
+        ]
         results = []
         for target in targets:
             for route in ("gradio_api/file=", "file=", "gradio_api/file/"):
@@ -146,19 +160,39 @@ class Attacker:
     def closed_routes(self) -> None:
         """Routes Gradio opens that the page does not use (its screen-recorder helper runs ffmpeg on what it is
         sent): refused before Gradio sees them, whatever the method or a trailing slash."""
-        routes = [("POST", "gradio_api/process_recording"), ("POST", "gradio_api/vibe-edit"),
-                  ("POST", "gradio_api/vibe-code"), ("GET", "gradio_api/vibe-code"),
-                  ("POST", "gradio_api/vibe-starter-queries"), ("POST", "gradio_api/component_server"),
-                  ("GET", "gradio_api/proxy=https://example.org/"), ("POST", "gradio_api/stream/x"),
-                  ("GET", "gradio_api/stream/s/0/c/playlist.m3u8"), ("GET", "gradio_api/custom_component/1/a/b/c"),
-                  ("GET", "gradio_api/dev/reload"), ("GET", "gradio_api/runs"), ("GET", "gradio_api/token"),
-                  ("GET", "gradio_api/user"), ("GET", "gradio_api/app_id"), ("GET", "gradio_api/deep_link"),
-                  ("GET", "gradio_api/openapi.json"), ("GET", "openapi.json"), ("GET", "monitoring"),
-                  ("GET", "monitoring/summary"), ("GET", "pwa_icon"), ("GET", "manifest.json"),
-                  ("GET", "svelte/x.js"), ("POST", "gradio_api/api/generate"), ("POST", "gradio_api/run/generate"),
-                  ("GET", "gradio_api/queue/status"), ("GET", "gradio_api/file/app.py"),
-                  ("POST", "gradio_api/process_recording/"), ("PUT", ""), ("DELETE", "config"),
-                  ("OPTIONS", "gradio_api/queue/join")]  # fmt: skip
+        routes = [
+            ("POST", "gradio_api/process_recording"),
+            ("POST", "gradio_api/vibe-edit"),
+            ("POST", "gradio_api/vibe-code"),
+            ("GET", "gradio_api/vibe-code"),
+            ("POST", "gradio_api/vibe-starter-queries"),
+            ("POST", "gradio_api/component_server"),
+            ("GET", "gradio_api/proxy=https://example.org/"),
+            ("POST", "gradio_api/stream/x"),
+            ("GET", "gradio_api/stream/s/0/c/playlist.m3u8"),
+            ("GET", "gradio_api/custom_component/1/a/b/c"),
+            ("GET", "gradio_api/dev/reload"),
+            ("GET", "gradio_api/runs"),
+            ("GET", "gradio_api/token"),
+            ("GET", "gradio_api/user"),
+            ("GET", "gradio_api/app_id"),
+            ("GET", "gradio_api/deep_link"),
+            ("GET", "gradio_api/openapi.json"),
+            ("GET", "openapi.json"),
+            ("GET", "monitoring"),
+            ("GET", "monitoring/summary"),
+            ("GET", "pwa_icon"),
+            ("GET", "manifest.json"),
+            ("GET", "svelte/x.js"),
+            ("POST", "gradio_api/api/generate"),
+            ("POST", "gradio_api/run/generate"),
+            ("GET", "gradio_api/queue/status"),
+            ("GET", "gradio_api/file/app.py"),
+            ("POST", "gradio_api/process_recording/"),
+            ("PUT", ""),
+            ("DELETE", "config"),
+            ("OPTIONS", "gradio_api/queue/join"),
+        ]
         results = []
         for method, path in routes:
             files = {"video": ("r.mp4", b"\x00" * 64, "video/mp4")} if "recording" in path else None
@@ -174,8 +208,11 @@ class Attacker:
         own = {"origin": self.url.rstrip("/")}
         login = {"username": user, "password": password}
         results = []
-        for name, headers in (("evil origin", {"origin": "https://evil.example"}), ("null origin", {"origin": "null"}),
-                              ("cross-site fetch", {"sec-fetch-site": "cross-site"})):  # fmt: skip
+        for name, headers in (
+            ("evil origin", {"origin": "https://evil.example"}),
+            ("null origin", {"origin": "null"}),
+            ("cross-site fetch", {"sec-fetch-site": "cross-site"}),
+        ):
             with httpx.Client(timeout=30) as http:  # a fresh browser: no cookie unless the login is taken
                 r = http.post(self.url + "login", data=login, headers=headers)
                 results.append((r.status_code == 403 and not http.cookies, f"login, {name}: {r.status_code}"))
@@ -298,8 +335,11 @@ class Attacker:
                     results.append((False, f"{path.name}: upload answered {r.status_code}"))
                     continue
                 video = {"path": r.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
-                body = {"data": self._generate_data(video=video, steps=10), "fn_index": self.generate_index(),
-                        "session_hash": uuid.uuid4().hex[:10]}  # fmt: skip
+                body = {
+                    "data": self._generate_data(video=video, steps=10),
+                    "fn_index": self.generate_index(),
+                    "session_hash": uuid.uuid4().hex[:10],
+                }
                 r = self.http.post(self.url + "gradio_api/queue/join", content=_json(body), headers=JSON)
                 # Refused before the queue: 422, with the validator's message per parameter.
                 said = (
@@ -319,8 +359,9 @@ class Attacker:
         defaults = {c["id"]: c.get("props", {}).get("value") for c in self.config["components"]}
         data = [defaults.get(i) for i in dep["inputs"]]
         given = {**GOOD, "num_frames": 9, **values}
-        for place, name in enumerate(("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames",
-                                      "speed", "video")):  # fmt: skip
+        for place, name in enumerate(
+            ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames", "speed", "video")
+        ):
             if name in given:
                 data[place] = given[name]
         return data
@@ -360,8 +401,11 @@ class Attacker:
         """Issue 19: `n` cheap events, each with a fresh session id (8 at a time): all answered, and with `pid` (a
         server on this machine) its memory grows by at most 300 MiB. Returns that growth (MiB)."""
         deps = self.config["dependencies"]
-        fn = next(i for i, d in enumerate(deps) if d.get("backend_fn") and not d.get("js") and not d["inputs"]
-                  and d.get("queue") is False)  # fmt: skip
+        fn = next(
+            i
+            for i, d in enumerate(deps)
+            if d.get("backend_fn") and not d.get("js") and not d["inputs"] and d.get("queue") is False
+        )
         before, start = _rss_mib(pid), time.monotonic()
         with futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: self.run_event(fn, [], queued=False), range(n)))
@@ -378,8 +422,10 @@ class Attacker:
     def logins(self, user: str, password: str) -> None:
         """Password guessing from one address is slowed; the right password from another still works."""
         results = []
-        statuses = [self.http.post(self.url + "login", data={"username": user, "password": f"guess{i}"}).status_code
-                    for i in range(6)]  # fmt: skip
+        statuses = [
+            self.http.post(self.url + "login", data={"username": user, "password": f"guess{i}"}).status_code
+            for i in range(6)
+        ]
         results.append((statuses[:3] == [400] * 3, f"first failures: {statuses[:3]}"))
         results.append((all(s == 429 for s in statuses[3:]), f"later guesses: {statuses[3:]}"))
         other = {"x-forwarded-for": "203.0.113.9"}
@@ -401,8 +447,16 @@ def _spoofed_videos(folder: Path) -> list[Path]:
     to 1 s (the Segment's Duration, a float of milliseconds)."""
 
     def ffmpeg(source: str, *args) -> None:
-        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", source, "-c:v",
-                        "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", *args], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                imageio_ffmpeg.get_ffmpeg_exe(),
+                *["-v", "error", "-f", "lavfi", "-i"],
+                source,
+                *["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
+                *args,
+            ],
+            check=True,
+        )
 
     big, long = "color=gray:size=6000x6000:rate=8:duration=0.125", "color=gray:size=64x48:rate=1:duration=70"
     ffmpeg(big, "-metadata", "title=Stream #0:0: Video: h264, 64x64", folder / "title.mp4")
@@ -436,8 +490,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer requests (the test suite's run)")
     p.add_argument("--auth", default=None, help="user:password of the app, to attack its login")
     p.add_argument("--clip-url", default=None, help="a served clip, to check its headers")
-    p.add_argument("--other-address", default=None,
-                   help="a second local address to send from as another visitor (on loopback: 127.0.0.2)")  # fmt: skip
+    p.add_argument(
+        "--other-address",
+        default=None,
+        help="a second local address to send from as another visitor (on loopback: 127.0.0.2)",
+    )
     p.add_argument(
         "--sessions", type=int, default=None, help="cheap events with fresh session ids (default 2000)"
     )

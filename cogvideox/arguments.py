@@ -1,0 +1,198 @@
+"""What a generation call takes: its limits, the defaults filled in, the checks (ValueError, saying what is
+allowed, before any heavy work), and the checked call as one `Call`."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import sampling, text
+from .cache import resolve_step_cache
+from .config import GenerationDefaults, TransformerConfig, VAEConfig
+
+MAX_SEED = 2**32
+MAX_GUIDANCE = 100.0  # far past any useful scale (6 is the release's); keeps float math finite
+MAX_STEPS = 1000
+MAX_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Call:
+    """One generation's arguments, defaults filled in and checked (`CogVideoXPipeline.prepare_call`)."""
+
+    prompt: str
+    negative_prompt: str
+    num_frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    seed: int
+    use_dynamic_cfg: bool
+    step_cache: str | float | None  # as asked for
+    threshold: float | None  # what it resolves to
+    strength: float | None  # video to video only
+    preview_every: int
+    has_video: bool
+    has_image: bool
+
+    @property
+    def prompts(self) -> list[str]:
+        """What the text encoder sees: [negative, positive] with CFG (guidance > 1), else the prompt alone."""
+        return [self.negative_prompt, self.prompt] if self.guidance > 1.0 else [self.prompt]
+
+    def agreement(self) -> tuple:
+        """What every rank of a parallel run must pass alike (the seed aside: rank 0's is taken)."""
+        return (
+            self.prompt,
+            self.negative_prompt,
+            self.num_frames,
+            self.height,
+            self.width,
+            self.steps,
+            self.guidance,
+            self.use_dynamic_cfg,
+            self.threshold,
+            self.strength,
+            not self.has_video,
+            not self.has_image,
+        )
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")
+    return int(value)
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: CUDA if there is one); ValueError for one this machine does not have.
+
+    Asks the driver how many GPUs there are, but creates no CUDA context or object (ZeroGPU forbids that in the
+    main process)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be like cpu, cuda or cuda:1, got {device!r}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"device must be cpu, cuda or mps, got {str(device)!r}")
+    return device
+
+
+def prepare(
+    transformer: TransformerConfig,
+    vae: VAEConfig,
+    prompt,
+    negative_prompt,
+    num_frames,
+    height,
+    width,
+    num_inference_steps,
+    guidance_scale,
+    seed,
+    use_dynamic_cfg=False,
+    step_cache=None,
+    preview_every=1,
+    video=None,
+    image=None,
+    strength=None,
+) -> Call:
+    """A pipeline call's arguments, defaults filled in (a video's length, a random seed) and checked: a `Call`."""
+    d = GenerationDefaults.for_model(transformer, vae)
+    if num_frames is None:
+        num_frames = len(video) if isinstance(video, np.ndarray) and video.ndim == 4 else d.num_frames
+    height = d.height if height is None else height
+    width = d.width if width is None else width
+    steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+    guidance = d.guidance_scale if guidance_scale is None else guidance_scale
+    negative_prompt = "" if negative_prompt is None else negative_prompt
+    extras = dict(
+        step_cache=step_cache, preview_every=preview_every, video=video, image=image, strength=strength
+    )
+    check_arguments(
+        transformer, vae, prompt, negative_prompt, num_frames, height, width, steps, guidance, seed, **extras
+    )
+    if video is not None:
+        strength = float(sampling.DEFAULT_STRENGTH if strength is None else strength)
+    return Call(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        seed=secrets.randbelow(MAX_SEED) if seed is None else int(seed),
+        use_dynamic_cfg=use_dynamic_cfg,
+        step_cache=step_cache,
+        threshold=resolve_step_cache(step_cache),
+        strength=strength,
+        preview_every=preview_every,
+        has_video=video is not None,
+        has_image=image is not None,
+    )
+
+
+def check_arguments(
+    transformer: TransformerConfig,
+    vae: VAEConfig,
+    prompt,
+    negative_prompt,
+    num_frames,
+    height,
+    width,
+    num_inference_steps,
+    guidance_scale,
+    seed,
+    step_cache=None,
+    preview_every=1,
+    video=None,
+    image=None,
+    strength=None,
+) -> None:
+    """Raise ValueError, saying what is allowed, for any argument out of range for this model. No heavy work."""
+    if not isinstance(prompt, str) or text.is_blank(prompt):
+        raise ValueError("prompt must be a non-empty string (invisible characters alone do not count)")
+    if not isinstance(negative_prompt, str):
+        raise ValueError("negative_prompt must be a string")
+    size = (num_frames, height, width, num_inference_steps)
+    sampling.check_conditioning(transformer, vae.spatial_compression, video, image, strength, *size)
+    check_size(transformer, vae, num_frames, height, width)
+    check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)):
+        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    # Compared, not converted: float(10**400) would raise OverflowError.
+    if not 1 <= guidance_scale <= MAX_GUIDANCE:  # NaN fails too
+        shown = guidance_scale if abs(guidance_scale) < 1e12 else "a number out of range"
+        raise ValueError(f"guidance_scale must be in [1, {MAX_GUIDANCE:g}], got {shown}")
+    if seed is not None:
+        check_int("seed", seed, 0, MAX_SEED - 1)
+    resolve_step_cache(step_cache)
+    check_int("preview_every", preview_every, 1)
+
+
+def check_size(transformer: TransformerConfig, vae: VAEConfig, num_frames, height, width) -> None:
+    """num_frames 8N+1 up to the model's; height and width multiples of 16 up to MAX_SIZE."""
+    temporal, most = int(vae.temporal_compression_ratio), transformer.sample_frames
+    check_int("num_frames", num_frames, 1, most)
+    if (num_frames - 1) % (2 * temporal):
+        raise ValueError(f"num_frames must be 8N+1 (1, 9, 17, ...) and at most {most}, got {num_frames}")
+    for name, value in (("height", height), ("width", width)):
+        if check_int(name, value, 16, MAX_SIZE) % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16 (at most {MAX_SIZE}), got {value}")
