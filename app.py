@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from cogvideox.config import RELEASE_DEFAULTS
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from webapp import jobs, ranks, uploads
@@ -59,9 +60,6 @@ ZERO_GPU_CANCEL_NOTE = (
     "it frees the page and the job runs to its end."
 )
 
-RELEASE_DEFAULTS = dict(
-    num_frames=49, height=480, width=720, num_inference_steps=50, guidance_scale=6.0, fps=8
-)
 # System fonts: the page makes no request to a font CDN.
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
                        "sans-serif"], font_mono=["ui-monospace", "monospace"])  # fmt: skip
@@ -135,7 +133,7 @@ def create_demo(
     pipe, output_dir = (pipes[0] if pipes else None), Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     renderer = jobs.Renderer(pipes, output_dir, enhancer, parallel)
-    d = pipe.defaults if pipe else RELEASE_DEFAULTS
+    d = pipe.defaults if pipe else RELEASE_DEFAULTS.as_dict()  # no model: the page still shows the release's
     events = PageEvents(pipes, renderer, enhancer, output_dir, notice, d["num_inference_steps"])
     if webapp.ZERO_GPU:  # what ZeroGPU's GPU function renders with: its worker, forked later, inherits it
         jobs.PIPELINE = pipe
@@ -159,7 +157,7 @@ def create_demo(
             with gr.Column(scale=6, elem_id="result-col"):
                 _result_views(c)
             with gr.Column(scale=5, elem_id="presets"):  # below the result on a narrow screen (style.css)
-                rows, labels = _load_presets(pipe.max_frames if pipe else 49)
+                rows, labels = _load_presets(pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames)
                 if rows:
                     gr.Examples(rows, [c.prompt, c.seed, c.steps, c.guidance, c.frames, c.randomize],
                                 label="Presets", example_labels=labels)  # fmt: skip
@@ -203,7 +201,7 @@ def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
 
 def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
     """Advanced settings, speed, smoothing, the run buttons and the job's status."""
-    fps, max_frames = d["fps"], pipe.max_frames if pipe else 49
+    fps, max_frames = d["fps"], pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames
     with gr.Accordion("Advanced", open=False):
         c.steps = gr.Slider(1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps")
         integer_api(c.steps, {"minimum": 1, "maximum": MAX_STEPS})

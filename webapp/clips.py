@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from cogvideox.video import read_mp4, smooth_clip, write_gif, write_mp4, write_sidecar
+from cogvideox.video import read_mp4, save_result, write_gif, write_mp4
 from webapp.validation import check_inputs
 
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
@@ -52,22 +52,17 @@ def _clip(mp4: Path, settings: dict) -> dict:
 
 
 def save_clip(result, folder: Path, started: float, smooth: bool = False, source=None) -> dict:
-    """Write a generation's MP4 and sidecar (the GIF waits until someone asks: `make_gif`); the clip.
+    """Write a generation's MP4 and sidecar as the CLI does (`cogvideox.video.save_result`; the GIF waits until
+    someone asks: `make_gif`); the clip.
 
     smooth: a frame interpolated between each two (2T-1 frames) and twice the fps, so the clip lasts as long.
     source: the uploads.Source it started from, named in the settings."""
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
-    frames, fps = smooth_clip(result.frames, result.fps) if smooth else (result.frames, result.fps)
-    mp4 = write_mp4(frames, folder / f"{stem}.mp4", fps=fps)
-    settings = {**result.settings, "time_taken_s": round(time.perf_counter() - started, 2)}
-    if source is not None:
-        settings.update(source.settings(result.fps))
-    if smooth:  # num_frames stays the generated count (what a request asks for); the file has more
-        settings.update(smooth=True, fps=fps, frames_written=len(frames))
-    if "steps_computed" in result.timings:  # the step cache was on: how many steps ran the transformer
-        settings["steps_computed"] = result.timings["steps_computed"]
-    write_sidecar(mp4, {**settings, "timings": result.timings})
-    return _clip(mp4, settings)
+    extra = source.settings(result.fps) if source is not None else None
+    saved = save_result(result, folder / f"{stem}.mp4", smooth=smooth, extra=extra, started=started)
+    # The page shows "smooth" only for a smoothed clip, as /generate always has.
+    settings = {k: v for k, v in saved.settings.items() if (k, v) != ("smooth", False)}
+    return _clip(saved.mp4, settings)
 
 
 def write_preview(frames: np.ndarray, folder: Path, fps: int, scale: int = 4) -> Path:

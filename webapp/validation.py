@@ -15,6 +15,7 @@ import threading
 import numpy as np
 
 from cogvideox.cache import PRESETS
+from cogvideox.config import RELEASE_DEFAULTS
 from cogvideox.pipeline import MAX_SEED
 from cogvideox.sampling import DEFAULT_STRENGTH, steps_to_run
 from cogvideox.text import is_blank
@@ -81,7 +82,7 @@ def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num
     number = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
     if not number or not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:  # NaN fails the comparison too
         errors["guidance_scale"] = f"must be a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
-    allowed = frame_counts(pipe.max_frames if pipe else 49)
+    allowed = frame_counts(pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames)
     if whole(num_frames) not in allowed:
         errors["num_frames"] = f"must be one of {', '.join(map(str, allowed))}"
     speed = FULL if speed is None else speed
