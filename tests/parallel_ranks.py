@@ -19,8 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cogvideox.pipeline import CogVideoXPipeline, GenerationCancelled
 from webapp import ranks
 
-JOB = dict(prompt="a red fox trots through fresh snow", negative_prompt="", num_inference_steps=2,
-           guidance_scale=6.0, num_frames=9, step_cache=None, video=None, image=None, strength=None)  # fmt: skip
+JOB = dict(
+    prompt="a red fox trots through fresh snow",
+    negative_prompt="",
+    num_inference_steps=2,
+    guidance_scale=6.0,
+    num_frames=9,
+    step_cache=None,
+    video=None,
+    image=None,
+    strength=None,
+)
 
 
 def fail_once(pipe) -> None:

@@ -30,8 +30,14 @@ from cogvideox.testing import free_port
 from cogvideox.video import read_mp4, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2, guidance_scale=6.0,
-            num_frames=9)  # fmt: skip
+GOOD = dict(
+    prompt="a red fox trots through fresh snow",
+    negative_prompt="",
+    seed=7,
+    steps=2,
+    guidance_scale=6.0,
+    num_frames=9,
+)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
@@ -58,8 +64,20 @@ def ranks_of(torchrun: subprocess.Popen) -> dict[int, int]:
 def served(tiny_2b, tmp_path_factory):
     """(torchrun, url, log folder) of the app on 2 CPU processes."""
     tmp, port = tmp_path_factory.mktemp("parallel-app"), free_port()
-    cmd = [*TORCHRUN, "app.py", "--parallel", "cfg", "--model", str(tiny_2b), "--device", "cpu", "--port",
-           str(port), "--output-dir", str(tmp / "outputs")]  # fmt: skip
+    cmd = [
+        *TORCHRUN,
+        "app.py",
+        "--parallel",
+        "cfg",
+        "--model",
+        str(tiny_2b),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--output-dir",
+        str(tmp / "outputs"),
+    ]
     with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=environment(), stdout=out, stderr=err, start_new_session=True
@@ -148,16 +166,19 @@ def test_failures_on_one_rank_reach_every_rank_or_stop_them_all(tiny_2b, tmp_pat
     assert records["no_guidance"]["message"].startswith("guidance_scale must be above 1 on this server")
     # Out of memory on rank 1 mid-run: it says so and exits, and torchrun stops rank 0 (which waited for it).
     assert "mid_run" not in records and proc.returncode != 0
-    assert ("error: process 1 of 2 failed mid-run (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB); "
-            "every process stops (torchrun --max-restarts restarts the app)\n") in proc.stderr  # fmt: skip
+    assert (
+        "error: process 1 of 2 failed mid-run (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB); "
+        "every process stops (torchrun --max-restarts restarts the app)\n"
+    ) in proc.stderr
 
 
 # -- what --parallel cannot run with: one line, exit 1, before any process group ----------------------------------
 
 
 def torchrun_env(monkeypatch, world: int | None) -> None:
-    for name, value in dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT="1").items():  # fmt: skip
+    for name, value in dict(
+        RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
+    ).items():
         if world is None:
             monkeypatch.delenv(name, raising=False)
         else:
@@ -166,22 +187,48 @@ def torchrun_env(monkeypatch, world: int | None) -> None:
 
 @pytest.mark.parametrize(
     ("argv", "world", "zero_gpu", "message"),
-    [(["--parallel", "cfg", "--devices", "cpu,cpu"], 2, False,
-      "error: give --devices (a job on each GPU at once) or --parallel (each clip on all of torchrun's processes), "
-      "not both"),
-     (["--parallel", "cfg"], 2, True,
-      "error: --parallel is not for a ZeroGPU Space, which lends one GPU per job; leave it unset"),
-     (["--parallel", "cfg,sp"], None, False,
-      "error: --parallel runs under torchrun: torchrun --nproc-per-node N app.py --parallel cfg,sp ... (RANK is not "
-      "set)"),
-     (["--parallel", "cfg"], 3, False,
-      "error: parallel cfg runs on exactly 2 processes, got 3; use cfg,sp for more"),
-     (["--parallel", "sp"], 4, False,
-      "error: --parallel sp: sequence parallel degree 4 does not divide the model's 2 attention heads; degrees that "
-      "work: 1, 2"),
-     (["--parallel", "sp", "--device", "cuda:1"], 2, False,
-      "error: --parallel: with parallel each process uses cuda:LOCAL_RANK; pass device cuda without an index")],
-)  # fmt: skip
+    [
+        (
+            ["--parallel", "cfg", "--devices", "cpu,cpu"],
+            2,
+            False,
+            "error: give --devices (a job on each GPU at once) or --parallel (each clip on all of torchrun's processes), "
+            "not both",
+        ),
+        (
+            ["--parallel", "cfg"],
+            2,
+            True,
+            "error: --parallel is not for a ZeroGPU Space, which lends one GPU per job; leave it unset",
+        ),
+        (
+            ["--parallel", "cfg,sp"],
+            None,
+            False,
+            "error: --parallel runs under torchrun: torchrun --nproc-per-node N app.py --parallel cfg,sp ... (RANK is not "
+            "set)",
+        ),
+        (
+            ["--parallel", "cfg"],
+            3,
+            False,
+            "error: parallel cfg runs on exactly 2 processes, got 3; use cfg,sp for more",
+        ),
+        (
+            ["--parallel", "sp"],
+            4,
+            False,
+            "error: --parallel sp: sequence parallel degree 4 does not divide the model's 2 attention heads; degrees that "
+            "work: 1, 2",
+        ),
+        (
+            ["--parallel", "sp", "--device", "cuda:1"],
+            2,
+            False,
+            "error: --parallel: with parallel each process uses cuda:LOCAL_RANK; pass device cuda without an index",
+        ),
+    ],
+)
 def test_what_parallel_cannot_run_with_is_one_line(
     tiny_2b, tmp_path, monkeypatch, argv, world, zero_gpu, message
 ):

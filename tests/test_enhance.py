@@ -267,13 +267,19 @@ def test_reasoning_model_refusing_sampling_parameters_is_adapted_to(server, coun
         return 400, {"error": body}, 0.0
 
     server.replies = [
-        refused("max_tokens", "Unsupported parameter: 'max_tokens' is not supported with this model. "
-                "Use 'max_completion_tokens' instead."),
-        refused("temperature", "Unsupported value: 'temperature' does not support 0.7 with this model. "
-                "Only the default (1) value is supported."),
+        refused(
+            "max_tokens",
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+        ),
+        refused(
+            "temperature",
+            "Unsupported value: 'temperature' does not support 0.7 with this model. "
+            "Only the default (1) value is supported.",
+        ),
         reply(GOOD),
         reply(GOOD),
-    ]  # fmt: skip
+    ]
     enhancer = endpoint_enhancer(server, count_tokens, PROMPT_ENHANCER_MODEL="gpt-5-test")
     assert enhancer.enhance("a fox").text == GOOD
     bodies = [r["body"] for r in server.requests]

@@ -20,28 +20,66 @@ from webapp.guard import Guard, allowed_route, client_address, other_site, parse
 
 # What a visit really requests (recorded from Chromium and gradio_client: the page, a generation, an upload, Cancel,
 # the API page's curl): each must pass. Written out here, apart from guard.ROUTES, so a rule that is too narrow fails.
-USED = [("GET", "/"), ("HEAD", "/"), ("GET", "/config"), ("GET", "/theme.css"), ("GET", "/favicon.ico"),
-        ("GET", "/assets/index-DphvyggB.js"), ("GET", "/static/fonts/ui-sans-serif.woff2"),
-        ("GET", "/gradio_api/info"), ("GET", "/gradio_api/heartbeat/abc123"), ("GET", "/gradio_api/queue/data"),
-        ("GET", "/gradio_api/startup-events"), ("GET", "/gradio_api/upload_progress"),
-        ("GET", "/gradio_api/file=/tmp/outputs/clip.mp4"), ("GET", "/gradio_api/call/generate/5f3a9c"),
-        ("POST", "/login"), ("POST", "/gradio_api/queue/join"), ("POST", "/gradio_api/cancel"),
-        ("POST", "/gradio_api/reset"), ("POST", "/gradio_api/run/predict"), ("POST", "/gradio_api/upload"),
-        ("POST", "/gradio_api/call/v2/generate"), ("POST", "/gradio_api/call/generate")]  # fmt: skip
+USED = [
+    ("GET", "/"),
+    ("HEAD", "/"),
+    ("GET", "/config"),
+    ("GET", "/theme.css"),
+    ("GET", "/favicon.ico"),
+    ("GET", "/assets/index-DphvyggB.js"),
+    ("GET", "/static/fonts/ui-sans-serif.woff2"),
+    ("GET", "/gradio_api/info"),
+    ("GET", "/gradio_api/heartbeat/abc123"),
+    ("GET", "/gradio_api/queue/data"),
+    ("GET", "/gradio_api/startup-events"),
+    ("GET", "/gradio_api/upload_progress"),
+    ("GET", "/gradio_api/file=/tmp/outputs/clip.mp4"),
+    ("GET", "/gradio_api/call/generate/5f3a9c"),
+    ("POST", "/login"),
+    ("POST", "/gradio_api/queue/join"),
+    ("POST", "/gradio_api/cancel"),
+    ("POST", "/gradio_api/reset"),
+    ("POST", "/gradio_api/run/predict"),
+    ("POST", "/gradio_api/upload"),
+    ("POST", "/gradio_api/call/v2/generate"),
+    ("POST", "/gradio_api/call/generate"),
+]
 
 
 # Gradio's route table with its placeholders filled in: the ones left open (the rest of its ~85 are closed).
-OPEN = {("GET", "/"), ("HEAD", "/"), ("GET", "/assets/x"), ("GET", "/static/x"), ("GET", "/config"),
-        ("GET", "/config/"), ("GET", "/favicon.ico"), ("GET", "/robots.txt"), ("GET", "/logout"),
-        ("GET", "/theme.css"), ("GET", "/gradio_api/theme.css"), ("GET", "/gradio_api/info"),
-        ("GET", "/gradio_api/info/"), ("GET", "/gradio_api/queue/data"), ("GET", "/gradio_api/startup-events"),
-        ("GET", "/gradio_api/upload_progress"), ("GET", "/gradio_api/heartbeat/session_hash"),
-        ("GET", "/gradio_api/file=/tmp/x.mp4"), ("HEAD", "/gradio_api/file=/tmp/x.mp4"),
-        ("GET", "/gradio_api/call/api_name/event_id"), ("POST", "/gradio_api/call/api_name"),
-        ("POST", "/gradio_api/call/api_name/"), ("POST", "/gradio_api/call/v2/api_name"),
-        ("POST", "/gradio_api/call/v2/api_name/"), ("POST", "/gradio_api/cancel"), ("POST", "/gradio_api/queue/join"),
-        ("POST", "/gradio_api/reset"), ("POST", "/gradio_api/reset/"), ("POST", "/gradio_api/upload"),
-        ("POST", "/login"), ("POST", "/login/")}  # fmt: skip
+OPEN = {
+    ("GET", "/"),
+    ("HEAD", "/"),
+    ("GET", "/assets/x"),
+    ("GET", "/static/x"),
+    ("GET", "/config"),
+    ("GET", "/config/"),
+    ("GET", "/favicon.ico"),
+    ("GET", "/robots.txt"),
+    ("GET", "/logout"),
+    ("GET", "/theme.css"),
+    ("GET", "/gradio_api/theme.css"),
+    ("GET", "/gradio_api/info"),
+    ("GET", "/gradio_api/info/"),
+    ("GET", "/gradio_api/queue/data"),
+    ("GET", "/gradio_api/startup-events"),
+    ("GET", "/gradio_api/upload_progress"),
+    ("GET", "/gradio_api/heartbeat/session_hash"),
+    ("GET", "/gradio_api/file=/tmp/x.mp4"),
+    ("HEAD", "/gradio_api/file=/tmp/x.mp4"),
+    ("GET", "/gradio_api/call/api_name/event_id"),
+    ("POST", "/gradio_api/call/api_name"),
+    ("POST", "/gradio_api/call/api_name/"),
+    ("POST", "/gradio_api/call/v2/api_name"),
+    ("POST", "/gradio_api/call/v2/api_name/"),
+    ("POST", "/gradio_api/cancel"),
+    ("POST", "/gradio_api/queue/join"),
+    ("POST", "/gradio_api/reset"),
+    ("POST", "/gradio_api/reset/"),
+    ("POST", "/gradio_api/upload"),
+    ("POST", "/login"),
+    ("POST", "/login/"),
+}
 
 
 def test_every_route_gradio_opens_that_the_page_does_not_use_is_closed():
@@ -69,15 +107,30 @@ def test_every_route_gradio_opens_that_the_page_does_not_use_is_closed():
 
 
 def test_closed_routes_are_refused_by_method_and_path_not_by_prefix():
-    for method, path in [("POST", "/gradio_api/process_recording"), ("POST", "/gradio_api/vibe-edit"),
-                         ("GET", "/gradio_api/proxy=https://example.org/"), ("POST", "/gradio_api/component_server"),
-                         ("GET", "/monitoring"), ("GET", "/openapi.json"), ("GET", "/gradio_api/openapi.json"),
-                         ("GET", "/gradio_api/file/app.py"), ("POST", "/gradio_api/run/generate"),
-                         ("POST", "/gradio_api/api/generate"), ("GET", "/gradio_api/queue/join"),
-                         ("POST", "/config"), ("DELETE", "/"), ("OPTIONS", "/gradio_api/queue/join"),
-                         ("POST", "/upload"), ("POST", "/gradio_api/upload/"), ("GET", "/gradio_api/file="),
-                         ("GET", "/gradio_api/heartbeat/a/b"), ("GET", "/manifest.json"), ("GET", "/svelte/x.js"),
-                         ("POST", "/gradio_api/queue/join/x"), ("GET", "/assets/")]:  # fmt: skip
+    for method, path in [
+        ("POST", "/gradio_api/process_recording"),
+        ("POST", "/gradio_api/vibe-edit"),
+        ("GET", "/gradio_api/proxy=https://example.org/"),
+        ("POST", "/gradio_api/component_server"),
+        ("GET", "/monitoring"),
+        ("GET", "/openapi.json"),
+        ("GET", "/gradio_api/openapi.json"),
+        ("GET", "/gradio_api/file/app.py"),
+        ("POST", "/gradio_api/run/generate"),
+        ("POST", "/gradio_api/api/generate"),
+        ("GET", "/gradio_api/queue/join"),
+        ("POST", "/config"),
+        ("DELETE", "/"),
+        ("OPTIONS", "/gradio_api/queue/join"),
+        ("POST", "/upload"),
+        ("POST", "/gradio_api/upload/"),
+        ("GET", "/gradio_api/file="),
+        ("GET", "/gradio_api/heartbeat/a/b"),
+        ("GET", "/manifest.json"),
+        ("GET", "/svelte/x.js"),
+        ("POST", "/gradio_api/queue/join/x"),
+        ("GET", "/assets/"),
+    ]:
         assert not allowed_route(method, path), (method, path)
 
 
@@ -110,9 +163,14 @@ def test_with_a_password_other_sites_are_refused_and_the_app_and_its_space_are_n
     assert through(auth, *join, {**own, "origin": "https://me-demo.hf.space"}) == 200  # the Space's frame
     assert through(auth, *join, own) == 200  # no browser: gradio_client, curl
     assert through(auth, *join, {**own, "sec-fetch-site": "same-origin"}) == 200
-    for bad in ({"origin": "https://evil.example"}, {"origin": "null"}, {"origin": "http://127.0.0.1:7861"},
-                {"origin": "https://me-demo.hf.space.evil.example"}, {"sec-fetch-site": "cross-site"},
-                {"sec-fetch-site": "same-site"}):  # fmt: skip
+    for bad in (
+        {"origin": "https://evil.example"},
+        {"origin": "null"},
+        {"origin": "http://127.0.0.1:7861"},
+        {"origin": "https://me-demo.hf.space.evil.example"},
+        {"sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "same-site"},
+    ):
         for method, path in (join, ("POST", "/login"), ("POST", "/gradio_api/upload")):
             assert through(auth, method, path, {**own, **bad}) == 403, (path, bad)
     # a credentialed read from another site's script: refused; a link followed from a mail (no Origin) is not
@@ -202,9 +260,26 @@ def ffmpeg_app(tmp_path_factory):
 
 def _tiny_mp4(path: Path) -> bytes:
     # two frames 600 s apart: what made Gradio's recorder helper start an 18,000-frame encode
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "color=red:s=64x64:r=1",
-                    "-frames:v", "2", "-vf", "setpts=N*600/TB", "-c:v", "libx264", "-y", str(path)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=red:s=64x64:r=1",
+            "-frames:v",
+            "2",
+            "-vf",
+            "setpts=N*600/TB",
+            "-c:v",
+            "libx264",
+            "-y",
+            str(path),
+        ],
+        check=True,
+    )
     return path.read_bytes()
 
 

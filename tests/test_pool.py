@@ -26,8 +26,14 @@ from cogvideox.video import read_mp4
 from webapp import events, launch, serve
 from webapp.pool import DevicePool, parse_devices, pick_devices
 
-GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=8,
-            guidance_scale=6.0, num_frames=9)  # fmt: skip
+GOOD = dict(
+    prompt="a red fox trots through fresh snow",
+    negative_prompt="",
+    seed=7,
+    steps=8,
+    guidance_scale=6.0,
+    num_frames=9,
+)
 OTHER = "a paper boat drifts down a rainy gutter"
 STEP_S = 0.05
 
@@ -38,8 +44,18 @@ def server(tiny_2b, tmp_path_factory):
     env = pytest.MonkeyPatch()
     env.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))
     env.setenv("QUEUE_PER_ADDRESS", "8")  # several visitors at once, all from 127.0.0.1
-    args = launch.parse_args(["--model", str(tiny_2b), "--devices", "cpu,cpu", "--port", str(free_port()),
-                           "--output-dir", str(out)])  # fmt: skip
+    args = launch.parse_args(
+        [
+            "--model",
+            str(tiny_2b),
+            "--devices",
+            "cpu,cpu",
+            "--port",
+            str(free_port()),
+            "--output-dir",
+            str(out),
+        ]
+    )
     pipes, notice = serve.load_pipelines(args, pick_devices(args.device, args.devices))  # as main() does
     demo = app.create_demo(pipes, output_dir=out, notice=notice, queue_size=4)
     demo.launch(**launch.launch_options(args), prevent_thread_lock=True, quiet=True)
@@ -62,8 +78,10 @@ class Steps:
         self.hooks = []
         for i, pipe in enumerate(pipes):
             pipe.load()
-            self.hooks += [pipe.transformer.register_forward_pre_hook(partial(self.enter, i), with_kwargs=True),
-                           pipe.transformer.register_forward_hook(lambda *_, i=i: self.leave(i))]  # fmt: skip
+            self.hooks += [
+                pipe.transformer.register_forward_pre_hook(partial(self.enter, i), with_kwargs=True),
+                pipe.transformer.register_forward_hook(lambda *_, i=i: self.leave(i)),
+            ]
 
     def enter(self, i, _, args, kwargs):
         latents = args[0] if args else kwargs["latents"]
@@ -222,8 +240,14 @@ def test_the_pool_serves_waiters_in_order_and_a_cancelled_waiter_leaves(server):
 def test_device_lists_are_checked_before_anything_loads(monkeypatch, tmp_path):
     assert pick_devices(None, "cpu,cpu") == [torch.device("cpu")] * 2
     assert pick_devices(None, None) == [None] and pick_devices("cpu", None) == ["cpu"]  # --device as before
-    for spec, said in [("cuda:7", "CUDA is not available"), ("", "empty"), (" , ", "empty"),
-                       ("cpu,,cpu", "empty item"), ("all", "CUDA is not available"), ("tpu", "must be")]:  # fmt: skip
+    for spec, said in [
+        ("cuda:7", "CUDA is not available"),
+        ("", "empty"),
+        (" , ", "empty"),
+        ("cpu,,cpu", "empty item"),
+        ("all", "CUDA is not available"),
+        ("tpu", "must be"),
+    ]:
         with pytest.raises(ValueError, match=said):
             pick_devices(None, spec)
     with pytest.raises(ValueError, match="not both"):
@@ -249,7 +273,10 @@ def test_cuda_device_lists_on_a_machine_with_two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     both = [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert parse_devices("all") == parse_devices("cuda:0, cuda:1") == both
-    for spec, said in [("cuda:2", "no cuda:2"), ("cuda:1,cuda:1", "cuda:1 twice"),
-                       ("cuda,cuda:0", "cuda:0 twice")]:  # fmt: skip
+    for spec, said in [
+        ("cuda:2", "no cuda:2"),
+        ("cuda:1,cuda:1", "cuda:1 twice"),
+        ("cuda,cuda:0", "cuda:0 twice"),
+    ]:
         with pytest.raises(ValueError, match=said):
             parse_devices(spec)

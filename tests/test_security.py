@@ -42,9 +42,23 @@ def start_app(tmp: Path, *args: str, env: dict | None = None):
         k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PROMPT_ENHANCER", "GRADIO_"))
     }
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--model", "tiny-random", "--port", str(port), "--output-dir", str(out), *args],
-        cwd=ROOT, env={**base, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "app.py",
+            "--model",
+            "tiny-random",
+            "--port",
+            str(port),
+            "--output-dir",
+            str(out),
+            *args,
+        ],
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -130,8 +144,9 @@ def test_an_uploaded_video_is_used_then_deleted_within_its_time(public_app, tmp_
     y = np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None, None]
     source = write_mp4(np.broadcast_to(y, (16, 64, 96, 3)).copy(), tmp_path / "waves.mp4", fps=8)
     sent = time.monotonic()
-    video, _, settings = Client(url, verbose=False).predict(**{**GOOD, "steps": 2}, video=handle_file(str(source)),
-                                                            api_name="/generate")  # fmt: skip
+    video, _, settings = Client(url, verbose=False).predict(
+        **{**GOOD, "steps": 2}, video=handle_file(str(source)), api_name="/generate"
+    )
     assert settings["start_video"]["file"] == "waves.mp4" and read_mp4(video).shape[0] == 9
     cache = launch.gradio_cache_dir(out)
     if time.monotonic() - sent < UPLOAD_TTL_S - 1:  # (a slow machine may have swept it already)
@@ -377,8 +392,12 @@ def test_the_library_refuses_absurd_numbers_and_invisible_prompts_without_overfl
 
 def test_the_api_schema_types_frames_and_steps_as_integers(public_app):
     _, url, _ = public_app
-    params = {p["parameter_name"]: p for p in Client(url, verbose=False).view_api(return_format="dict",
-              print_info=False)["named_endpoints"]["/generate"]["parameters"]}  # fmt: skip
+    params = {
+        p["parameter_name"]: p
+        for p in Client(url, verbose=False).view_api(return_format="dict", print_info=False)[
+            "named_endpoints"
+        ]["/generate"]["parameters"]
+    }
     assert (
         params["num_frames"]["type"]["type"] == "integer"
         and params["num_frames"]["python_type"]["type"] == "int"

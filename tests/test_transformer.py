@@ -192,8 +192,12 @@ def _record_sdpa(monkeypatch, corrupt=None) -> list:
 
         return sdpa
 
-    for kernel, name in [(SDPBackend.FLASH_ATTENTION, "_flash"), (SDPBackend.CUDNN_ATTENTION, "_cudnn"),
-                         (SDPBackend.EFFICIENT_ATTENTION, "_efficient"), (SDPBackend.MATH, "_math")]:  # fmt: skip
+    for kernel, name in [
+        (SDPBackend.FLASH_ATTENTION, "_flash"),
+        (SDPBackend.CUDNN_ATTENTION, "_cudnn"),
+        (SDPBackend.EFFICIENT_ATTENTION, "_efficient"),
+        (SDPBackend.MATH, "_math"),
+    ]:
         monkeypatch.setattr(layers, name, recorded(kernel, getattr(layers, name)))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded(None, sdpa))

@@ -98,14 +98,21 @@ def space(device_api, tmp_path_factory, tiny_chat_model):
     model."""
     tmp = tmp_path_factory.mktemp("zerogpu")
     port, log = free_port(), tmp / "server.log"
-    env = {**zero_gpu_env(tmp, device_api), "ZEROGPU_PROGRESS_LOG": str(tmp / "progress.jsonl"),
-           "PROMPT_ENHANCER_LOCAL_MODEL": str(tiny_chat_model)}  # fmt: skip
+    env = {
+        **zero_gpu_env(tmp, device_api),
+        "ZEROGPU_PROGRESS_LOG": str(tmp / "progress.jsonl"),
+        "PROMPT_ENHANCER_LOCAL_MODEL": str(tiny_chat_model),
+    }
     argv = launcher("serve", "--device", "cpu", "--port", str(port), "--output-dir", str(tmp / "out"))
     with log.open("w") as out:
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, which its forked GPU workers join
-        )  # fmt: skip
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 90

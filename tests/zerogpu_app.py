@@ -77,11 +77,19 @@ def report_load(argv: list[str]) -> None:
     if pipe is None:
         raise SystemExit(notice)
     param = next(pipe.transformer.parameters())
-    print(json.dumps({
-        "device": str(pipe.device), "memory_mode": pipe.offloader.mode, "compile": pipe.compile,
-        "loaded": pipe.loaded, "param_device": str(param.device), "recorded": len(patching.cuda_aliases),
-        "packed_bytes": zero_torch.pack(),  # what spaces does at launch: the recorded weights go to disk
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "device": str(pipe.device),
+                "memory_mode": pipe.offloader.mode,
+                "compile": pipe.compile,
+                "loaded": pipe.loaded,
+                "param_device": str(param.device),
+                "recorded": len(patching.cuda_aliases),
+                "packed_bytes": zero_torch.pack(),  # what spaces does at launch: the recorded weights go to disk
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

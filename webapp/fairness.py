@@ -50,10 +50,12 @@ def settings(env=None) -> dict:
     ValueError naming the variable when one is not a positive number."""
     env = os.environ if env is None else env
     out = {}
-    for name, default, kind in (("QUEUE_PER_ADDRESS", QUEUE_PER_ADDRESS, int),
-                                ("QUEUE_LISTEN_S", QUEUE_LISTEN_S, float),
-                                ("SESSIONS_PER_ADDRESS", SESSIONS_PER_ADDRESS, int),
-                                ("MAX_SESSIONS", MAX_SESSIONS, int)):  # fmt: skip
+    for name, default, kind in (
+        ("QUEUE_PER_ADDRESS", QUEUE_PER_ADDRESS, int),
+        ("QUEUE_LISTEN_S", QUEUE_LISTEN_S, float),
+        ("SESSIONS_PER_ADDRESS", SESSIONS_PER_ADDRESS, int),
+        ("MAX_SESSIONS", MAX_SESSIONS, int),
+    ):
         text = env.get(name, "").strip()
         try:
             value = kind(text) if text else default
@@ -82,8 +84,13 @@ class Job:
 class Fairness:
     """ASGI middleware; `launch.launch_options` puts it after the Guard (which caps bodies first)."""
 
-    def __init__(self, app, queue_per_address: int = QUEUE_PER_ADDRESS, queue_listen_s: float = QUEUE_LISTEN_S,
-                 sessions_per_address: int = SESSIONS_PER_ADDRESS):  # fmt: skip
+    def __init__(
+        self,
+        app,
+        queue_per_address: int = QUEUE_PER_ADDRESS,
+        queue_listen_s: float = QUEUE_LISTEN_S,
+        sessions_per_address: int = SESSIONS_PER_ADDRESS,
+    ):
         self.app, self.per_address, self.listen_s = app, queue_per_address, queue_listen_s
         self.sessions_per_address = sessions_per_address
         self.jobs: list[Job] = []
@@ -163,8 +170,10 @@ class Fairness:
             finish = "wait for it to finish, or cancel it" if group == "gpu" else "wait for it to finish"
             return f"You already have a {kind} in the queue: {finish}."
         if len(mine) >= self.per_address:
-            return (f"You already have {len(mine)} {kind}s in the queue (from your address): wait for one to "
-                    "finish.")  # fmt: skip
+            return (
+                f"You already have {len(mine)} {kind}s in the queue (from your address): wait for one to "
+                "finish."
+            )
         return None
 
     def _watch_join(self, job: Job, send):

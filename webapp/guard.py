@@ -36,8 +36,20 @@ UPLOAD_PATHS = ("/upload", "/gradio_api/upload")
 # downloads.
 INLINE_TYPES = (b"video/mp4", b"video/webm", b"image/gif", b"image/png", b"image/jpeg", b"image/webp")
 # The names an upload may have: videos and images, none of which a browser renders as a page.
-UPLOAD_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif", ".png", ".jpg", ".jpeg", ".webp",
-                   ".bmp")  # fmt: skip
+UPLOAD_SUFFIXES = (
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".webm",
+    ".mkv",
+    ".avi",
+    ".gif",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".bmp",
+)
 LOGIN_PATHS = ("/login", "/login/")
 
 # The routes the page and the documented API use (recorded from Chromium and gradio_client through a whole visit:
@@ -121,9 +133,13 @@ class UploadCheck:
         if kind != b"multipart/form-data" or not params.get(b"boundary"):
             self.problem = "Uploads must be multipart/form-data."
             return
-        callbacks = {"on_part_begin": self._begin, "on_header_field": self._header_field,
-                     "on_header_value": self._header_value, "on_header_end": self._header_end,
-                     "on_headers_finished": self._headers_finished}  # fmt: skip
+        callbacks = {
+            "on_part_begin": self._begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+        }
         self._parser = MultipartParser(params[b"boundary"], callbacks)
 
     def feed(self, chunk: bytes) -> str | None:
@@ -325,8 +341,11 @@ def _trusted(address: str, proxies: tuple) -> bool:
 
 async def _refuse(send, status: int, message: str, retry_after: float = 0) -> None:
     body = json.dumps({"detail": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"x-content-type-options", b"nosniff")]  # fmt: skip
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+    ]
     if retry_after:
         headers.append((b"retry-after", str(int(retry_after + 0.999)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -45,18 +45,32 @@ def parse_auth(text: str, source: str) -> list[tuple[str, str]]:
 def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description="CogVideoX text-to-video demo. Each option has an env variable.")
-    p.add_argument("--model", default=env("COGVIDEOX_MODEL", "THUDM/CogVideoX-2b"),
-                   help="checkpoint folder or Hub repo id; tiny-random: random weights, offline")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default=env("COGVIDEOX_MODEL", "THUDM/CogVideoX-2b"),
+        help="checkpoint folder or Hub repo id; tiny-random: random weights, offline",
+    )
     p.add_argument("--host", default=env("COGVIDEOX_HOST", "0.0.0.0" if env("SPACE_ID") else "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("COGVIDEOX_PORT", 7860)))
     p.add_argument("--share", action="store_true", default=_flag("COGVIDEOX_SHARE"), help="public link")
-    p.add_argument("--auth", default=env("COGVIDEOX_AUTH"),
-                   help="user:password[,user:password...]; visible to other local users in `ps`: prefer "
-                   "COGVIDEOX_AUTH or --auth-file")  # fmt: skip
-    p.add_argument("--auth-file", type=Path, default=env("COGVIDEOX_AUTH_FILE"),
-                   help="a file of user:password lines (# comments allowed)")  # fmt: skip
-    p.add_argument("--insecure-share", action="store_true", default=_flag("COGVIDEOX_INSECURE_SHARE"),
-                   help="allow --share without --auth: anyone with the link can use your GPU")  # fmt: skip
+    p.add_argument(
+        "--auth",
+        default=env("COGVIDEOX_AUTH"),
+        help="user:password[,user:password...]; visible to other local users in `ps`: prefer "
+        "COGVIDEOX_AUTH or --auth-file",
+    )
+    p.add_argument(
+        "--auth-file",
+        type=Path,
+        default=env("COGVIDEOX_AUTH_FILE"),
+        help="a file of user:password lines (# comments allowed)",
+    )
+    p.add_argument(
+        "--insecure-share",
+        action="store_true",
+        default=_flag("COGVIDEOX_INSECURE_SHARE"),
+        help="allow --share without --auth: anyone with the link can use your GPU",
+    )
     p.add_argument(
         "--memory-mode", default=env("COGVIDEOX_MEMORY_MODE"), help="resident, model or sequential"
     )
@@ -64,13 +78,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", default=env("COGVIDEOX_DTYPE"), help="fp16, bf16 or fp32 (default: the model's)"
     )
     p.add_argument("--device", default=env("COGVIDEOX_DEVICE"), help="default: cuda if available")
-    p.add_argument("--devices", default=env("COGVIDEOX_DEVICES"),
-                   help="cuda:0,cuda:1,... or all: a pipeline per GPU, a job on each at once")  # fmt: skip
-    p.add_argument("--parallel", default=env("COGVIDEOX_PARALLEL"),
-                   help="cfg, sp or cfg,sp, under torchrun (torchrun --nproc-per-node N app.py --parallel cfg,sp): "
-                   "each clip denoised by all N processes, one GPU each; rank 0 serves the page")  # fmt: skip
-    p.add_argument("--compile", action="store_true", default=_flag("COGVIDEOX_COMPILE"),
-                   help="torch.compile the transformer blocks: a slower first video, faster after")  # fmt: skip
+    p.add_argument(
+        "--devices",
+        default=env("COGVIDEOX_DEVICES"),
+        help="cuda:0,cuda:1,... or all: a pipeline per GPU, a job on each at once",
+    )
+    p.add_argument(
+        "--parallel",
+        default=env("COGVIDEOX_PARALLEL"),
+        help="cfg, sp or cfg,sp, under torchrun (torchrun --nproc-per-node N app.py --parallel cfg,sp): "
+        "each clip denoised by all N processes, one GPU each; rank 0 serves the page",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=_flag("COGVIDEOX_COMPILE"),
+        help="torch.compile the transformer blocks: a slower first video, faster after",
+    )
     p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
     args = p.parse_args(argv)
     for name, choices in (

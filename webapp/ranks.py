@@ -152,8 +152,15 @@ class Session:
             return {"guidance_scale": refusal}
         d = pipe.defaults
         try:
-            self.layouts[cfg_on].check(pipe.transformer_config, pipe.vae_config, kwargs["num_frames"], d["height"],
-                                       d["width"], cfg_on, pipe.compile)  # fmt: skip
+            self.layouts[cfg_on].check(
+                pipe.transformer_config,
+                pipe.vae_config,
+                kwargs["num_frames"],
+                d["height"],
+                d["width"],
+                cfg_on,
+                pipe.compile,
+            )
         except ValueError as e:
             return {"num_frames": str(e)}
         return {}
@@ -177,8 +184,15 @@ class Session:
             def step(i: int, total: int) -> bool:  # a server stopping stops the job: every rank, at this step
                 return not self.stopping.is_set() and callback(i, total) is not False
 
-            return self._call(pipe, kwargs, layout, callback=step, on_stage=on_stage, preview=preview,
-                              preview_every=preview_every)  # fmt: skip
+            return self._call(
+                pipe,
+                kwargs,
+                layout,
+                callback=step,
+                on_stage=on_stage,
+                preview=preview,
+                preview_every=preview_every,
+            )
 
     def serve(self, pipe) -> None:
         """Ranks > 0: run rank 0's jobs until it says stop. A job that fails on every rank alike is over; one that
@@ -192,8 +206,11 @@ class Session:
                 continue
             except Exception as e:
                 why = self.broken or f"process {self.rank} of {self.world}: {one_line(e)}"
-                print(f"error: {why}; every process stops (torchrun --max-restarts restarts the app)",
-                      file=sys.__stderr__, flush=True)  # fmt: skip
+                print(
+                    f"error: {why}; every process stops (torchrun --max-restarts restarts the app)",
+                    file=sys.__stderr__,
+                    flush=True,
+                )
                 os._exit(1)
 
     def _call(self, pipe, kwargs: dict, layout: Parallel, on_stage=None, **rank0):
@@ -218,11 +235,22 @@ class Session:
         a ValueError is every rank's)."""
         d = pipe.defaults
         size = kwargs.get("num_frames"), kwargs.get("height", d["height"]), kwargs.get("width", d["width"])
-        pipe.validate(kwargs["prompt"], kwargs["negative_prompt"], *size, kwargs["num_inference_steps"],
-                      kwargs["guidance_scale"], kwargs["seed"], kwargs.get("step_cache"), 1, kwargs.get("video"),
-                      kwargs.get("image"), kwargs.get("strength"))  # fmt: skip
-        self.layout(kwargs).check(pipe.transformer_config, pipe.vae_config, *size, kwargs["guidance_scale"] > 1,
-                                  pipe.compile)  # fmt: skip
+        pipe.validate(
+            kwargs["prompt"],
+            kwargs["negative_prompt"],
+            *size,
+            kwargs["num_inference_steps"],
+            kwargs["guidance_scale"],
+            kwargs["seed"],
+            kwargs.get("step_cache"),
+            1,
+            kwargs.get("video"),
+            kwargs.get("image"),
+            kwargs.get("strength"),
+        )
+        self.layout(kwargs).check(
+            pipe.transformer_config, pipe.vae_config, *size, kwargs["guidance_scale"] > 1, pipe.compile
+        )
 
     def _agree_loaded(self, pipe, progress=None) -> None:
         """Each rank loads the weights if it has not yet; LoadFailed on every rank if any could not."""
@@ -280,8 +308,9 @@ def start(args, open_pipeline, zero_gpu: bool = False):
         pipe, notice = open_pipeline(args, device)
     except Exception as e:  # this rank's model (a folder on one node only): each rank says its own
         raise StartError(f"the model {args.model} is unavailable: {one_line(e)}", everywhere=True) from None
-    tokens = video_tokens(pipe.transformer_config, pipe.vae_config, MIN_FRAMES, pipe.defaults["height"],
-                          pipe.defaults["width"])  # fmt: skip
+    tokens = video_tokens(
+        pipe.transformer_config, pipe.vae_config, MIN_FRAMES, pipe.defaults["height"], pipe.defaults["width"]
+    )
     for cfg_on, degree in found.items():  # against the model: its heads, compiled blocks, the shortest clip
         if isinstance(degree, tuple):
             try:

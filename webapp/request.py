@@ -56,8 +56,13 @@ class Request:
             kwargs, extras = uploads.prepare(pipe, kwargs, values["smooth"])
         except uploads.UploadError as e:  # not a video, damaged, too long, gone
             raise RequestError({e.field: str(e)}) from None
-        typed = dict(seed=kwargs["seed"], steps=kwargs["num_inference_steps"], smooth=extras["smooth"],
-                     guidance_scale=kwargs["guidance_scale"], num_frames=kwargs["num_frames"])  # fmt: skip
+        typed = dict(
+            seed=kwargs["seed"],
+            steps=kwargs["num_inference_steps"],
+            smooth=extras["smooth"],
+            guidance_scale=kwargs["guidance_scale"],
+            num_frames=kwargs["num_frames"],
+        )
         return cls(**{**values, **typed}, kwargs=kwargs, source=extras["source"])
 
     def pipeline_kwargs(self) -> dict:
@@ -141,8 +146,10 @@ def endpoint(run: Callable, name: str, doc: str) -> Callable:
     optional = [
         p(n, p.POSITIONAL_OR_KEYWORD, default=f.default) for n, f in INPUTS.items() if n not in REQUIRED
     ]
-    gradio = [p("request", p.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
-              p("progress", p.POSITIONAL_OR_KEYWORD, default=PROGRESS)]  # fmt: skip
+    gradio = [
+        p("request", p.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
+        p("progress", p.POSITIONAL_OR_KEYWORD, default=PROGRESS),
+    ]
     signature = inspect.Signature([*required, *gradio, *optional])
 
     def call(*args, **kwargs):
