@@ -182,3 +182,39 @@ def test_transformer_refuses_unpadded_frames_and_grids_past_the_table():
     with pytest.raises(ValueError, match="exceeds this model's rotary table"):
         model(torch.zeros(1, 2, 4, 10, 12), text, t)
     assert model(torch.zeros(1, 2, 4, 8, 12), text, t).shape == (1, 2, 4, 8, 12)
+
+
+def test_step_cache_runs_on_15_and_threshold_0_changes_nothing(tiny_15):
+    pipe = _pipe(tiny_15)
+    plain = pipe(PROMPT, num_frames=1, num_inference_steps=4, seed=5)
+    same = pipe(PROMPT, num_frames=1, num_inference_steps=4, seed=5, step_cache=0)
+    assert np.array_equal(plain.frames, same.frames) and same.timings["steps_computed"] == 4
+    fast = pipe(PROMPT, num_frames=1, num_inference_steps=4, seed=5, step_cache=1e9)
+    assert fast.timings["steps_computed"] == 2 and fast.frames.shape == plain.frames.shape  # first and last
+
+
+def test_cli_writes_15_image_to_video_at_16_fps(tiny_15_i2v, tmp_path, capsys):
+    import json
+
+    from cogvideox.__main__ import main
+    from cogvideox.video import read_mp4
+
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((64, 96, 3), 200, np.uint8)).save(image)
+    out = tmp_path / "clip.mp4"
+    argv = [
+        "--model",
+        tiny_15_i2v,
+        "--prompt",
+        "a kite",
+        "--output",
+        out,
+        "--image",
+        image,
+        "--device",
+        "cpu",
+    ]
+    assert main([*map(str, argv), "--steps", "1", "--frames", "17"]) == 0, capsys.readouterr().err
+    assert read_mp4(out).shape == (17, 64, 96, 3)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["fps"] == 16 and meta["num_frames"] == 17 and meta["mode"] == "image-to-video"
