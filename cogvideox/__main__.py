@@ -149,7 +149,11 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=integer(0, MAX_SEED - 1), help="default: random (printed and saved)")
     p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"default: {d.num_inference_steps}")
     p.add_argument("--guidance", type=guidance, help=f"default: {d.guidance_scale}")
-    p.add_argument("--frames", type=integer(1), help=f"8N+1; default: the model's ({d.num_frames})")
+    p.add_argument(
+        "--frames",
+        type=integer(1),
+        help=f"8N+1 (16N+1 for CogVideoX 1.5); default: the model's ({d.num_frames})",
+    )
     size = integer(16, MAX_SIZE, multiple=16)
     p.add_argument("--height", type=size, help=f"a multiple of 16; default: the model's ({d.height})")
     p.add_argument("--width", type=size, help=f"a multiple of 16; default: the model's ({d.width})")

@@ -188,11 +188,20 @@ def check_arguments(
 
 
 def check_size(transformer: TransformerConfig, vae: VAEConfig, num_frames, height, width) -> None:
-    """num_frames 8N+1 up to the model's; height and width multiples of 16 up to MAX_SIZE."""
-    temporal, most = int(vae.temporal_compression_ratio), transformer.sample_frames
+    """num_frames `period`·N+1 up to the model's most (8N+1 up to 49 for CogVideoX 1.0, 16N+1 up to 161 for 1.5);
+    height and width multiples of 16 up to MAX_SIZE, and for 1.5 within its rotary table's grid (768x1360)."""
+    period, most = transformer.frame_period, transformer.max_frames
     check_int("num_frames", num_frames, 1, most)
-    if (num_frames - 1) % (2 * temporal):
-        raise ValueError(f"num_frames must be 8N+1 (1, 9, 17, ...) and at most {most}, got {num_frames}")
+    if (num_frames - 1) % period:
+        raise ValueError(
+            f"num_frames must be {period}N+1 (1, {1 + period}, {1 + 2 * period}, ...) and at most {most}, "
+            f"got {num_frames}"
+        )
+    limits = {"height": MAX_SIZE, "width": MAX_SIZE}
+    if transformer.patch_size_t is not None:  # sliced RoPE: no position past the sample grid
+        s = vae.spatial_compression
+        limits = {"height": transformer.sample_height * s, "width": transformer.sample_width * s}
     for name, value in (("height", height), ("width", width)):
-        if check_int(name, value, 16, MAX_SIZE) % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16 (at most {MAX_SIZE}), got {value}")
+        most_pixels = min(limits[name], MAX_SIZE) // 16 * 16
+        if check_int(name, value, 16, most_pixels) % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16 (at most {most_pixels}), got {value}")

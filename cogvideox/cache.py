@@ -24,10 +24,13 @@ from .config import TransformerConfig
 
 # Named thresholds: TeaCache's "slow" (≈1.5x on CogVideoX) and "fast" (≈2x) settings.
 PRESETS = {"quality": 0.1, "fast": 0.2}
-# TeaCache's rescaling polynomials (highest power first), fitted on CogVideoX-2B and -5B (5B's also serves 1.5).
+# TeaCache's rescaling polynomials (highest power first), fitted per released model: CogVideoX-2B, -5B (its
+# -5B-I2V too) and, from `TeaCache4CogVideoX1.5/teacache_sample_video.py`, CogVideoX1.5-5B and 1.5-5B-I2V.
 COEFFICIENTS = {
     "2b": (-3.10658903e01, 2.54732368e01, -5.92380459e00, 1.75769064e00, -3.61568434e-03),
     "5b": (-1.53880483e03, 8.43202495e02, -1.34363087e02, 7.97131516e00, -5.23162339e-02),
+    "1.5": (2.50210439e02, -1.65061612e02, 3.57804877e01, -7.81551492e-01, 3.58559703e-02),
+    "1.5-i2v": (1.22842302e02, -1.04088754e02, 2.62981677e01, -3.06009921e-01, 3.71213220e-02),
 }
 
 
@@ -66,8 +69,12 @@ class StepCache:
 
     @classmethod
     def for_model(cls, threshold: float, config: TransformerConfig, num_steps: int) -> StepCache:
-        """With the polynomial of the model family: 5B-style (rotary) or 2B-style."""
-        style = "5b" if config.use_rotary_positional_embeddings else "2b"
+        """With the polynomial of the model family: CogVideoX 1.5 (`patch_size_t`; T2V or I2V), else 5B-style
+        (rotary) or 2B-style."""
+        if config.patch_size_t is not None:
+            style = "1.5-i2v" if config.image_to_video else "1.5"
+        else:
+            style = "5b" if config.use_rotary_positional_embeddings else "2b"
         return cls(threshold, COEFFICIENTS[style], num_steps)
 
     def should_compute(self, emb: Tensor) -> bool:

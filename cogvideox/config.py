@@ -121,8 +121,7 @@ class TransformerConfig:
         _check_fields(self, frozenset({"freq_shift"}))
         if self.freq_shift < 0:
             raise ValueError(f"'freq_shift' must not be negative, got {self.freq_shift}")
-        if self.patch_size_t is not None or self.ofs_embed_dim is not None:
-            raise ValueError("CogVideoX 1.5 checkpoints (patch_size_t / ofs_embed_dim) are not supported")
+        self._check_version_15()
         if self.in_channels not in (self.out_channels, 2 * self.out_channels):
             raise ValueError(
                 f"'in_channels' must equal 'out_channels' ({self.out_channels}; text to video) or twice it "
@@ -134,6 +133,37 @@ class TransformerConfig:
             )
         if not self.norm_elementwise_affine:
             raise ValueError("norm_elementwise_affine=False is not supported")
+
+    def _check_version_15(self) -> None:
+        """CogVideoX 1.5's fields (temporal patches, the I2V `ofs` embedding) in the combinations released."""
+        if self.patch_size_t is not None and (
+            not self.use_rotary_positional_embeddings or self.use_learned_positional_embeddings
+        ):
+            raise ValueError(
+                "'patch_size_t' (CogVideoX 1.5) needs use_rotary_positional_embeddings=true and "
+                "use_learned_positional_embeddings=false, as released"
+            )
+        if self.ofs_embed_dim is not None and self.ofs_embed_dim != self.time_embed_dim:
+            raise ValueError(
+                f"'ofs_embed_dim' must equal 'time_embed_dim' ({self.time_embed_dim}): the two embeddings are "
+                f"added; got {self.ofs_embed_dim}"
+            )
+
+    @property
+    def temporal_patch(self) -> int:
+        """Latent frames per token: 2 for CogVideoX 1.5 (`patch_size_t`), 1 before."""
+        return self.patch_size_t or 1
+
+    @property
+    def max_frames(self) -> int:
+        """The most frames a call may ask for. CogVideoX 1.0: the training length (49). CogVideoX 1.5 was trained
+        on 81 frames and released for up to 161 (10 s at 16 fps; THUDM's README), twice its length."""
+        return self.sample_frames if self.patch_size_t is None else 2 * self.sample_frames - 1
+
+    @property
+    def frame_period(self) -> int:
+        """Frame counts are `period·N + 1`: 8N+1 for 1.0 (README), 16N+1 for 1.5 (two latent frames a token)."""
+        return 2 * self.temporal_compression_ratio * self.temporal_patch
 
     @property
     def inner_dim(self) -> int:
@@ -198,6 +228,13 @@ class VAEConfig:
             raise ValueError("block_out_channels and down_block_types differ in length")
 
     @property
+    def condition_scale(self) -> float:
+        """What a start image's or video's VAE latents are multiplied by: the scaling factor, or its inverse with
+        `invert_scale_latents` (CogVideoX 1.5, trained so; diffusers' image-to-video pipeline does the same).
+        Sampled latents are always divided by the scaling factor before decoding."""
+        return 1 / self.scaling_factor if self.invert_scale_latents else self.scaling_factor
+
+    @property
     def spatial_compression(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
@@ -210,10 +247,14 @@ class VAEConfig:
         return cls.from_dict(read_json(path), source=path)
 
 
+FPS_15 = 16  # CogVideoX 1.5's frame rate (THUDM's README: 16N+1 frames at 16 fps)
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     """What a call leaves out: the model's training size (from its configs) and the release's sampling settings
-    (CogVideoX's reference: 50 steps, guidance 6, 8 fps). The pipeline, the CLI and the app all read these."""
+    (CogVideoX's reference: 50 steps, guidance 6, 8 fps; 16 fps for CogVideoX 1.5). The pipeline, the CLI and the
+    app all read these."""
 
     num_frames: int
     height: int
@@ -225,7 +266,10 @@ class GenerationDefaults:
     @classmethod
     def for_model(cls, transformer: TransformerConfig, vae: VAEConfig) -> GenerationDefaults:
         s = vae.spatial_compression
-        return cls(transformer.sample_frames, transformer.sample_height * s, transformer.sample_width * s)
+        fps = cls.fps if transformer.patch_size_t is None else FPS_15
+        return cls(
+            transformer.sample_frames, transformer.sample_height * s, transformer.sample_width * s, fps=fps
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,6 +345,37 @@ PRESETS: dict[str, dict[str, Any]] = {
             use_learned_positional_embeddings=True,
         ),
         "vae": VAEConfig(scaling_factor=0.7),
+        "scheduler": SchedulerConfig(snr_shift_scale=1.0),
+    },
+    # CogVideoX 1.5 (MODEL_NOTES 1.7): two latent frames a token, RoPE sliced from the 96x170 sample grid.
+    "1.5": {
+        "transformer": TransformerConfig(
+            num_attention_heads=48,
+            num_layers=42,
+            use_rotary_positional_embeddings=True,
+            patch_size_t=2,
+            patch_bias=False,
+            sample_frames=81,
+            sample_height=96,
+            sample_width=170,
+        ),
+        "vae": VAEConfig(scaling_factor=0.7, invert_scale_latents=True),
+        "scheduler": SchedulerConfig(snr_shift_scale=1.0),
+    },
+    "1.5-i2v": {
+        "transformer": TransformerConfig(
+            num_attention_heads=48,
+            num_layers=42,
+            in_channels=32,
+            use_rotary_positional_embeddings=True,
+            patch_size_t=2,
+            patch_bias=False,
+            ofs_embed_dim=512,
+            sample_frames=81,
+            sample_height=96,
+            sample_width=170,
+        ),
+        "vae": VAEConfig(scaling_factor=0.7, invert_scale_latents=True),
         "scheduler": SchedulerConfig(snr_shift_scale=1.0),
     },
 }

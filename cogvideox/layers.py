@@ -134,21 +134,31 @@ def rotary_pos_embed_3d(
     base_height: int,
     base_width: int,
     *,
+    sliced: bool = False,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """3D RoPE of a (frames, height, width) token grid -> cos, sin, each (frames·height·width, head_dim) fp32.
 
-    The head is split `[time dim/4 | height 3dim/8 | width 3dim/8]`. Spatial positions span the region the
-    grid occupies when resized and centre-cropped into the base (training) grid, so other aspect ratios
-    reuse the trained position range (diffusers' `CogVideoXPipeline._prepare_rotary_positional_embeddings`).
+    The head is split `[time dim/4 | height 3dim/8 | width 3dim/8]`. CogVideoX 1.0: spatial positions span the
+    region the grid occupies when resized and centre-cropped into the base (training) grid, so other aspect
+    ratios reuse the trained position range (diffusers' `CogVideoXPipeline._prepare_rotary_positional_embeddings`).
+    `sliced` (CogVideoX 1.5, diffusers' `grid_type="slice"`): positions 0, 1, 2, ... per axis, the first rows
+    of the base grid's table, so the grid may not exceed the base grid (ValueError).
     """
     if head_dim % 16:
         raise ValueError(f"3D RoPE needs a head dim divisible by 16, got {head_dim}")
-    (top, left), (bottom, right) = resize_crop_region_for_grid((height, width), base_width, base_height)
-    # diffusers' end points: stop·(n-1)/n even when the start is not 0 (a quirk the 5B model was run with).
-    pos_t = torch.linspace(0, frames * (frames - 1) / frames, frames, dtype=torch.float32)
-    pos_h = torch.linspace(top, bottom * (height - 1) / height, height, dtype=torch.float32)
-    pos_w = torch.linspace(left, right * (width - 1) / width, width, dtype=torch.float32)
+    if sliced:
+        if height > base_height or width > base_width:
+            raise ValueError(
+                f"a {height}x{width} token grid exceeds this model's rotary table ({base_height}x{base_width})"
+            )
+        pos_t, pos_h, pos_w = (torch.arange(n, dtype=torch.float32) for n in (frames, height, width))
+    else:
+        (top, left), (bottom, right) = resize_crop_region_for_grid((height, width), base_width, base_height)
+        # diffusers' end points: stop·(n-1)/n even when the start is not 0 (a quirk the 5B model was run with).
+        pos_t = torch.linspace(0, frames * (frames - 1) / frames, frames, dtype=torch.float32)
+        pos_h = torch.linspace(top, bottom * (height - 1) / height, height, dtype=torch.float32)
+        pos_w = torch.linspace(left, right * (width - 1) / width, width, dtype=torch.float32)
     tables = {
         "t": _rope_1d(head_dim // 4, pos_t),
         "h": _rope_1d(head_dim // 8 * 3, pos_h),

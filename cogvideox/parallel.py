@@ -98,6 +98,7 @@ def check_degrees(
 def video_tokens(config: TransformerConfig, vae: VAEConfig, num_frames: int, height: int, width: int) -> int:
     """How many video tokens the transformer sees at this size (17,550 for 2B at 49 x 480 x 720)."""
     frames = (num_frames - 1) // int(vae.temporal_compression_ratio) + 1
+    frames = -(-frames // config.temporal_patch)  # CogVideoX 1.5: padded, two latent frames a token
     side = vae.spatial_compression * config.patch_size
     return frames * (height // side) * (width // side)
 

@@ -136,11 +136,11 @@ class CogVideoXPipeline:
 
     @property
     def fps(self) -> int:
-        return GenerationDefaults.fps
+        return GenerationDefaults.for_model(self.transformer_config, self.vae_config).fps
 
     @property
     def max_frames(self) -> int:
-        return self.transformer_config.sample_frames
+        return self.transformer_config.max_frames
 
     @property
     def defaults(self) -> dict:
@@ -374,7 +374,8 @@ class CogVideoXPipeline:
         )
         if cache is not None:
             timings["steps_computed"] = cache.computed
-        return latents
+        # CogVideoX 1.5: the frames padded in front (`latent_shape`) go, as diffusers drops them, before decoding
+        return latents[:, self.padding_frames(call.num_frames) :]
 
     def settings_of(self, call: Call, condition: Condition | None, parallel: Parallel | None) -> dict:
         """The generation's settings as the sidecar keeps them (JSON-ready)."""
@@ -434,7 +435,7 @@ class CogVideoXPipeline:
             generator,
             self.device,
             self.dtype,
-            self.vae_config.scaling_factor,
+            self.vae_config.condition_scale,
             condition,
         )
         latents, timesteps, total = begin.latents, begin.timesteps, len(begin.timesteps)
@@ -462,12 +463,18 @@ class CogVideoXPipeline:
                     raise GenerationCancelled(f"cancelled after step {i + 1} of {total}")
         return latents
 
+    def padding_frames(self, num_frames: int) -> int:
+        """Latent frames added in front so that CogVideoX 1.5's temporal patches (`patch_size_t`) tile them; 0 for
+        1.0. The transformer denoises them with the rest; `sample` drops them (diffusers' `additional_frames`)."""
+        frames = (num_frames - 1) // int(self.vae_config.temporal_compression_ratio) + 1
+        return -frames % self.transformer_config.temporal_patch
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-        """(1, F, C, h, w) of the latents of one video of this size."""
+        """(1, F, C, h, w) of the latents denoised for one video of this size, CogVideoX 1.5's padding included."""
         s, temporal = self.vae_config.spatial_compression, int(self.vae_config.temporal_compression_ratio)
         return (
             1,
-            (num_frames - 1) // temporal + 1,
+            (num_frames - 1) // temporal + 1 + self.padding_frames(num_frames),
             self.transformer_config.out_channels,
             height // s,
             width // s,

@@ -78,11 +78,12 @@ def start(
     generator: torch.Generator,
     device: torch.device,
     dtype: torch.dtype,
-    scaling_factor: float,
+    scale: float,
     condition: Condition | None = None,
 ) -> Start:
     """Where the sampler starts, for latents of `shape` (1, F, C, h, w); draws from `generator` in the reference's
-    order (posterior sample, then noise)."""
+    order (posterior sample, then noise). `scale`: what the condition's latents are multiplied by
+    (`VAEConfig.condition_scale`)."""
     timesteps = scheduler.timesteps(steps)
     if condition is None:  # text to video
         # Drawn in float32, then cast: the reference draws in the model dtype, which differs in FP16/BF16, but
@@ -90,7 +91,7 @@ def start(
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return Start(noise.to(device, dtype), timesteps)
     encoded = sample_posterior(condition.moments, generator).to(dtype)
-    clean = scaling_factor * rearrange(encoded, "b c f h w -> b f c h w")
+    clean = scale * rearrange(encoded, "b c f h w -> b f c h w")
     noise = randn(torch.Size(shape), generator, device, dtype)
     if condition.kind == "video":
         timesteps = timesteps[steps - steps_to_run(steps, condition.strength) :]
@@ -161,11 +162,16 @@ def check_conditioning(
     if image is None and config.image_to_video:
         raise ValueError("this is an image-to-video checkpoint: pass image=, a uint8 (H, W, 3) array")
     sized = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (height, width))
+    if video is not None and config.patch_size_t is not None:
+        # diffusers' video-to-video refuses 1.5's padded latents too: no reference to match
+        raise ValueError("video= (video to video) is not supported for CogVideoX 1.5 checkpoints")
     if video is not None:
         _check_pixels("video", video, 4)
-        period, most = 2 * config.temporal_compression_ratio, config.sample_frames
+        period, most = config.frame_period, config.max_frames
         if (len(video) - 1) % period or len(video) > most:
-            raise ValueError(f"video must have 8N+1 frames (1, 9, 17, ...), at most {most}; got {len(video)}")
+            raise ValueError(
+                f"video must have {period}N+1 frames (1, {1 + period}, ...), at most {most}; got {len(video)}"
+            )
         if num_frames != len(video):
             raise ValueError(
                 f"num_frames ({num_frames}) must equal the video's length ({len(video)}) or be unset"

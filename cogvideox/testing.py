@@ -28,16 +28,19 @@ _CORPUS = [
 ]
 
 
-STYLES = ("2b", "5b", "i2v")
+STYLES = ("2b", "5b", "i2v", "1.5", "1.5-i2v")
 
 
 def tiny_configs(style: str = "2b", scheduler: str = "CogVideoXDDIMScheduler"):
     """Configs of a tiny model shaped like the release: 17 frames of 64x96 pixels (5x8x12 latents).
 
     style: "2b", "5b" (rotary positions) or "i2v" (CogVideoX-5b-I2V: rotary and learned positions, the image's
-    latents beside the noise on the channel axis)."""
+    latents beside the noise on the channel axis); "1.5" and "1.5-i2v" (CogVideoX 1.5: two latent frames a
+    token, sliced RoPE, 33 frames of 64x96 at most, a 224-token prompt; I2V adds the `ofs` embedding)."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if style.startswith("1.5"):
+        return _tiny_configs_15(style == "1.5-i2v", scheduler)
     five, i2v = style in ("5b", "i2v"), style == "i2v"
     transformer = TransformerConfig(
         num_attention_heads=2,
@@ -64,6 +67,38 @@ def tiny_configs(style: str = "2b", scheduler: str = "CogVideoXDDIMScheduler"):
     )
     sched = SchedulerConfig(class_name=scheduler, snr_shift_scale=1.0 if five else 3.0)
     return transformer, vae, sched
+
+
+def _tiny_configs_15(i2v: bool, scheduler: str):
+    """The released 1.5 layout (MODEL_NOTES 1.7) at the tiny size of `tiny_configs`."""
+    transformer = TransformerConfig(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=8 if i2v else 4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_frames=17,
+        sample_height=8,
+        sample_width=12,
+        max_text_seq_length=224,
+        use_rotary_positional_embeddings=True,
+        patch_size_t=2,
+        patch_bias=False,
+        ofs_embed_dim=16 if i2v else None,
+    )
+    vae = VAEConfig(
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_height=64,
+        sample_width=96,
+        scaling_factor=0.7,
+        invert_scale_latents=True,
+    )
+    return transformer, vae, SchedulerConfig(class_name=scheduler, snr_shift_scale=1.0)
 
 
 def _config_json(cfg, class_name: str) -> dict:

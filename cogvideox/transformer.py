@@ -42,8 +42,14 @@ class Tokens(NamedTuple):
     grid: tuple[int, int, int]  # video tokens per axis (frames, height, width)
 
 
+# What the CogVideoX 1.5 I2V pipeline feeds the `ofs` embedding (diffusers' CogVideoXImageToVideoPipeline, SAT).
+I2V_OFS = 2.0
+
+
 class PatchEmbed(nn.Module):
-    """Text: Linear to the model width. Video: non-overlapping p×p patches (a stride-p Conv2d) to tokens.
+    """Text: Linear to the model width. Video: non-overlapping p×p patches (a stride-p Conv2d) to tokens;
+    CogVideoX 1.5 (`patch_size_t`): p_t×p×p patches over frames too, through a Linear (bias always, as the
+    released weights and diffusers have it, whatever `patch_bias` says).
 
     `learned_positions` (5B-I2V): a trained table over `[text ‖ video]` at the sample grid, the checkpoint's
     persistent `patch_embed.pos_embedding` (1, L + N, D).
@@ -57,18 +63,22 @@ class PatchEmbed(nn.Module):
         patch_size: int,
         bias: bool,
         learned_positions: int | None = None,
+        patch_size_t: int | None = None,
     ):
         super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.patch_size, self.patch_size_t = patch_size, patch_size_t
+        if patch_size_t is None:
+            self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+        else:
+            self.proj = nn.Linear(in_channels * patch_size_t * patch_size**2, dim)
         self.text_proj = nn.Linear(text_dim, dim)
         if learned_positions is not None:
             self.register_buffer("pos_embedding", torch.zeros(1, learned_positions, dim))
 
     def forward(self, latents: Tensor, text_embeds: Tensor) -> tuple[Tensor, Tensor]:
         # A stride-p conv on p×p patches is one GEMM over flattened patches; tokens come out in (f h w) order.
-        p = self.patch_size
-        patches = rearrange(latents, "b f c (h p) (w q) -> b (f h w) (c p q)", p=p, q=p)
+        p, t = self.patch_size, self.patch_size_t or 1
+        patches = rearrange(latents, "b (f t) c (h p) (w q) -> b (f h w) (c t p q)", t=t, p=p, q=p)
         video = F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
         return self.text_proj(text_embeds), video
 
@@ -125,13 +135,21 @@ class CogVideoXTransformer(nn.Module):
             f, h, w = config.latent_grid
             learned = config.max_text_seq_length + f * (h // config.patch_size) * (w // config.patch_size)
         self.patch_embed = PatchEmbed(
-            config.in_channels, dim, config.text_embed_dim, config.patch_size, config.patch_bias, learned
+            config.in_channels,
+            dim,
+            config.text_embed_dim,
+            config.patch_size,
+            config.patch_bias,
+            learned,
+            config.patch_size_t,
         )
         self.time_embedding = TimestepEmbedding(dim, config.time_embed_dim)
+        if config.ofs_embed_dim is not None:  # CogVideoX 1.5 I2V: added to the time embedding
+            self.ofs_embedding = TimestepEmbedding(config.ofs_embed_dim, config.ofs_embed_dim)
         self.transformer_blocks = nn.ModuleList([CogVideoXBlock(config) for _ in range(config.num_layers)])
         self.norm_final = nn.LayerNorm(dim, eps=config.norm_eps)
         self.norm_out = AdaLayerNorm(config.time_embed_dim, dim, config.norm_eps)
-        self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
+        self.proj_out = nn.Linear(dim, config.temporal_patch * config.patch_size**2 * config.out_channels)
         # Position embedding of the last grid seen: (key, value). A plain attribute, not a buffer, so it
         # never enters the state dict and nothing is computed at construction (meta-device builds).
         self._pos_cache: tuple[tuple, object] | None = None
@@ -190,7 +208,12 @@ class CogVideoXTransformer(nn.Module):
 
         def compute() -> tuple[Tensor, Tensor]:
             cos, sin = rotary_pos_embed_3d(
-                c.attention_head_dim, *grid, c.sample_height // p, c.sample_width // p, device=device
+                c.attention_head_dim,
+                *grid,
+                c.sample_height // p,
+                c.sample_width // p,
+                sliced=c.patch_size_t is not None,
+                device=device,
             )
             # Text tokens are not rotated: identity rows (cos 1, sin 0) let RoPE run on the whole sequence.
             text_cos = cos.new_ones(text_len, cos.shape[1])
@@ -205,15 +228,21 @@ class CogVideoXTransformer(nn.Module):
         """
         c = self.config
         _, frames, _, height, width = latents.shape
-        p = c.patch_size
+        p, pt = c.patch_size, c.temporal_patch
         if height % p or width % p:
             raise ValueError(f"latent height and width must be divisible by {p}, got {height}x{width}")
-        grid = (frames, height // p, width // p)
+        if frames % pt:
+            raise ValueError(f"latent frames must be a multiple of {pt} (pad them first), got {frames}")
+        grid = (frames // pt, height // p, width // p)
         text_len = text_embeds.shape[1]
 
         emb = self.time_embedding(
             timestep_embedding(timestep, c.inner_dim, c.flip_sin_to_cos, c.freq_shift).to(latents.dtype)
         )  # (B, time_embed_dim)
+        if c.ofs_embed_dim is not None:
+            ofs = torch.full((1,), I2V_OFS, device=latents.device)
+            ofs = timestep_embedding(ofs, c.ofs_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            emb = emb + self.ofs_embedding(ofs.to(latents.dtype))
 
         text, video = self.patch_embed(latents, text_embeds)
         rope = self._rope(grid, text_len, latents.device) if c.use_rotary_positional_embeddings else None
@@ -251,11 +280,12 @@ class CogVideoXTransformer(nn.Module):
 
     def head(self, x: Tensor, tokens: Tokens) -> Tensor:
         """The blocks' output (B, L + N, D) -> prediction (B, F, C_out, H, W), from the video tokens."""
-        p = self.config.patch_size
+        p, t = self.config.patch_size, self.config.temporal_patch
         frames, height, width = tokens.grid
         video = self.norm_out(self.norm_final(x[:, tokens.text_len :]), tokens.emb)
-        out = self.proj_out(video)  # (B, N, C_out·p·p)
-        return rearrange(out, "b (f h w) (c p q) -> b f c (h p) (w q)", f=frames, h=height, w=width, p=p, q=p)
+        out = self.proj_out(video)  # (B, N, C_out·t·p·p)
+        pattern = "b (f h w) (c t p q) -> b (f t) c (h p) (w q)"
+        return rearrange(out, pattern, f=frames, h=height, w=width, t=t, p=p, q=p)
 
     def forward(self, latents: Tensor, text_embeds: Tensor, timestep: Tensor) -> Tensor:
         """latents (B, F, C, H, W), text_embeds (B, L, text_dim), timestep (B,) -> (B, F, C_out, H, W).

@@ -122,6 +122,12 @@ def test_the_polynomial_follows_the_model_family():
     assert two.coefficients == COEFFICIENTS["2b"] and five.coefficients == COEFFICIENTS["5b"]
     assert COEFFICIENTS["2b"][0] == pytest.approx(-3.10658903e01)
     assert COEFFICIENTS["5b"][-1] == pytest.approx(-5.23162339e-02)
+    # CogVideoX 1.5 has its own fits (TeaCache4CogVideoX1.5), T2V and I2V apart; the 1.0 I2V shares 5B's
+    t2v, i2v, i2v_10 = (StepCache.for_model(0.1, tiny_configs(s)[0], 50) for s in ("1.5", "1.5-i2v", "i2v"))
+    assert t2v.coefficients == COEFFICIENTS["1.5"] and i2v.coefficients == COEFFICIENTS["1.5-i2v"]
+    assert i2v_10.coefficients == COEFFICIENTS["5b"]
+    assert COEFFICIENTS["1.5"][0] == pytest.approx(2.50210439e02)
+    assert COEFFICIENTS["1.5-i2v"][-1] == pytest.approx(3.71213220e-02)
 
 
 def test_presets_and_numbers_resolve_to_thresholds():
