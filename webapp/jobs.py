@@ -52,12 +52,14 @@ ZERO_GPU_OOM_ADVICE = (  # the Space's owner chose the memory mode; a visitor ca
 STAGES = {"loading model": ("Loading the model", 0.0), "encoding text": ("Encoding the prompt", 0.0),
           "decoding": ("Decoding the frames", 1.0)}  # fmt: skip
 # The Cancel button stops its session's job at the next step. A cancel from elsewhere (gradio_client) or a
-# closed tab is seen another way: a running job yields every HEARTBEAT_S and Gradio resumes it right after
-# each yield until the request is cancelled or its client goes. Gradio does not reliably close the
-# generator, so a job not resumed for ABANDONED_S stops. ZeroGPU runs the job in a forked process that
-# cannot see these signals: there a job runs to its end, and the page says so.
+# closed tab is seen another way: Gradio's queue drops the job's event from its running jobs (a cancel) or
+# marks it not alive (its client's stream closed), and the job stops at its next step (gradio_event). Only
+# that: how long Gradio takes to resume the job after a yield is no sign (under load, or while it copies a
+# preview, it took over 2 s, and a visitor lost a job no one cancelled). A job run outside Gradio's queue
+# yields every HEARTBEAT_S and stops if not resumed for ABANDONED_S. ZeroGPU runs the job in a forked process
+# that cannot see these signals: there a job runs to its end, and the page says so.
 HEARTBEAT_S = 0.5
-ABANDONED_S = 4 * HEARTBEAT_S
+ABANDONED_S = float(os.environ.get("ABANDONED_S", 30))
 CANCEL_WAIT_S = float(os.environ.get("CANCEL_WAIT_S", 60))  # Cancel's wait for the job's step to end
 STOP_AFTER_S = 2.0  # --parallel, a process failed mid-run: the page gets the message, then the server stops
 
@@ -107,6 +109,27 @@ def progress_reporters(steps: int, progress, wanted=lambda: True):
         return True
 
     return on_stage, on_step
+
+
+def gradio_event():
+    """For a job Gradio's queue runs (its event in this context): a function saying whether the queue still runs
+    it, i.e. it was neither cancelled (which takes it out of the queue's active jobs) nor left by its client
+    (which marks it not alive). None outside the queue (a direct call)."""
+    from gradio.context import LocalContext
+
+    queue = getattr(LocalContext.blocks.get(None), "_queue", None)
+    event_id = LocalContext.event_id.get(None)
+    if queue is None or event_id is None:
+        return None
+
+    def find():
+        jobs = list(queue.active_jobs)  # read from the job's thread: a copy, as the queue's loop changes it
+        return next((e for events in jobs if events for e in events if e._id == event_id), None)
+
+    event = find()
+    if event is None:
+        return None
+    return lambda: event.alive and find() is event
 
 
 def gpu_seconds(pipe: CogVideoXPipeline | None, settings: dict) -> int:
@@ -219,9 +242,14 @@ class Renderer:
         # The worker stops at its next step, leaving the GPU to the next job, once the request is gone.
         pulled, latest = [time.monotonic()], []
         run = self.running[session] = Run()
+        served = gradio_event()
 
         def wanted():
-            return not run.cancel.is_set() and (ZERO_GPU or time.monotonic() - pulled[0] < ABANDONED_S)
+            if run.cancel.is_set():
+                return False
+            if ZERO_GPU:
+                return True
+            return served() if served is not None else time.monotonic() - pulled[0] < ABANDONED_S
 
         def report(*args, **kw):
             latest[:] = args, kw
