@@ -310,17 +310,20 @@ def test_token_count_shows_what_is_cut(server, monkeypatch):
     prompt = "a fox in the snow " * 100
     count = pipe.count_tokens(prompt)
     long = app._token_html(pipe, prompt)
-    assert count.dropped_tokens > 0 and f"the last {count.dropped_tokens} are cut off" in long
-    assert f"<b>{count.n_tokens}</b> / 226" in long and "fox in the snow" in long
+    assert count.dropped_tokens > 0 and f"does not read the end ({count.dropped_tokens} tokens)" in long
+    assert f'title="{count.n_tokens} / 226' in long and "fox in the snow" in long
     count = TokenCount(230, 226, kept_text="a cat", dropped_text="<img src=x onerror=alert(1)>")
     monkeypatch.setattr(pipe, "count_tokens", lambda prompt: count)
     assert "&lt;img src=x" in app._token_html(pipe, "anything") and "<img" not in app._token_html(pipe, "x")
 
 
-def test_without_a_model_the_page_still_builds_and_says_why(tmp_path):
+def test_without_a_model_the_page_still_builds_and_says_why(tmp_path, capsys):
     args = launch.parse_args(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)])
     pipe, notice = serve.load_pipeline(args)
-    assert pipe is None and "unavailable" in notice and "tiny-random" in notice
+    assert pipe is None and "unavailable" in notice and "**The model missing" in notice
+    assert str(tmp_path) not in notice and "tiny-random" not in notice  # no path, no setup for a visitor...
+    err = capsys.readouterr().err  # ...the operator reads the why and what to do in the terminal
+    assert str(tmp_path / "missing") in err and "--model tiny-random" in err
     demo = app.create_demo(None, output_dir=tmp_path, notice=notice)
     assert notice in events.model_status(None, notice)
     assert {"/generate", "/enhance"} <= {f"/{fn.api_name}" for fn in demo.fns.values() if fn.api_name}

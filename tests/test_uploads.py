@@ -417,7 +417,9 @@ def test_camera_names_in_upper_case_are_uploaded_and_read_end_to_end(server, fil
     """IMG_0042.MOV and DSC01.JPG, as phones and cameras name them: through the guard, then read as the page's
     checks read them (the note shown on upload runs the same load as the job)."""
     demo, pipe, out = server
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out)))  # this server's (another may be up)
+    monkeypatch.setenv(
+        "GRADIO_TEMP_DIR", str(launch.gradio_cache_dir(out))
+    )  # this server's (another may be up)
     jpeg = tmp_path / "still.jpg"
     Image.open(files["png"]).save(jpeg, quality=95)
     notes = {}
