@@ -10,7 +10,19 @@ rank 0 serves the page (ranks.py).
 
 from __future__ import annotations
 
-import webapp  # first: on ZeroGPU it imports spaces, which must come before torch (webapp/__init__.py)
+import sys
+
+try:  # started with an interpreter that lacks the requirements (the system's python3): say how to start it
+    # isort: split
+    import gradio as gr
+    import torch  # noqa: F401
+
+    import webapp  # first: on ZeroGPU it imports spaces, which must come before torch (webapp/__init__.py)
+except ModuleNotFoundError as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"error: {e.name} is not installed for {sys.executable}: start the app with `make demo` "
+             "(MODEL=tiny-random to try it offline) or `.venv/bin/python app.py`")  # fmt: skip
 
 # isort: split
 import hashlib
@@ -18,8 +30,6 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
-
-import gradio as gr
 
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -373,3 +375,17 @@ def test_asking_for_cuda_without_it_is_one_line_and_no_page(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: CUDA is not available on this machine; use --device cpu"
+
+
+def test_app_py_without_the_requirements_says_how_to_start_it():
+    """`python3 app.py` with an interpreter that has no gradio (here: no site-packages at all) is one line."""
+    root = Path(app.__file__).resolve().parent
+    proc = subprocess.run(
+        [sys.executable, "-S", "app.py"], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().count("\n") == 0
+        and "is not installed" in proc.stderr
+        and "make demo" in proc.stderr
+    )
