@@ -205,7 +205,7 @@ def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
     the operator reads in the terminal)."""
     hint = "One shot in detail: subject, motion, setting, camera, light…"
     c.prompt = gr.Textbox(
-        label="Prompt", lines=3, max_length=PROMPT_BOX_CHARS, placeholder=hint, elem_id="prompt"
+        label="Prompt", lines=3, max_lines=6, max_length=PROMPT_BOX_CHARS, placeholder=hint, elem_id="prompt"
     )
     with gr.Row(equal_height=True, elem_id="prompt-tools"):
         c.tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
