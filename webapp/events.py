@@ -20,7 +20,7 @@ from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from webapp import clips as gallery_store
 from webapp import uploads
 from webapp.clips import MAX_GALLERY, OUTPUT_TTL_S
-from webapp.jobs import Renderer, user_error
+from webapp.jobs import Renderer, display_name, user_error
 from webapp.request import RequestError, named
 from webapp.validation import FIELDS, MAX_PROMPT_CHARS, SPEEDS
 
@@ -29,12 +29,6 @@ CANCEL = "⏹ Cancel"
 FIELD_NAMES = {"prompt": "The prompt", "negative_prompt": "The negative prompt", "seed": "The seed",
                "steps": "Steps", "guidance_scale": "Guidance", "num_frames": "Frames", "speed": "Speed",
                "strength": "Strength", "smooth": "Smooth", "video": "Your video", "image": "Your image"}  # fmt: skip
-
-
-def display_name(model_id: str) -> str:
-    """The model as a visitor may see it: a Hub id as it is, a folder of the server's by its name alone."""
-    path = Path(model_id)
-    return path.name if path.is_absolute() or path.exists() else model_id
 
 
 def refusal(problems: dict) -> str:

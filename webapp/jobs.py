@@ -69,6 +69,12 @@ PIPELINE: CogVideoXPipeline | None = None  # ZeroGPU: the app's pipeline, loaded
 _progress = gr.Progress()
 
 
+def display_name(model_id: str) -> str:
+    """The model as a visitor may see it: a Hub id as it is, a folder of the server's by its name alone."""
+    path = Path(model_id)
+    return path.name if path.is_absolute() or path.exists() else model_id
+
+
 def user_error(message: str, title: str = "Error") -> gr.Error:
     """An error the user caused or can act on: shown in the page, no traceback in the server log."""
     return gr.Error(message, title=title, print_exception=False)
@@ -87,6 +93,14 @@ def known_error(error: Exception) -> gr.Error | None:
     if isinstance(error, ValueError):  # the library's validation
         return user_error(str(error))
     return None
+
+
+def load_error(pipe: CogVideoXPipeline, error: Exception) -> gr.Error:
+    """Weights that would not load: the whole message in the server's log, the page's without the server's folder
+    (the model by its name, a file by its place in the model)."""
+    print(f"error: could not load {pipe.model_id}: {error}", file=sys.stderr, flush=True)
+    said = str(error).replace(f"{pipe.root}{os.sep}", "").replace(str(pipe.root), "the model's folder")
+    return user_error(f"Could not load {display_name(pipe.model_id)}: {said}", title="Model unavailable")
 
 
 def progress_reporters(steps: int, progress, wanted=lambda: True):
@@ -358,8 +372,7 @@ class Renderer:
                 try:
                     pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
                 except (OSError, ValueError) as e:
-                    message = f"Could not load {pipe.model_id}: {e}"
-                    raise user_error(message, title="Model unavailable") from e
+                    raise load_error(pipe, e) from e
             on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
             # The preview: the predicted clean video about ten times in the run (ZeroGPU's forked worker cannot
             # stream it back, so there is none there).

@@ -14,7 +14,8 @@ from gradio.tunneling import CURRENT_TUNNELS
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import CogVideoXPipeline
 from webapp import ZERO_GPU
-from webapp.events import display_name, pipelines
+from webapp.events import pipelines
+from webapp.jobs import display_name
 from webapp.launch import guard_origins, launch_options
 
 TINY_NOTICE = (
