@@ -10,7 +10,18 @@ rank 0 serves the page (ranks.py).
 
 from __future__ import annotations
 
-import webapp  # first: on ZeroGPU it imports spaces, which must come before torch (webapp/__init__.py)
+import sys
+
+try:  # started with an interpreter that lacks the requirements (the system's python3): say how to start it
+    # webapp first (not in sorted order): on ZeroGPU it imports spaces, which must come before torch
+    import webapp  # noqa: I001
+    import gradio as gr
+    import torch  # noqa: F401
+except ModuleNotFoundError as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"error: {e.name} is not installed for {sys.executable}: start the app with `make demo` "
+             "(MODEL=tiny-random to try it offline) or `.venv/bin/python app.py`")  # fmt: skip
 
 # isort: split
 import hashlib
@@ -18,8 +29,6 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
-
-import gradio as gr
 
 from cogvideox.config import RELEASE_DEFAULTS
 from cogvideox.enhance import PromptEnhancer
@@ -63,11 +72,18 @@ ZERO_GPU_CANCEL_NOTE = (
 # System fonts: the page makes no request to a font CDN.
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
                        "sans-serif"], font_mono=["ui-monospace", "monospace"])  # fmt: skip
-IDLE = '<span class="idle">A job\'s progress and its place in the queue show here.</span>'
+IDLE = '<span class="idle">Progress, time left and your place in the queue show here.</span>'
 STOPPING_JS = "() => ({__type__: 'update', value: '⏹ Stopping…', interactive: false})"
 MAKING_GIF_JS = "() => ({__type__: 'update', value: '🎞️ Making…', interactive: false})"
-# As a job starts: its progress, beside the buttons, scrolled into view if it is not (on a phone, below the fold).
-SHOW_STATUS_JS = """(...inputs) => { document.querySelector("#run-status")?.scrollIntoView({block: "nearest"});
+# As a job starts: its progress and the result box (where the preview plays) in view, scrolled as little as can
+# be and only if either is not (they sit together: beside each other on a desktop, one under the other on a
+# phone); where both cannot fit, the result's top.
+SHOW_STATUS_JS = """(...inputs) => { const v = document.querySelector("#result-video"),
+  s = document.querySelector("#run-status");
+  if (v && s) { const a = v.getBoundingClientRect(), b = s.getBoundingClientRect(), h = window.innerHeight;
+    const top = Math.min(a.top, b.top), bottom = Math.max(a.bottom, b.bottom);
+    const by = bottom - top > h ? a.top - 8 : top < 0 ? top - 8 : bottom > h ? bottom - h + 8 : 0;
+    if (by) window.scrollBy({top: by}); }
   return inputs; }"""
 # Starts the download of a file a DownloadButton was just given (the GIF, made on the first click).
 DOWNLOAD_JS = """(file) => { if (file && file.url) { const a = document.createElement("a");
@@ -142,25 +158,30 @@ def create_demo(
     ) as demo:
         fps = d["fps"]
         logo = (ASSETS / "logo.svg").read_text() if (ASSETS / "logo.svg").is_file() else ""
+        kind = "Image" if pipe is not None and pipe.needs_image else "Text"
         gr.HTML(
-            f'<div id="masthead">{logo}<div><h1>CogVideoX</h1>'
-            f"<p>{'Image' if pipe is not None and pipe.needs_image else 'Text'} to video: {d['num_frames'] / fps:.0f}-second clips, "
-            f"{d['width']}×{d['height']} "
-            f"at {fps} fps.</p></div></div>",
+            f'<div id="masthead">{logo}<h1>CogVideoX</h1><p>{kind} to video: {d["num_frames"] / fps:.0f}-second '
+            f"clips, {d['width']}×{d['height']} at {fps} fps.</p></div>",
             elem_id="masthead-wrap",
         )
         c = SimpleNamespace(status=gr.Markdown(events.status(), elem_id="model-status"))
+        # The first screen, at any width: the prompt, the presets, the buttons and their progress, the result (the
+        # preview plays there). Code order is not screen order: style.css places each column in main-row's grid
+        # (desktop: these four on the left, the result on the right; a phone: one under the other).
         with gr.Row(equal_height=False, elem_id="main-row"):
             with gr.Column(scale=5, elem_id="inputs-col"):
                 _prompt_inputs(c, pipe, enhancer)
+            with gr.Column(scale=5, elem_id="settings-col"):
                 _settings_inputs(c, pipe, d)
+            with gr.Column(scale=5, elem_id="run-col"):
+                _run_buttons(c, pipe)
             with gr.Column(scale=6, elem_id="result-col"):
                 _result_views(c)
-            with gr.Column(scale=5, elem_id="presets"):  # below the result on a narrow screen (style.css)
+            with gr.Column(scale=5, elem_id="presets"):
                 rows, labels = _load_presets(pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames)
                 if rows:
                     gr.Examples(rows, [c.prompt, c.seed, c.steps, c.guidance, c.frames, c.randomize],
-                                label="Presets", example_labels=labels)  # fmt: skip
+                                label="Try one", example_labels=labels)  # fmt: skip
         c.clips, c.current, c.last_clip, c.enhanced = (
             gr.State([]),
             gr.State(None),
@@ -177,32 +198,38 @@ def create_demo(
 
 
 def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
-    """The prompt, its token meter and the enhancer; the seed; a file to start from."""
+    """The prompt, how much of it the model reads, and the enhancer (off on this server: its button says so; why,
+    the operator reads in the terminal)."""
     hint = "One shot in detail: subject, motion, setting, camera, light…"
     c.prompt = gr.Textbox(
-        label="Prompt", lines=5, max_length=PROMPT_BOX_CHARS, placeholder=hint, elem_id="prompt"
+        label="Prompt", lines=3, max_lines=6, max_length=PROMPT_BOX_CHARS, placeholder=hint, elem_id="prompt"
     )
-    c.tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
-    can_enhance = bool(enhancer and enhancer.available)
-    c.enhance_btn = gr.Button("✨ Enhance prompt", size="sm", interactive=can_enhance)
-    if enhancer is not None and not enhancer.available:
-        gr.Markdown(f"Enhance is off. {enhancer.unavailable_reason}", elem_classes="hint")
+    with gr.Row(equal_height=True, elem_id="prompt-tools"):
+        c.tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
+        can_enhance = bool(enhancer and enhancer.available)
+        c.enhance_btn = gr.Button("✨ Enhance prompt" if can_enhance else "✨ Enhance (off here)", size="sm",
+                                  interactive=can_enhance, elem_id="enhance", scale=0, min_width=150)  # fmt: skip
     with gr.Group(visible=False) as c.enhanced_box:
         c.enhanced_note = gr.Markdown()
         c.original = gr.Textbox(show_label=False, interactive=False, lines=2)
         c.undo_btn = gr.Button("↩️ Undo: restore the original", size="sm")
-    with gr.Row(equal_height=True, elem_id="seed-row"):
-        c.seed = gr.Number(None, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED - 1, min_width=140,
-                           elem_id="seed")  # fmt: skip
-        c.randomize = gr.Checkbox(True, label="🎲 Randomize seed", info="a new one at every run", min_width=150,
-                                  elem_id="randomize")  # fmt: skip
-    c.source_video, c.strength, c.source_image, c.source_note = uploads.source_inputs(pipe)
 
 
 def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
-    """Advanced settings, speed, smoothing, the run buttons and the job's status."""
+    """Speed, smoothing, the seed, a file to start from, and the technical settings (closed)."""
     fps, max_frames = d["fps"], pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames
-    with gr.Accordion("Advanced", open=False):
+    c.speed = gr.Radio(SPEED_CHOICES, value=FULL, label="Speed", elem_id="speed",
+                       info="Faster and Fastest skip steps that change little")  # fmt: skip
+    c.smooth = gr.Checkbox(False, label="Smooth motion", elem_id="smooth",
+                           info="a frame added between each two: as long, smoother")  # fmt: skip
+    with gr.Row(equal_height=True, elem_id="seed-row"):
+        # While Random is on, the box's number (the last run's) is hidden (style.css): it is not the next one.
+        c.seed = gr.Number(None, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED - 1, min_width=140,
+                           elem_id="seed")  # fmt: skip
+        c.randomize = gr.Checkbox(True, label="🎲 Random", info="a new seed at every run", min_width=150,
+                                  elem_id="randomize")  # fmt: skip
+    c.source_video, c.strength, c.source_image, c.source_note = uploads.source_inputs(pipe)
+    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         c.steps = gr.Slider(1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps")
         integer_api(c.steps, {"minimum": 1, "maximum": MAX_STEPS})
         c.guidance = gr.Slider(MIN_GUIDANCE, MAX_GUIDANCE, d["guidance_scale"], step=0.5, label="Guidance")
@@ -212,19 +239,19 @@ def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
         integer_api(c.frames, {"minimum": counts[0], "maximum": counts[-1],
                                "description": f"8N+1: one of {', '.join(map(str, counts))}"})  # fmt: skip
         c.negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
-    c.speed = gr.Radio(SPEED_CHOICES, value=FULL, label="Speed", elem_id="speed",
-                       info="Faster and Fastest skip steps that change little (Render final: Full)")  # fmt: skip
-    c.smooth = gr.Checkbox(False, label="Smooth (16 fps)", elem_id="smooth",
-                           info="a frame interpolated between each two: as long, smoother motion")  # fmt: skip
+
+
+def _run_buttons(c: SimpleNamespace, pipe) -> None:
+    """Generate, Draft and Cancel (each says why when it is off: buttons()), and under them the job's status."""
     with gr.Row(elem_id="run-buttons"):
-        can_run = pipe is not None
-        c.run_btn = gr.Button("🎬 Generate", variant="primary", scale=3, min_width=100, interactive=can_run,
-                              elem_id="generate")  # fmt: skip
-        c.draft_btn = gr.Button(f"⚡ Draft ({DRAFT_STEPS} steps)", scale=3, min_width=100, interactive=can_run,
+        c.run_btn = gr.Button(**PageEvents.generate_label(pipe is not None, False), variant="primary", scale=3,
+                              min_width=100, elem_id="generate")  # fmt: skip
+        c.draft_btn = gr.Button(**PageEvents.draft_label(pipe is not None, False), scale=2, min_width=90,
                                 elem_id="draft")  # fmt: skip
         c.cancel_btn = gr.Button(CANCEL, variant="stop", scale=2, min_width=90, interactive=False,
                                  elem_id="cancel")  # fmt: skip
-    # Where the user looks after a click: the job's progress and queue place, then how it went.
+    # Where the visitor looks after a click, beside the result: the job's progress and queue place (never over
+    # the preview), a refusal's reason, then how it went.
     c.run_status = gr.Markdown(IDLE, elem_id="run-status")
     if webapp.ZERO_GPU:
         gr.Markdown(ZERO_GPU_CANCEL_NOTE, elem_classes="hint", elem_id="cancel-note")
@@ -242,8 +269,9 @@ def _result_views(c: SimpleNamespace) -> None:
         c.make_gif_btn = gr.Button(GIF, interactive=False, elem_id="make-gif", **button)  # made when asked
         c.gif_btn = gr.DownloadButton("⬇️ GIF", visible=False, elem_id="download-gif", **button)
     c.final_btn = gr.Button("🎬 Render final", variant="primary", visible=False, elem_id="final")
-    c.settings = gr.JSON(label="Settings used", open=True)
-    c.gallery = gr.Gallery(label="Your clips, newest first (kept in this browser; only you can see them)",
+    with gr.Accordion("Details: the settings used", open=False, elem_id="details"):
+        c.settings = gr.JSON(show_label=False, open=True)
+    c.gallery = gr.Gallery(label="Your clips, newest first (kept in this browser; only you see them)",
                            columns=3, fit_columns=False, object_fit="cover", height=330, allow_preview=False,
                            interactive=False, elem_id="gallery")  # fmt: skip
 
@@ -264,7 +292,7 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
     job = dict(
         fn=renderer.generate, inputs=[*fields, c.speed, *media],
         outputs=[c.video, seed_out, c.settings, c.last_clip], validator=ev.validate, preprocess=False,
-        concurrency_id="gpu", show_progress_on=[c.video, c.run_status], concurrency_limit=concurrency,
+        concurrency_id="gpu", show_progress_on=[c.run_status], concurrency_limit=concurrency,  # not over the preview
     )  # fmt: skip
     runs = [
         c.run_btn.click(**lock, inputs=[c.randomize, *fields, c.speed, *media]).success(
@@ -358,6 +386,8 @@ def serve(args, pipes: list[CogVideoXPipeline], notice: str, parallel: ranks.Ses
     demo = create_demo(pipes, enhancer, output_dir=args.output_dir, notice=notice, parallel=parallel)
     start_server(demo, args, THEME)
     print("\n".join(startup_lines(args, pipes, demo, parallel)), flush=True)
+    if enhancer is not None and not enhancer.available:  # the page's button only says it is off
+        print(f"  prompt enhancer off: {enhancer.unavailable_reason}", flush=True)
     serve_until_stopped(demo)
 
 

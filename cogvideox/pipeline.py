@@ -103,7 +103,9 @@ class CogVideoXPipeline:
         scheduler: str | None = None,
         compile: bool = False,
     ) -> CogVideoXPipeline:
-        """`model`: a local folder in the released layout or a Hub repo id. Reads configs and the tokenizer only.
+        """`model`: a local folder in the released layout, a Hub repo id, or "tiny-random" (a tiny model with random
+        weights, written once in the temp dir: the CLI's and the app's offline model). Reads configs and the
+        tokenizer only.
 
         dtype defaults to the model's: FP16 for 2B, BF16 for 5B (FP16 gives black videos there); FP32 on CPU.
         memory_mode: "resident", "model" or "sequential"; None picks one from free device memory at load.
@@ -111,7 +113,12 @@ class CogVideoXPipeline:
         compile: torch.compile the transformer (slow first step, faster after).
         """
         device = check_device(device)
-        root = resolve_model(model)
+        if str(model) == "tiny-random":
+            from .testing import tiny_random_checkpoint
+
+            root = tiny_random_checkpoint()
+        else:
+            root = resolve_model(model)
         if isinstance(dtype, str):
             dtype = {
                 "fp16": torch.float16,

@@ -3,6 +3,7 @@ desktop and phone widths. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from cogvideox import CogVideoXPipeline
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.testing import EchoBackend
 from cogvideox.video import write_mp4
-from webapp import launch, serve
+from webapp import launch, serve, validation
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,6 +40,7 @@ def server(tiny_2b, tmp_path_factory):
     env = pytest.MonkeyPatch()
     env.setenv("GRADIO_TEMP_DIR", str(out / "gradio"))
     pipe = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
+    pipe.model_id = "tiny-random"  # as the quick start names it (the README's screenshots are this page's)
     enhancer = PromptEnhancer(EchoBackend(REWRITE), lambda text: pipe.count_tokens(text).n_tokens)
     demo = app.create_demo(pipe, enhancer, output_dir=out, notice=serve.TINY_NOTICE)
     with socket.socket() as s:
@@ -153,12 +155,14 @@ def test_prompt_seeds_gallery_gif_final_and_a_reload(server, browser):
     assert "random weights" in page.inner_text("#model-status")
     assert text_of(page, "#seed-used") == "" and page.locator("#cancel").is_disabled()  # nothing yet
 
-    page.locator("#generate").click()  # an empty prompt: refused where it is typed, and nothing stays locked
-    page.get_by_text("is empty: describe the video you want").wait_for()
+    page.locator("#generate").click()  # an empty prompt: refused where it is typed and by the button; no lock
+    page.locator("#prompt").get_by_text("is empty: describe the video you want").wait_for()
+    page.locator("#run-status").get_by_text("Not started. The prompt is empty").wait_for()
     assert page.locator("#generate").is_enabled() and page.locator("#cancel").is_disabled()
 
     page.locator("#prompt textarea").fill(IDEA)
-    page.wait_for_function("document.querySelector('#token-count').innerText.includes('/ 226 T5 tokens')")
+    page.wait_for_function("document.querySelector('#token-count').innerText.includes('words left')")
+    assert "/ 226 T5 tokens" in page.locator("#token-count .tokens").get_attribute("title")  # the exact count
     page.get_by_role("button", name="✨ Enhance prompt").click()  # shows the rewrite and the original...
     page.wait_for_function(f"document.querySelector('#prompt textarea').value === {REWRITE!r}")
     page.get_by_text("Enhanced by echo").wait_for()
@@ -173,6 +177,10 @@ def test_prompt_seeds_gallery_gif_final_and_a_reload(server, browser):
         page
     )
     assert text_of(page, "#seed-used") == str(second) and text_of(page, "#seed") == str(second)
+    # ...which the Seed box holds but does not show while Random is on: it is not the next run's
+    assert (
+        page.evaluate("getComputedStyle(document.querySelector('#seed input')).color") == "rgba(0, 0, 0, 0)"
+    )
     assert f"seed {second}" in page.inner_text("#run-status")
     video = page.locator("#result-video video")
     assert video.get_attribute("src").endswith(".mp4") and page.locator("#download-mp4").is_enabled()
@@ -234,7 +242,7 @@ def test_cancel_says_where_it_stopped_clears_the_stale_clip_and_unlocks(server, 
         assert page.locator("#cancel").is_enabled()
         buttons, status = (page.locator(s).bounding_box() for s in ("#run-buttons", "#run-status"))
         assert 0 <= status["y"] - (buttons["y"] + buttons["height"]) < 40  # right under the buttons
-        assert page.locator("#result-video :text('Denoising')").count()  # and over the video
+        assert not page.locator("#result-video :text('Denoising')").count()  # and not over the video
         screenshot(page, "app-running.png", full_page=False)
         clicked = time.monotonic()
         page.locator("#cancel").click()
@@ -281,9 +289,10 @@ def test_two_visitors_each_see_only_their_own_clips_and_a_waiting_job_shows_its_
         page.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length === 1")
     assert seeds(desk) == [100] and seeds(phone) == [200]
 
-    # The phone: the result comes right after the buttons, above the presets; nothing is wider than the screen.
+    # The phone: the presets under the prompt, then the buttons, the result right after them; nothing is wider
+    # than the screen.
     tops = {s: phone.locator(s).bounding_box()["y"] for s in ("#run-buttons", "#result-video", "#presets")}
-    assert tops["#run-buttons"] < tops["#result-video"] < tops["#presets"]
+    assert tops["#presets"] < tops["#run-buttons"] < tops["#result-video"]
     assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     screenshot(phone, "app-phone.png")
 
@@ -348,3 +357,84 @@ def test_start_from_a_video_shows_what_it_uses_and_a_smooth_clip_plays_at_16_fps
     page.locator("#from-video").scroll_into_view_if_needed()
     screenshot(page, "app-video-refused.png", full_page=False)
     assert page.locator("#generate").is_enabled() and page.locator("#gallery .thumbnail-item").count() == 1
+
+
+# -- the first screen and a run, by what is on the screen (issue 22) ----------------------------------------------
+
+FIRST_SCREENS = {"desktop": {"width": 1280, "height": 800}, "phone": PHONE}
+SCREENS = Path(__file__).resolve().parents[1] / "docs" / "screens"  # the README's, with UPDATE_SCREENS=1
+
+
+def pixels(page, selector: str) -> np.ndarray:
+    """What the screen shows inside `selector`'s box (RGB), from a screenshot of the viewport."""
+    from PIL import Image
+
+    box = page.locator(selector).bounding_box()
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+    top, left = max(0, int(box["y"]) + 2), max(0, int(box["x"]) + 2)
+    return shot[top : int(box["y"] + box["height"]) - 2, left : int(box["x"] + box["width"]) - 2]
+
+
+def on_screen(page, selector: str, whole: bool = True) -> bool:
+    box, size = page.locator(selector).first.bounding_box(), page.viewport_size
+    if box is None or box["x"] < 0 or box["x"] + box["width"] > size["width"] + 1:
+        return False
+    return box["y"] >= 0 and (box["y"] + (box["height"] if whole else 40)) <= size["height"]
+
+
+@pytest.mark.parametrize("size", FIRST_SCREENS)
+def test_the_first_screen_a_refusal_and_a_run_with_its_preview_in_view(server, browser, size):
+    url, pipe, _ = server
+    page = visit(browser, url, FIRST_SCREENS[size])
+    time.sleep(0.5)  # the visit's restore has painted
+    screenshot(page, f"first-screen-{size}.png", full_page=False)
+    if os.environ.get("UPDATE_SCREENS"):
+        SCREENS.mkdir(exist_ok=True)
+        page.screenshot(path=SCREENS / f"{size}.png")
+    # 1. Without scrolling: the prompt, a preset, Generate and its progress line; the result beside them on a
+    # desktop, right under them on a phone. Generate is painted (its violet), not only laid out.
+    for selector in ("#prompt", "#presets button", "#generate", "#run-status"):
+        assert on_screen(page, selector), selector
+    assert on_screen(page, "#result-video", whole=size == "desktop")
+    run, result = page.locator("#run-status").bounding_box(), page.locator("#result-video").bounding_box()
+    generate = page.locator("#generate").bounding_box()
+    if size == "desktop":
+        assert result["x"] > generate["x"] + generate["width"] and result["y"] < generate["y"]  # beside
+    else:
+        assert 0 <= result["y"] - (run["y"] + run["height"]) < 30  # right under the buttons' progress
+    violet = pixels(page, "#generate").reshape(-1, 3).mean(0)
+    assert violet[2] > violet[1] + 40, violet  # the primary button's colour, on screen
+    assert "/" not in page.inner_text("#model-status") and "OPENAI" not in page.inner_text("body")  # no paths
+
+    # 4. A refusal shows by the button pressed: a prompt over the limit starts nothing and says why there.
+    page.locator("#prompt textarea").fill("x" * (validation.MAX_PROMPT_CHARS + 1))
+    page.locator("#draft").click()
+    page.locator("#run-status").get_by_text("Not started. The prompt is").wait_for()
+    time.sleep(0.3)  # the prompt box has grown to its most lines: the buttons and the line stay on screen
+    assert on_screen(page, "#run-status"), page.locator("#run-status").bounding_box()
+    assert page.locator("#draft").is_enabled()
+
+    # 2. A run: the preview plays where the result will be, uncovered and on screen; the progress beside it.
+    page.locator("#prompt textarea").fill(IDEA)
+    with slow_steps(pipe, 0.3):
+        page.locator("#draft").click()
+        page.wait_for_selector("#result-video video[src]", timeout=30_000)  # the first preview
+        page.wait_for_function("document.querySelector('#result-video video').readyState >= 2")
+        page.wait_for_selector("#run-status :text('left')")  # "Denoising, about 0:02 left"
+        assert page.inner_text("#generate") == "⏳ Running…" and page.locator("#generate").is_disabled()
+        screenshot(page, f"running-{size}.png", full_page=False)
+        assert on_screen(page, "#result-video video", whole=size == "desktop") and on_screen(
+            page, "#run-status"
+        )
+        assert not page.locator(
+            "#result-video [data-testid='status-tracker']:visible :text('Denoising')"
+        ).count()
+        shown = pixels(page, "#result-video video").reshape(-1, 3).astype(float)
+        assert shown.std(0).mean() > 20, "the preview is not on screen: the box is one colour"
+        assert (shown.min(1) > 235).mean() < 0.2, "the preview is covered (white, as Gradio's overlay)"
+    page.wait_for_function("!document.querySelector('#generate').disabled", timeout=60_000)
+
+    # 5. Picking a clip in the gallery keeps a status line: which clip.
+    page.locator("#gallery .thumbnail-item").first.click()
+    page.locator("#run-status").get_by_text("Your clip:").wait_for()
+    assert CAPTION.match(page.inner_text("#run-status").removeprefix("▶️ Your clip: ").split(". Its")[0])

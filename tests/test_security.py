@@ -256,14 +256,16 @@ def broken(tiny_2b, tmp_path, component, key, value):
     return root
 
 
-def test_a_broken_checkpoint_is_named_in_the_page(tiny_2b, tmp_path):
+def test_a_broken_checkpoint_is_named_in_the_page(tiny_2b, tmp_path, capfd):
     import app
     from webapp import serve
 
     root = broken(tiny_2b, tmp_path, "vae", "scaling_factor", 0)
     args = launch.parse_args(["--model", str(root), "--output-dir", str(tmp_path / "out")])
     pipe, notice = serve.load_pipeline(args)
-    assert pipe is None and f"{root / 'vae' / 'config.json'}: 'scaling_factor' must be positive" in notice
+    # The page names the model by its folder's name, no path; the operator's terminal says which file and why.
+    assert pipe is None and "**The model broken is unavailable" in notice and str(tmp_path) not in notice
+    assert f"{root / 'vae' / 'config.json'}: 'scaling_factor' must be positive" in capfd.readouterr().err
     # Weights that break only when loaded: the first Generate says which file, and the server goes on.
     root = tmp_path / "truncated"
     import shutil
@@ -276,8 +278,11 @@ def test_a_broken_checkpoint_is_named_in_the_page(tiny_2b, tmp_path):
     demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port())
     try:
         client = Client(demo.local_url, verbose=False)
-        with pytest.raises(AppError, match=f"Could not load .*corrupt weights file {weights}"):
+        with pytest.raises(AppError, match=r"Could not load truncated: .*corrupt weights file ") as raised:
             client.predict(**GOOD, api_name="/generate")
+        said = str(raised.value)  # the file by its place in the model, not the server's path
+        assert "transformer/diffusion_pytorch_model.safetensors" in said and str(tmp_path) not in said
+        assert str(weights) in capfd.readouterr().err  # the operator's log: the whole path
         assert httpx.get(demo.local_url).status_code == 200
     finally:
         demo.close()

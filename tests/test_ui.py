@@ -85,9 +85,11 @@ def test_randomize_gives_every_run_a_new_seed_and_a_fixed_seed_stays(demo):
     assert (run, draft, final, cancel) == (False, False, False, True) and locked[5] == ""
     rows, _ = app._load_presets(49)  # a preset is shown with its own seed: Randomize goes off
     assert rows and all(row[-1] is False for row in rows)
-    # Inputs the job would refuse lock nothing: its validator says what is wrong, and no event would unlock.
-    assert start(True, *{**GOOD, "prompt": "  "}.values()) == (SKIP,) * 6
-    assert start("yes", *{**GOOD, "num_frames": 10}.values()) == (SKIP,) * 6
+    # Inputs the job would refuse lock nothing (no event would unlock): what is wrong is said under the buttons.
+    refused = start(True, *{**GOOD, "prompt": "  "}.values())
+    assert refused[:5] == (SKIP,) * 5 and "Not started. The prompt is empty" in refused[5]
+    refused = start("yes", *{**GOOD, "num_frames": 10}.values())
+    assert refused[:5] == (SKIP,) * 5 and "Not started. Frames must be one of 9, 17" in refused[5]
 
 
 def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_until_a_clip(demo, out):
@@ -108,7 +110,8 @@ def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_
         strength,
         speed,
     ) = shown
-    assert views[1] == "1234" and (seed, randomize, current, note) == (1234, False, clip, "")
+    assert views[1] == "1234" and (seed, randomize, current) == (1234, False, clip)
+    assert note == f"▶️ Your clip: {clips.caption(clip)}. Its settings are restored."  # a status line stays
     assert (smooth, strength) == (False, SKIP)  # a text-to-video clip: Strength stays as it is
     assert speed == "Full"  # made without the step cache: Generate makes it again
     assert event(demo, "final_inputs")(clip)[2:] == (1234, 50, 6.0, 9, False, False, SKIP)
@@ -240,9 +243,12 @@ def test_captions_tell_clips_apart():
 
 def test_the_meter_names_the_tokenizer_counts_nothing_as_zero_and_says_a_paste_was_cut(pipe, demo):
     meter = TokenMeter(pipe)
-    assert meter("") == meter(" \n\t") == '<div class="tokens"><b>0</b> / 226 T5 tokens</div>'
-    assert re.fullmatch(r'<div class="tokens"><b>\d+</b> / 226 T5 tokens</div>', meter("a cat"))
-    assert "<b>0</b>" not in meter("a cat")
+    # In plain words, about how many words fit; the exact count as the line's title.
+    empty = '<div class="tokens" title="0 / 226 T5 tokens">about <b>169</b> words left</div>'
+    assert meter("") == meter(" \n\t") == empty  # 226 tokens x 0.75 words
+    assert re.fullmatch(r'<div class="tokens" title="(\d+) / 226 T5 tokens">about <b>\d+</b> words left</div>',
+                        meter("a cat"))  # fmt: skip
+    assert 'title="0 /' not in meter("a cat") and "<b>169</b>" not in meter("a cat")
     over = meter("x" * (MAX_PROMPT_CHARS + 10))
     assert f"{MAX_PROMPT_CHARS + 10} characters: over {MAX_PROMPT_CHARS} characters by 10" in over
     assert "cut" not in over
@@ -390,3 +396,19 @@ def test_the_log_has_our_start_up_lines_and_a_busy_port_is_one_line(tiny_2b, tmp
     ]
     for log in (stdout, stderr, busy.stdout):  # Gradio's banner, which contradicts our options, is off
         assert "share=True" not in log and "GRADIO_SERVER_PORT" not in log and "Traceback" not in log
+
+
+def test_captions_tell_apart_every_setting_that_changes_a_clip(out):
+    """Issue 22: a Full, Faster, Fastest, smooth or video-started clip of one prompt and seed each read differently."""
+    made = [a_clip(out / "c", seed=3), a_clip(out / "c", seed=3, step_cache="quality"),
+            a_clip(out / "c", seed=3, step_cache="fast"), a_clip(out / "c", seed=3, smooth=True),
+            a_clip(out / "c", seed=3, strength=0.6), a_clip(out / "c", seed=3, strength=0.8)]  # fmt: skip
+    texts = [clips.caption(c) for c in made]
+    assert texts[0] == "a fox in the snow · 9 frames · 2 steps · seed 3"  # the defaults add nothing
+    assert texts[1:] == [f"{texts[0]} · {extra}" for extra in
+                         ("Faster", "Fastest", "smooth", "from a video (0.6)", "from a video (0.8)")]  # fmt: skip
+    guided = {
+        **made[0],
+        "settings": {**made[0]["settings"], "guidance_scale": 7.5, "negative_prompt": "blur"},
+    }
+    assert clips.caption(guided) == f"{texts[0]} · guidance 7.5 · not: blur"

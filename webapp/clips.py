@@ -77,7 +77,7 @@ def done_text(clip: dict) -> str:
     s = clip["settings"]
     steps = f"{s['num_inference_steps']} steps"
     if "steps_computed" in s:
-        steps += f" (steps computed {s['steps_computed']} of {s['num_inference_steps']}: step cache {s['step_cache']})"
+        steps += f" ({speed_name(s)}: {s['steps_computed']} of them computed)"
     done = f"✅ Done in {s['time_taken_s']:.1f} s: seed {clip['seed']}, {steps}"
     if isinstance(used := s.get("start_video"), dict):
         done += f", from {used['frames']} frames of your video (strength {s.get('strength')})"
@@ -165,12 +165,36 @@ def expired(clip: dict) -> bool:
     return not Path(clip["mp4"]).is_file()
 
 
+def speed_name(settings: dict) -> str:
+    """The Speed a clip was made at, as the page names it (an API's own step-cache threshold: by its number)."""
+    cache = settings.get("step_cache")
+    named = {"quality": "Faster", "fast": "Fastest"}  # validation.SPEEDS, reversed
+    return "Full" if cache is None else named.get(cache, f"step cache {cache}")
+
+
+def _shorten(text: str, limit: int) -> str:
+    words = " ".join(text.split())
+    return words if len(words) <= limit else words[:limit].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
+
+
 def caption(clip: dict) -> str:
-    """The start of the prompt, then frames, steps and seed: what tells one clip from another."""
+    """The start of the prompt, then frames, steps and seed, then each setting that changed the clip and is not
+    the default (speed, smoothing, a video or image it started from and its strength, guidance, a negative
+    prompt): what tells one clip from another."""
     s = clip["settings"]
-    words = " ".join(s["prompt"].split())
-    start = words if len(words) <= 28 else words[:28].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
-    line = f"{start} · {s['num_frames']} frames · {s['num_inference_steps']} steps · seed {s['seed']}"
+    line = f"{_shorten(s['prompt'], 28)} · {s['num_frames']} frames · {s['num_inference_steps']} steps · seed {s['seed']}"
+    extras = [] if s.get("step_cache") is None else [speed_name(s)]
+    if s.get("smooth") is True:
+        extras.append("smooth")
+    if isinstance(s.get("start_video"), dict) or isinstance(s.get("strength"), float):
+        extras.append(f"from a video ({s.get('strength')})")
+    if s.get("start_image") is not None:
+        extras.append("from an image")
+    if s.get("guidance_scale") not in (None, 6.0):
+        extras.append(f"guidance {s['guidance_scale']:g}")
+    if s.get("negative_prompt"):
+        extras.append(f"not: {_shorten(s['negative_prompt'], 16)}")
+    line = " · ".join([line, *extras])
     return f"⌛ expired · {line}" if expired(clip) else line
 
 

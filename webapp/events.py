@@ -20,11 +20,21 @@ from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from webapp import clips as gallery_store
 from webapp import uploads
 from webapp.clips import MAX_GALLERY, OUTPUT_TTL_S
-from webapp.jobs import Renderer, user_error
+from webapp.jobs import Renderer, display_name, user_error
 from webapp.request import RequestError, named
 from webapp.validation import FIELDS, MAX_PROMPT_CHARS, SPEEDS
 
 CANCEL = "⏹ Cancel"
+# A refused click is said under its button, in the words of the page's labels (each problem: validation.py).
+FIELD_NAMES = {"prompt": "The prompt", "negative_prompt": "The negative prompt", "seed": "The seed",
+               "steps": "Steps", "guidance_scale": "Guidance", "num_frames": "Frames", "speed": "Speed",
+               "strength": "Strength", "smooth": "Smooth", "video": "Your video", "image": "Your image"}  # fmt: skip
+
+
+def refusal(problems: dict) -> str:
+    """The line under the buttons when a click starts nothing: what to change."""
+    said = "; ".join(f"{FIELD_NAMES.get(name, name.capitalize())} {text}" for name, text in problems.items())
+    return f'<span class="refused">⚠️ Not started. {html.escape(said)}.</span>'
 
 
 def pipelines(pipeline) -> list[CogVideoXPipeline]:
@@ -46,9 +56,9 @@ def model_status(pipe, notice: str, parallel=None) -> str:
     if parallel is not None:
         where = f"{parallel.describe(pipe.device)}, {dtype}"
     everywhere = " on each device" if len(pipes) > 1 else " on each process" if parallel is not None else ""
-    state = f"✅ **{pipe.model_id}** is loaded ({where})." if all(p.loaded for p in pipes) else (
-        f"⏳ **{pipe.model_id}** ({where}): the weights load on the first generation{everywhere}, which takes a "
-        "while."
+    name = display_name(pipe.model_id)
+    state = f"✅ **{name}** is loaded ({where})." if all(p.loaded for p in pipes) else (
+        f"⏳ **{name}** ({where}): the model loads at the first video{everywhere}, which takes a while."
     )  # fmt: skip
     return f"{notice}\n\n{state}" if notice else state
 
@@ -84,20 +94,34 @@ class PageEvents:
         errors = self.problems(values)
         return [gr.validate(name not in errors, errors.get(name, "")) for name in values]
 
+    @staticmethod
+    def generate_label(has_model: bool, running: bool) -> dict:
+        """Generate's label and state: off, it says why."""
+        if not has_model:
+            return dict(value="🎬 Generate (no model)", interactive=False)
+        return dict(value="⏳ Running…" if running else "🎬 Generate", interactive=not running)
+
+    @staticmethod
+    def draft_label(has_model: bool, running: bool) -> dict:
+        """Draft: a quick look at fewer steps (the status line says how many); off, it says why."""
+        if not has_model:
+            return dict(value="⚡ Draft (no model)", interactive=False)
+        return dict(value="⚡ Busy" if running else "⚡ Draft", interactive=not running)
+
     def buttons(self, running: bool) -> tuple:
         """Generate, Draft and Render final are off while the session's own job runs or waits; Cancel only then."""
-        can = self.pipe is not None and not running
-        return gr.Button(interactive=can), gr.Button(interactive=can), gr.Button(interactive=not running), (
-            gr.Button(CANCEL, interactive=running))  # fmt: skip
+        has_model = self.pipe is not None
+        return (gr.Button(**self.generate_label(has_model, running)), gr.Button(**self.draft_label(has_model, running)),
+                gr.Button(interactive=not running), gr.Button(CANCEL, interactive=running))  # fmt: skip
 
     def start_run(self, randomize, *inputs):
         # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
-        # lock nothing (its validator then says what is wrong, and no event would unlock them).
+        # lock nothing (no event would unlock them): what is wrong is said under the buttons, and by the fields.
         values = named(inputs)
         if randomize is True:
             values["seed"] = secrets.randbelow(MAX_SEED)
-        if self.problems(values):
-            return (gr.skip(),) * 6
+        if problems := self.problems(values):
+            return *(gr.skip(),) * 5, refusal(problems)
         return values["seed"] if randomize is True else gr.skip(), *self.buttons(running=True), ""
 
     def final_inputs(self, clip):
@@ -133,7 +157,8 @@ class PageEvents:
         inputs = [clip["settings"][k] for k in gallery_store.SETTINGS]
         # Said by the buttons (an unqueued event cannot show a toast): why there is no video, and what to do.
         note = (f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
-                "restored: Generate renders it again." if gallery_store.expired(clip) else "")  # fmt: skip
+                "restored: Generate renders it again." if gallery_store.expired(clip) else
+                f"▶️ Your clip: {html.escape(gallery_store.caption(clip))}. Its settings are restored.")  # fmt: skip
         return (*gallery_store.views(clip, self.full_steps), *inputs, False, clip, note, *kept_options(clip),
                 speed_of(clip))  # fmt: skip
 
@@ -181,7 +206,7 @@ class PageEvents:
         """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
         enhancer = self.enhancer
         if enhancer is None or not enhancer.available:
-            raise user_error(enhancer.unavailable_reason if enhancer else "No prompt enhancer is configured.")
+            raise user_error("The prompt enhancer is off on this server.")  # why: in the operator's terminal
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             raise user_error(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters")
         # Gradio renders a gr.Error's message as HTML (links and images survive its sanitiser), and these messages

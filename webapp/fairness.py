@@ -6,7 +6,7 @@ What Gradio leaves open on a public Space:
   fill it and every other visitor is told "Queue is full". Here each browser session may have one job of each kind
   waiting or running (one clip, one GIF, one read upload, one enhanced prompt), and each client address a few
   (QUEUE_PER_ADDRESS); more is refused at once with a plain message. A job whose session opens no stream to hear
-  it within QUEUE_LISTEN_S is dropped (a running one stops at its next step, jobs.ABANDONED_S later).
+  it within QUEUE_LISTEN_S is dropped (a running one stops at its next step).
 - it keeps every session's state (~100 kB of component configs each, made for deep links) until 10,000 sessions:
   a client calling cheap events with fresh session ids grows the server by gigabytes. Here each address keeps at
   most SESSIONS_PER_ADDRESS sessions that no open page holds (API calls, closed tabs); older ones are forgotten.

@@ -52,12 +52,14 @@ ZERO_GPU_OOM_ADVICE = (  # the Space's owner chose the memory mode; a visitor ca
 STAGES = {"loading model": ("Loading the model", 0.0), "encoding text": ("Encoding the prompt", 0.0),
           "decoding": ("Decoding the frames", 1.0)}  # fmt: skip
 # The Cancel button stops its session's job at the next step. A cancel from elsewhere (gradio_client) or a
-# closed tab is seen another way: a running job yields every HEARTBEAT_S and Gradio resumes it right after
-# each yield until the request is cancelled or its client goes. Gradio does not reliably close the
-# generator, so a job not resumed for ABANDONED_S stops. ZeroGPU runs the job in a forked process that
-# cannot see these signals: there a job runs to its end, and the page says so.
+# closed tab is seen another way: Gradio's queue drops the job's event from its running jobs (a cancel) or
+# marks it not alive (its client's stream closed), and the job stops at its next step (gradio_event). Only
+# that: how long Gradio takes to resume the job after a yield is no sign (under load, or while it copies a
+# preview, it took over 2 s, and a visitor lost a job no one cancelled). A job run outside Gradio's queue
+# yields every HEARTBEAT_S and stops if not resumed for ABANDONED_S. ZeroGPU runs the job in a forked process
+# that cannot see these signals: there a job runs to its end, and the page says so.
 HEARTBEAT_S = 0.5
-ABANDONED_S = 4 * HEARTBEAT_S
+ABANDONED_S = float(os.environ.get("ABANDONED_S", 30))
 CANCEL_WAIT_S = float(os.environ.get("CANCEL_WAIT_S", 60))  # Cancel's wait for the job's step to end
 STOP_AFTER_S = 2.0  # --parallel, a process failed mid-run: the page gets the message, then the server stops
 
@@ -65,6 +67,12 @@ PIPELINE: CogVideoXPipeline | None = None  # ZeroGPU: the app's pipeline, loaded
 # Any gr.Progress reports to the current request's bar (its context says which); in ZeroGPU's worker, spaces
 # sends the updates to the main process's queue.
 _progress = gr.Progress()
+
+
+def display_name(model_id: str) -> str:
+    """The model as a visitor may see it: a Hub id as it is, a folder of the server's by its name alone."""
+    path = Path(model_id)
+    return path.name if path.is_absolute() or path.exists() else model_id
 
 
 def user_error(message: str, title: str = "Error") -> gr.Error:
@@ -87,6 +95,14 @@ def known_error(error: Exception) -> gr.Error | None:
     return None
 
 
+def load_error(pipe: CogVideoXPipeline, error: Exception) -> gr.Error:
+    """Weights that would not load: the whole message in the server's log, the page's without the server's folder
+    (the model by its name, a file by its place in the model)."""
+    print(f"error: could not load {pipe.model_id}: {error}", file=sys.stderr, flush=True)
+    said = str(error).replace(f"{pipe.root}{os.sep}", "").replace(str(pipe.root), "the model's folder")
+    return user_error(f"Could not load {display_name(pipe.model_id)}: {said}", title="Model unavailable")
+
+
 def progress_reporters(steps: int, progress, wanted=lambda: True):
     """The pipeline's (on_stage, on_step) callbacks, reporting to `progress`; a step stops the run unless wanted()."""
     denoise_start = [0.0]
@@ -107,6 +123,27 @@ def progress_reporters(steps: int, progress, wanted=lambda: True):
         return True
 
     return on_stage, on_step
+
+
+def gradio_event():
+    """For a job Gradio's queue runs (its event in this context): a function saying whether the queue still runs
+    it, i.e. it was neither cancelled (which takes it out of the queue's active jobs) nor left by its client
+    (which marks it not alive). None outside the queue (a direct call)."""
+    from gradio.context import LocalContext
+
+    queue = getattr(LocalContext.blocks.get(None), "_queue", None)
+    event_id = LocalContext.event_id.get(None)
+    if queue is None or event_id is None:
+        return None
+
+    def find():
+        jobs = list(queue.active_jobs)  # read from the job's thread: a copy, as the queue's loop changes it
+        return next((e for events in jobs if events for e in events if e._id == event_id), None)
+
+    event = find()
+    if event is None:
+        return None
+    return lambda: event.alive and find() is event
 
 
 def gpu_seconds(pipe: CogVideoXPipeline | None, settings: dict) -> int:
@@ -219,9 +256,14 @@ class Renderer:
         # The worker stops at its next step, leaving the GPU to the next job, once the request is gone.
         pulled, latest = [time.monotonic()], []
         run = self.running[session] = Run()
+        served = gradio_event()
 
         def wanted():
-            return not run.cancel.is_set() and (ZERO_GPU or time.monotonic() - pulled[0] < ABANDONED_S)
+            if run.cancel.is_set():
+                return False
+            if ZERO_GPU:
+                return True
+            return served() if served is not None else time.monotonic() - pulled[0] < ABANDONED_S
 
         def report(*args, **kw):
             latest[:] = args, kw
@@ -330,8 +372,7 @@ class Renderer:
                 try:
                     pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
                 except (OSError, ValueError) as e:
-                    message = f"Could not load {pipe.model_id}: {e}"
-                    raise user_error(message, title="Model unavailable") from e
+                    raise load_error(pipe, e) from e
             on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
             # The preview: the predicted clean video about ten times in the run (ZeroGPU's forked worker cannot
             # stream it back, so there is none there).

@@ -4,6 +4,7 @@ server's launch and the lines the log shows once the page is up. app.py's `main`
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -14,6 +15,7 @@ from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import CogVideoXPipeline
 from webapp import ZERO_GPU
 from webapp.events import pipelines
+from webapp.jobs import display_name
 from webapp.launch import guard_origins, launch_options
 
 TINY_NOTICE = (
@@ -31,11 +33,10 @@ def open_pipeline(args: argparse.Namespace, device=None) -> tuple[CogVideoXPipel
         if (memory_mode or "resident") != "resident" or compile:
             print("ZeroGPU: --memory-mode resident, without --compile")
         memory_mode, compile = "resident", False
-    if model == "tiny-random":
-        from cogvideox.testing import tiny_random_checkpoint
-
-        # The CLI's copy, written once (atomically) in the temp dir: outside the served output folder.
-        model, notice = tiny_random_checkpoint(), TINY_NOTICE
+    if (
+        model == "tiny-random"
+    ):  # from_pretrained writes it once (atomically) in the temp dir, outside the outputs
+        notice = TINY_NOTICE
     pipe = CogVideoXPipeline.from_pretrained(
         model, device=device or args.device, dtype=args.dtype, memory_mode=memory_mode, compile=compile
     )
@@ -55,9 +56,12 @@ def load_pipeline(args: argparse.Namespace, device=None) -> tuple[CogVideoXPipel
     try:
         return open_pipeline(args, device)
     except Exception as e:  # offline, no such repo, a broken folder: the page must still come up and say so
+        # The why and what to do, for the operator; the page names the model only (no path, no setup).
+        print(f"error: the model {args.model} is unavailable: {e}\n  check the path or your Hub access, or run "
+              "`python app.py --model tiny-random` to try the app offline", file=sys.stderr, flush=True)  # fmt: skip
         return None, (
-            f"⚠️ **The model {args.model} is unavailable**: {e}\n\nThe page works but cannot render. Check "
-            "the path or your Hub access, or run `python app.py --model tiny-random` to try the app offline."
+            f"⚠️ **The model {display_name(str(args.model))} is unavailable on this server**: the page works but "
+            "cannot make videos."
         )
 
 

@@ -14,7 +14,6 @@ import threading
 
 import numpy as np
 
-from cogvideox.cache import PRESETS
 from cogvideox.config import RELEASE_DEFAULTS
 from cogvideox.pipeline import MAX_SEED
 from cogvideox.sampling import DEFAULT_STRENGTH, steps_to_run
@@ -30,10 +29,11 @@ MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
 MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
 MIN_STRENGTH = 0.05  # of a video to start from: lower keeps more of it
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
-# Speed: the pipeline's step cache (TeaCache), which skips transformer steps whose input barely changed. Its speed-up
-# is not measured yet, so the labels name the cache's threshold, not a factor.
+# Speed: the pipeline's step cache (TeaCache), which skips transformer steps whose input barely changed. The page
+# says it in plain words; the cache's threshold is in a clip's settings (Details).
 SPEEDS = {"Full": None, "Faster": "quality", "Fastest": "fast"}
-SPEED_CHOICES = [("Full", "Full")] + [(f"{k} (step cache {PRESETS[v]:g})", k) for k, v in SPEEDS.items() if v]
+SPEED_CHOICES = [(k, k) for k in SPEEDS]
+WORDS_PER_TOKEN = 0.75  # English, for T5: the meter's estimate until the prompt itself says
 FULL = "Full"
 METER_SLOTS = 2  # token meters computing at once; a flood of prompt edits gets skipped, not queued
 
@@ -124,8 +124,15 @@ def tokenizer_name(pipe) -> str:
     return name if name not in ("", "NoneType") else "text"
 
 
+def words_left(prompt: str, used: int, max_tokens: int) -> int:
+    """About how many more words fit, at the prompt's own words per token (the closing </s> is not a word's)."""
+    words = len(prompt.split())
+    ratio = words / (used - 1) if words and used > 1 else WORDS_PER_TOKEN
+    return max(0, int((max_tokens - used) * ratio))
+
+
 class TokenMeter:
-    """The "n / 226 T5 tokens" line under the prompt. Tokenizes only text within the prompt limit, and at most
+    """The "about n words left" line under the prompt (its exact "n / 226 T5 tokens" as the line's title). Tokenizes only text within the prompt limit, and at most
     METER_SLOTS at once: a call that finds no free slot returns None (the page keeps its last line)."""
 
     def __init__(self, pipe, slots: int = METER_SLOTS):
@@ -147,10 +154,12 @@ class TokenMeter:
         finally:
             self._slots.release()
         used = 0 if is_blank(prompt) else count.n_tokens  # the tokenizer's closing </s> alone is no prompt
-        text = f"<b>{used}</b> / {count.max_tokens} {html.escape(self.name)} tokens"
+        exact = f'title="{used} / {count.max_tokens} {html.escape(self.name)} tokens"'
         if not count.dropped_tokens:
-            return f'<div class="tokens">{text}</div>'
+            left = words_left(prompt, used, count.max_tokens)
+            return f'<div class="tokens" {exact}>about <b>{left}</b> word{"s" * (left != 1)} left</div>'
+        dropped = html.escape(textwrap.shorten(count.dropped_text, 400, placeholder=" …"))
         return (
-            f'<div class="tokens over">⚠️ {text}: the last {count.dropped_tokens} are cut off: '
-            f"<s>{html.escape(textwrap.shorten(count.dropped_text, 400, placeholder=' …'))}</s></div>"
+            f'<div class="tokens over" {exact}>⚠️ Too long: the model does not read the end '
+            f"({count.dropped_tokens} tokens), struck out here: <s>{dropped}</s></div>"
         )
