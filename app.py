@@ -20,8 +20,10 @@ try:  # started with an interpreter that lacks the requirements (the system's py
 except ModuleNotFoundError as e:
     if __name__ != "__main__":
         raise
-    sys.exit(f"error: {e.name} is not installed for {sys.executable}: start the app with `make demo` "
-             "(MODEL=tiny-random to try it offline) or `.venv/bin/python app.py`")  # fmt: skip
+    sys.exit(
+        f"error: {e.name} is not installed for {sys.executable}: start the app with `make demo` "
+        "(MODEL=tiny-random to try it offline) or `.venv/bin/python app.py`"
+    )
 
 # isort: split
 import hashlib
@@ -70,8 +72,12 @@ ZERO_GPU_CANCEL_NOTE = (
 )
 
 # System fonts: the page makes no request to a font CDN.
-THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo", font=["ui-sans-serif", "system-ui",
-                       "sans-serif"], font_mono=["ui-monospace", "monospace"])  # fmt: skip
+THEME = gr.themes.Soft(
+    primary_hue="violet",
+    secondary_hue="indigo",
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "monospace"],
+)
 IDLE = '<span class="idle">Progress, time left and your place in the queue show here.</span>'
 STOPPING_JS = "() => ({__type__: 'update', value: '⏹ Stopping…', interactive: false})"
 MAKING_GIF_JS = "() => ({__type__: 'update', value: '🎞️ Making…', interactive: false})"
@@ -156,14 +162,7 @@ def create_demo(
     with gr.Blocks(
         title="CogVideoX", analytics_enabled=False, delete_cache=(max(60, OUTPUT_TTL_S // 4), OUTPUT_TTL_S)
     ) as demo:
-        fps = d["fps"]
-        logo = (ASSETS / "logo.svg").read_text() if (ASSETS / "logo.svg").is_file() else ""
-        kind = "Image" if pipe is not None and pipe.needs_image else "Text"
-        gr.HTML(
-            f'<div id="masthead">{logo}<h1>CogVideoX</h1><p>{kind} to video: {d["num_frames"] / fps:.0f}-second '
-            f"clips, {d['width']}×{d['height']} at {fps} fps.</p></div>",
-            elem_id="masthead-wrap",
-        )
+        _masthead(pipe, d)
         c = SimpleNamespace(status=gr.Markdown(events.status(), elem_id="model-status"))
         # The first screen, at any width: the prompt, the presets, the buttons and their progress, the result (the
         # preview plays there). Code order is not screen order: style.css places each column in main-row's grid
@@ -180,8 +179,12 @@ def create_demo(
             with gr.Column(scale=5, elem_id="presets"):
                 rows, labels = _load_presets(pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames)
                 if rows:
-                    gr.Examples(rows, [c.prompt, c.seed, c.steps, c.guidance, c.frames, c.randomize],
-                                label="Try one", example_labels=labels)  # fmt: skip
+                    gr.Examples(
+                        rows,
+                        [c.prompt, c.seed, c.steps, c.guidance, c.frames, c.randomize],
+                        label="Try one",
+                        example_labels=labels,
+                    )
         c.clips, c.current, c.last_clip, c.enhanced = (
             gr.State([]),
             gr.State(None),
@@ -192,9 +195,25 @@ def create_demo(
         c.saved_prompt = gr.BrowserState({"prompt": ""}, **_storage(output_dir, "prompt"))
         _connect_runs(c, events, renderer, concurrency=max(1, len(pipes)))  # a job per device at once
         _connect_views(c, events, TokenMeter(pipe))
-        demo.load(events.restore, [c.saved_clips, c.saved_prompt],
-                  [c.status, c.seed, c.gallery, c.clips, c.saved_clips, c.prompt, c.run_status], **UI)  # fmt: skip
+        demo.load(
+            events.restore,
+            [c.saved_clips, c.saved_prompt],
+            [c.status, c.seed, c.gallery, c.clips, c.saved_clips, c.prompt, c.run_status],
+            **UI,
+        )
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)
+
+
+def _masthead(pipe, d: dict) -> None:
+    """What the model makes, in a line: "Text to video: 6-second clips, 720×480 at 8 fps."."""
+    fps = d["fps"]
+    logo = (ASSETS / "logo.svg").read_text() if (ASSETS / "logo.svg").is_file() else ""
+    kind = "Image" if pipe is not None and pipe.needs_image else "Text"
+    gr.HTML(
+        f'<div id="masthead">{logo}<h1>CogVideoX</h1><p>{kind} to video: {d["num_frames"] / fps:.0f}-second '
+        f"clips, {d['width']}×{d['height']} at {fps} fps.</p></div>",
+        elem_id="masthead-wrap",
+    )
 
 
 def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
@@ -207,8 +226,14 @@ def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
     with gr.Row(equal_height=True, elem_id="prompt-tools"):
         c.tokens = gr.HTML(_token_html(pipe, ""), elem_id="token-count")
         can_enhance = bool(enhancer and enhancer.available)
-        c.enhance_btn = gr.Button("✨ Enhance prompt" if can_enhance else "✨ Enhance (off here)", size="sm",
-                                  interactive=can_enhance, elem_id="enhance", scale=0, min_width=150)  # fmt: skip
+        c.enhance_btn = gr.Button(
+            "✨ Enhance prompt" if can_enhance else "✨ Enhance (off here)",
+            size="sm",
+            interactive=can_enhance,
+            elem_id="enhance",
+            scale=0,
+            min_width=150,
+        )
     with gr.Group(visible=False) as c.enhanced_box:
         c.enhanced_note = gr.Markdown()
         c.original = gr.Textbox(show_label=False, interactive=False, lines=2)
@@ -218,16 +243,27 @@ def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
 def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
     """Speed, smoothing, the seed, a file to start from, and the technical settings (closed)."""
     fps, max_frames = d["fps"], pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames
-    c.speed = gr.Radio(SPEED_CHOICES, value=FULL, label="Speed", elem_id="speed",
-                       info="Faster and Fastest skip steps that change little")  # fmt: skip
-    c.smooth = gr.Checkbox(False, label="Smooth motion", elem_id="smooth",
-                           info="a frame added between each two: as long, smoother")  # fmt: skip
+    c.speed = gr.Radio(
+        SPEED_CHOICES,
+        value=FULL,
+        label="Speed",
+        elem_id="speed",
+        info="Faster and Fastest skip steps that change little",
+    )
+    c.smooth = gr.Checkbox(
+        False,
+        label="Smooth motion",
+        elem_id="smooth",
+        info="a frame added between each two: as long, smoother",
+    )
     with gr.Row(equal_height=True, elem_id="seed-row"):
         # While Random is on, the box's number (the last run's) is hidden (style.css): it is not the next one.
-        c.seed = gr.Number(None, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED - 1, min_width=140,
-                           elem_id="seed")  # fmt: skip
-        c.randomize = gr.Checkbox(True, label="🎲 Random", info="a new seed at every run", min_width=150,
-                                  elem_id="randomize")  # fmt: skip
+        c.seed = gr.Number(
+            None, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED - 1, min_width=140, elem_id="seed"
+        )
+        c.randomize = gr.Checkbox(
+            True, label="🎲 Random", info="a new seed at every run", min_width=150, elem_id="randomize"
+        )
     c.source_video, c.strength, c.source_image, c.source_note = uploads.source_inputs(pipe)
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         c.steps = gr.Slider(1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps")
@@ -236,20 +272,33 @@ def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
         choices = [(f"{n} ({n / fps:.1f} s)", n) for n in frame_counts(max_frames)]
         c.frames = gr.Radio(choices, value=d["num_frames"], label="Frames")
         counts = frame_counts(max_frames)  # not an enum: gradio_client shows one as strings
-        integer_api(c.frames, {"minimum": counts[0], "maximum": counts[-1],
-                               "description": f"8N+1: one of {', '.join(map(str, counts))}"})  # fmt: skip
+        integer_api(
+            c.frames,
+            {
+                "minimum": counts[0],
+                "maximum": counts[-1],
+                "description": f"8N+1: one of {', '.join(map(str, counts))}",
+            },
+        )
         c.negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
 
 
 def _run_buttons(c: SimpleNamespace, pipe) -> None:
     """Generate, Draft and Cancel (each says why when it is off: buttons()), and under them the job's status."""
     with gr.Row(elem_id="run-buttons"):
-        c.run_btn = gr.Button(**PageEvents.generate_label(pipe is not None, False), variant="primary", scale=3,
-                              min_width=100, elem_id="generate")  # fmt: skip
-        c.draft_btn = gr.Button(**PageEvents.draft_label(pipe is not None, False), scale=2, min_width=90,
-                                elem_id="draft")  # fmt: skip
-        c.cancel_btn = gr.Button(CANCEL, variant="stop", scale=2, min_width=90, interactive=False,
-                                 elem_id="cancel")  # fmt: skip
+        c.run_btn = gr.Button(
+            **PageEvents.generate_label(pipe is not None, False),
+            variant="primary",
+            scale=3,
+            min_width=100,
+            elem_id="generate",
+        )
+        c.draft_btn = gr.Button(
+            **PageEvents.draft_label(pipe is not None, False), scale=2, min_width=90, elem_id="draft"
+        )
+        c.cancel_btn = gr.Button(
+            CANCEL, variant="stop", scale=2, min_width=90, interactive=False, elem_id="cancel"
+        )
     # Where the visitor looks after a click, beside the result: the job's progress and queue place (never over
     # the preview), a refusal's reason, then how it went.
     c.run_status = gr.Markdown(IDLE, elem_id="run-status")
@@ -271,9 +320,16 @@ def _result_views(c: SimpleNamespace) -> None:
     c.final_btn = gr.Button("🎬 Render final", variant="primary", visible=False, elem_id="final")
     with gr.Accordion("Details: the settings used", open=False, elem_id="details"):
         c.settings = gr.JSON(show_label=False, open=True)
-    c.gallery = gr.Gallery(label="Your clips, newest first (kept in this browser; only you see them)",
-                           columns=3, fit_columns=False, object_fit="cover", height=330, allow_preview=False,
-                           interactive=False, elem_id="gallery")  # fmt: skip
+    c.gallery = gr.Gallery(
+        label="Your clips, newest first (kept in this browser; only you see them)",
+        columns=3,
+        fit_columns=False,
+        object_fit="cover",
+        height=330,
+        allow_preview=False,
+        interactive=False,
+        elem_id="gallery",
+    )
 
 
 def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, concurrency: int) -> None:
@@ -287,13 +343,19 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
     media = [c.source_video, c.strength, c.smooth, *([c.source_image] if c.source_image else [])]
     _document_api(c.source_video, c.strength, c.smooth, c.source_image)
     controls = [c.run_btn, c.draft_btn, c.final_btn, c.cancel_btn]
-    lock = dict(fn=ev.start_run, outputs=[c.seed, *controls, c.run_status], preprocess=False, js=SHOW_STATUS_JS,
-                **UI)  # fmt: skip
+    lock = dict(
+        fn=ev.start_run, outputs=[c.seed, *controls, c.run_status], preprocess=False, js=SHOW_STATUS_JS, **UI
+    )
     job = dict(
-        fn=renderer.generate, inputs=[*fields, c.speed, *media],
-        outputs=[c.video, seed_out, c.settings, c.last_clip], validator=ev.validate, preprocess=False,
-        concurrency_id="gpu", show_progress_on=[c.run_status], concurrency_limit=concurrency,  # not over the preview
-    )  # fmt: skip
+        fn=renderer.generate,
+        inputs=[*fields, c.speed, *media],
+        outputs=[c.video, seed_out, c.settings, c.last_clip],
+        validator=ev.validate,
+        preprocess=False,
+        concurrency_id="gpu",
+        show_progress_on=[c.run_status],
+        concurrency_limit=concurrency,  # not over the preview
+    )
     runs = [
         c.run_btn.click(**lock, inputs=[c.randomize, *fields, c.speed, *media]).success(
             **job, api_name="generate"
@@ -325,21 +387,32 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
     # At once: the click is seen. Then our cancel, which returns once the job has stopped, then Gradio's,
     # which takes a job still waiting out of its queue (in this order: jobs.Renderer.cancel says why).
     c.cancel_btn.click(None, None, c.cancel_btn, js=STOPPING_JS)
-    c.cancel_btn.click(ev.cancel, None, [c.run_status, *c.views, c.current], cancels=runs, show_progress="hidden",
-                       **UI)  # fmt: skip
+    c.cancel_btn.click(
+        ev.cancel, None, [c.run_status, *c.views, c.current], cancels=runs, show_progress="hidden", **UI
+    )
 
 
 def _connect_views(c: SimpleNamespace, ev: PageEvents, meter: TokenMeter) -> None:
     """The gallery, uploads, seeds, the GIF, the token meter, the enhancer and each visit's restore."""
     fields = [c.prompt, c.negative, c.seed, c.steps, c.guidance, c.frames]
-    c.gallery.select(ev.show_clip, c.clips, [*c.views, *fields, c.randomize, c.current, c.run_status, c.smooth,
-                                             c.strength, c.speed], **UI)  # fmt: skip
+    c.gallery.select(
+        ev.show_clip,
+        c.clips,
+        [*c.views, *fields, c.randomize, c.current, c.run_status, c.smooth, c.strength, c.speed],
+        **UI,
+    )
     # A file to start from, once uploaded: what of it will be used (or why it cannot be), before any job. Queued
     # (reading a file is work; and Gradio refuses a malformed file value there as an error, not an HTTP 500).
-    reading = dict(show_progress="minimal", api_visibility="private", concurrency_limit=2,
-                   concurrency_id="read", preprocess=False)  # fmt: skip
-    c.source_video.change(lambda v: ev.show_source(v, "video"), c.source_video, [c.source_note, c.frames],
-                          **reading)  # fmt: skip
+    reading = dict(
+        show_progress="minimal",
+        api_visibility="private",
+        concurrency_limit=2,
+        concurrency_id="read",
+        preprocess=False,
+    )
+    c.source_video.change(
+        lambda v: ev.show_source(v, "video"), c.source_video, [c.source_note, c.frames], **reading
+    )
     if c.source_image is not None:
         c.source_image.change(
             lambda v: ev.show_source(v, "image")[0], c.source_image, c.source_note, **reading
@@ -349,26 +422,46 @@ def _connect_views(c: SimpleNamespace, ev: PageEvents, meter: TokenMeter) -> Non
     c.seed.input(None, None, c.randomize, js="() => false")  # a seed typed in is the one to use
     c.make_gif_btn.click(None, None, c.make_gif_btn, js=MAKING_GIF_JS)  # seconds of work: say so at once
     c.make_gif_btn.click(
-        ev.make_gif, c.current, [c.gif_btn, c.make_gif_btn], concurrency_limit=1, concurrency_id="gif",
-        show_progress="hidden", api_visibility="private",
+        ev.make_gif,
+        c.current,
+        [c.gif_btn, c.make_gif_btn],
+        concurrency_limit=1,
+        concurrency_id="gif",
+        show_progress="hidden",
+        api_visibility="private",
     ).success(None, c.gif_btn, None, js=DOWNLOAD_JS).failure(
         lambda: gr.Button(GIF, interactive=False), None, c.make_gif_btn, **UI
-    )  # fmt: skip
-    c.prompt.change(lambda p: gr.skip() if (line := meter(p)) is None else line, c.prompt, c.tokens,
-                    show_progress="hidden", trigger_mode="always_last", **UI)  # fmt: skip
+    )
+    c.prompt.change(
+        lambda p: gr.skip() if (line := meter(p)) is None else line,
+        c.prompt,
+        c.tokens,
+        show_progress="hidden",
+        trigger_mode="always_last",
+        **UI,
+    )
     c.prompt.change(None, c.prompt, c.saved_prompt, js="(p) => ({prompt: p})")  # kept in this browser
     c.enhance_btn.click(
-        ev.enhance, c.prompt, [c.prompt, c.enhanced], api_name="enhance", preprocess=False,
-        concurrency_limit=1 if ev.local_enhancer else None, concurrency_id="enhance",
-    ).success(ev.show_enhanced, c.enhanced, [c.enhanced_box, c.enhanced_note, c.original], **UI)  # fmt: skip
+        ev.enhance,
+        c.prompt,
+        [c.prompt, c.enhanced],
+        api_name="enhance",
+        preprocess=False,
+        concurrency_limit=1 if ev.local_enhancer else None,
+        concurrency_id="enhance",
+    ).success(ev.show_enhanced, c.enhanced, [c.enhanced_box, c.enhanced_note, c.original], **UI)
     c.undo_btn.click(ev.undo_enhance, c.enhanced, [c.prompt, c.enhanced_box], **UI)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.parallel:  # every rank of torchrun's: rank 0 serves the page, the others its jobs
-        ranks.main(args, open_pipeline, lambda pipe, notice, session: serve(args, [pipe], notice, session),
-                   zero_gpu=webapp.ZERO_GPU)  # fmt: skip
+        ranks.main(
+            args,
+            open_pipeline,
+            lambda pipe, notice, session: serve(args, [pipe], notice, session),
+            zero_gpu=webapp.ZERO_GPU,
+        )
         return
     try:  # a device this machine lacks is the operator's mistake: one line, not a page that cannot render
         devices = pick_devices(args.device, args.devices, zero_gpu=webapp.ZERO_GPU)

@@ -25,8 +25,14 @@ from cogvideox.text import TokenCount
 from cogvideox.video import read_mp4
 from webapp import clips, events, jobs, launch, serve, validation
 
-GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2,
-            guidance_scale=6.0, num_frames=9)  # fmt: skip
+GOOD = dict(
+    prompt="a red fox trots through fresh snow",
+    negative_prompt="",
+    seed=7,
+    steps=2,
+    guidance_scale=6.0,
+    num_frames=9,
+)
 REWRITE = "A red fox with a thick winter coat trots across a snowy meadow at dawn, filmed in a slow pan."
 
 
@@ -210,11 +216,13 @@ def test_a_job_gradio_is_slow_to_resume_is_not_cancelled(server, client, slow_st
 
 @pytest.mark.parametrize(
     "error",
-    [lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-     lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
-     lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")],
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+        lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
     ids=["torch", "cudnn", "cublas"],
-)  # fmt: skip
+)
 def test_out_of_memory_is_a_friendly_error_and_the_next_request_works(server, client, monkeypatch, error):
     pipe = server[1]
     pipe.load()
@@ -370,9 +378,21 @@ def test_asking_for_cuda_without_it_is_one_line_and_no_page(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "app.py", "--model", "tiny-random", "--device", "cuda", "--output-dir", str(tmp_path)],
-        cwd=Path(app.__file__).parent, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "app.py",
+            "--model",
+            "tiny-random",
+            "--device",
+            "cuda",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=Path(app.__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: CUDA is not available on this machine; use --device cpu"
 

@@ -25,8 +25,16 @@ from webapp import launch, serve, validation
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 DESKTOP, PHONE = {"width": 1280, "height": 1000}, {"width": 390, "height": 844}
 IDEA = "a red fox in the snow"
@@ -46,8 +54,13 @@ def server(tiny_2b, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(**launch.launch_options(launch.parse_args(["--port", str(port), "--output-dir", str(out)]), app.THEME),
-                prevent_thread_lock=True, quiet=True)  # fmt: skip
+    demo.launch(
+        **launch.launch_options(
+            launch.parse_args(["--port", str(port), "--output-dir", str(out)]), app.THEME
+        ),
+        prevent_thread_lock=True,
+        quiet=True,
+    )
     try:
         yield demo.local_url, pipe, out
     finally:
@@ -118,8 +131,9 @@ def set_steps(page, steps: int) -> None:
     for _ in range(3):
         set_value(page, "#steps input[type=number]", steps)
         try:
-            page.wait_for_function(f"document.querySelector('#steps input[type=range]').value === '{steps}'",
-                                   timeout=2000)  # fmt: skip
+            page.wait_for_function(
+                f"document.querySelector('#steps input[type=range]').value === '{steps}'", timeout=2000
+            )
             return
         except Exception:  # a box filled as the accordion opened: fill it again
             continue

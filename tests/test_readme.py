@@ -154,8 +154,14 @@ def quick_start_app():
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", 7860)) == 0:
                 pytest.skip("port 7860, the quick start's, is in use by another program")
-        proc = subprocess.Popen([sys.executable, "app.py", "--model", "tiny-random"], cwd=ROOT, env=outside_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--model", "tiny-random"],
+            cwd=ROOT,
+            env=outside_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             for line in proc.stdout:  # the app's first line says it is up
                 if line.startswith("CogVideoX demo:"):

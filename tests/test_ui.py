@@ -29,8 +29,14 @@ from webapp import clips, jobs, launch, serve
 from webapp.validation import MAX_PROMPT_CHARS, PROMPT_BOX_CHARS, TokenMeter
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2, guidance_scale=6.0,
-            num_frames=9)  # fmt: skip
+GOOD = dict(
+    prompt="a red fox trots through fresh snow",
+    negative_prompt="",
+    seed=7,
+    steps=2,
+    guidance_scale=6.0,
+    num_frames=9,
+)
 SKIP = gr.skip()
 
 
@@ -62,9 +68,17 @@ def asked(update) -> dict:
 def a_clip(folder: Path, prompt: str = "a fox in the snow", seed: int = 5, steps: int = 2, **options) -> dict:
     """A clip as a job saves it: MP4 and sidecar. options: smooth, strength (a video-to-video clip's), step_cache."""
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"prompt": prompt, "negative_prompt": "", "seed": seed, "num_inference_steps": steps,
-                "guidance_scale": 6.0, "num_frames": 9, "fps": 8, "strength": options.get("strength"),
-                "step_cache": options.get("step_cache")}  # fmt: skip
+    settings = {
+        "prompt": prompt,
+        "negative_prompt": "",
+        "seed": seed,
+        "num_inference_steps": steps,
+        "guidance_scale": 6.0,
+        "num_frames": 9,
+        "fps": 8,
+        "strength": options.get("strength"),
+        "step_cache": options.get("step_cache"),
+    }
     frames = np.random.default_rng(seed).integers(0, 256, (9, 64, 96, 3), dtype=np.uint8)
     result = SimpleNamespace(frames=frames, fps=8, settings=settings, timings={"total": 1.0})
     return clips.save_clip(result, folder, time.perf_counter(), smooth=options.get("smooth", False))
@@ -142,11 +156,21 @@ def test_a_tampered_gallery_from_the_browser_keeps_only_our_clips(pipe, out, tmp
     (out / "notes.html").write_text("<script>alert(1)</script>")
     secret = tmp_path / "secret.mp4"
     secret.write_bytes(b"not ours")
-    expired = {"name": "20200101-000000-0123456789abcdef.mp4", "prompt": "a kite", "negative_prompt": "",
-               "seed": 5, "num_inference_steps": 2, "guidance_scale": 6.0, "num_frames": 9}  # fmt: skip
+    expired = {
+        "name": "20200101-000000-0123456789abcdef.mp4",
+        "prompt": "a kite",
+        "negative_prompt": "",
+        "seed": 5,
+        "num_inference_steps": 2,
+        "guidance_scale": 6.0,
+        "num_frames": 9,
+    }
     saved = [
         {**clips.browser_copy([ours])[0], "prompt": "tampered", "mp4": "/etc/passwd"},  # the sidecar wins
-        {"name": "../secret.mp4"}, {"name": str(secret)}, {"name": "/etc/passwd"}, {"name": "notes.html"},
+        {"name": "../secret.mp4"},
+        {"name": str(secret)},
+        {"name": "/etc/passwd"},
+        {"name": "notes.html"},
         {**expired, "name": "20200101-000000-0123456789abcdef.json"},  # not a video
         expired,  # files gone: kept with its settings, checked as a request's
         {**expired, "name": "20200101-000000-0123456789abcdee.mp4", "seed": -1},  # no seed to restore
@@ -155,8 +179,11 @@ def test_a_tampered_gallery_from_the_browser_keeps_only_our_clips(pipe, out, tmp
         {**expired, "name": "20200101-000000-0123456789abcdeb.mp4", "num_frames": 10},
         {**expired, "name": "20200101-000000-0123456789abcdea.mp4", "num_inference_steps": "2"},
         clips.browser_copy([ours])[0],  # a repeat
-        "x", None, 5, [ours["name"]],
-    ]  # fmt: skip
+        "x",
+        None,
+        5,
+        [ours["name"]],
+    ]
     restored = clips.restore(saved, out, pipe)
     assert [c["name"] for c in restored] == [ours["name"], expired["name"]]
     assert all(Path(c["mp4"]).parent == out and Path(c["gif"]).parent == out for c in restored)
@@ -173,8 +200,11 @@ def test_a_tampered_gallery_from_the_browser_keeps_only_our_clips(pipe, out, tmp
 
 def test_the_page_restores_a_checked_gallery_and_prompt_at_each_visit(demo, out):
     ours = a_clip(out)
-    saved = [{"name": "20200101-000000-0123456789abcdef.mp4", **{k: ours["settings"][k] for k in clips.SETTINGS}},
-             {"name": "../../etc/passwd.mp4"}, clips.browser_copy([ours])[0]]  # fmt: skip
+    saved = [
+        {"name": "20200101-000000-0123456789abcdef.mp4", **{k: ours["settings"][k] for k in clips.SETTINGS}},
+        {"name": "../../etc/passwd.mp4"},
+        clips.browser_copy([ours])[0],
+    ]
     _, seed, gallery, kept, copy, prompt, note = event(demo, "restore")(saved, {"prompt": "a calm lake"})
     assert [c["name"] for c in kept] == ["20200101-000000-0123456789abcdef.mp4", ours["name"]]
     assert [e["name"] for e in copy] == [
@@ -192,8 +222,14 @@ def test_the_page_restores_a_checked_gallery_and_prompt_at_each_visit(demo, out)
 
 def test_the_browser_keeps_the_newest_clips_within_its_byte_budget(out):
     clip = a_clip(out)
-    long = {**clip, "settings": {**clip["settings"], "prompt": "雪" * MAX_PROMPT_CHARS,
-                                 "negative_prompt": "霧" * MAX_PROMPT_CHARS}}  # fmt: skip
+    long = {
+        **clip,
+        "settings": {
+            **clip["settings"],
+            "prompt": "雪" * MAX_PROMPT_CHARS,
+            "negative_prompt": "霧" * MAX_PROMPT_CHARS,
+        },
+    }
     many = [{**long, "name": f"20240101-000000-{i:016x}.mp4"} for i in range(clips.MAX_GALLERY)]
     copy = clips.browser_copy(many)
     assert 0 < len(copy) < len(many) and copy[0]["name"] == many[0]["name"]
@@ -232,8 +268,15 @@ def test_a_smooth_clip_says_so_and_the_browser_keeps_it_smooth(pipe, out):
 
 
 def test_captions_tell_clips_apart():
-    clip = {"mp4": "/nowhere/x.mp4", "settings": {"prompt": "  A  red fox trots through fresh snow at dawn, slowly",
-            "num_frames": 49, "num_inference_steps": 50, "seed": 42}}  # fmt: skip
+    clip = {
+        "mp4": "/nowhere/x.mp4",
+        "settings": {
+            "prompt": "  A  red fox trots through fresh snow at dawn, slowly",
+            "num_frames": 49,
+            "num_inference_steps": 50,
+            "seed": 42,
+        },
+    }
     text = clips.caption(clip)
     assert text == "⌛ expired · A red fox trots through… · 49 frames · 50 steps · seed 42"
 
@@ -246,8 +289,9 @@ def test_the_meter_names_the_tokenizer_counts_nothing_as_zero_and_says_a_paste_w
     # In plain words, about how many words fit; the exact count as the line's title.
     empty = '<div class="tokens" title="0 / 226 T5 tokens">about <b>169</b> words left</div>'
     assert meter("") == meter(" \n\t") == empty  # 226 tokens x 0.75 words
-    assert re.fullmatch(r'<div class="tokens" title="(\d+) / 226 T5 tokens">about <b>\d+</b> words left</div>',
-                        meter("a cat"))  # fmt: skip
+    assert re.fullmatch(
+        r'<div class="tokens" title="(\d+) / 226 T5 tokens">about <b>\d+</b> words left</div>', meter("a cat")
+    )
     assert 'title="0 /' not in meter("a cat") and "<b>169</b>" not in meter("a cat")
     over = meter("x" * (MAX_PROMPT_CHARS + 10))
     assert f"{MAX_PROMPT_CHARS + 10} characters: over {MAX_PROMPT_CHARS} characters by 10" in over
@@ -289,8 +333,19 @@ def test_the_gif_is_not_made_with_the_clip_but_on_its_first_request(demo, out, m
 
 
 def test_bench_video_prints_both_times():
-    cmd = [sys.executable, "-m", "benchmarks.bench_video", "--frames", "9", "--height", "64", "--width", "96",
-           "--repeats", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_video",
+        "--frames",
+        "9",
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--repeats",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"frames -> playable MP4 \(96x64x9.*\): median \d+\.\d+ s", proc.stdout)
@@ -318,8 +373,9 @@ def test_cancel_stops_the_sessions_job_and_reports_its_step_and_the_job_ends_wit
     steps = []
     hook = pipe.transformer.register_forward_pre_hook(lambda *_: steps.append(1) or time.sleep(0.05))
     renderer = jobs.Renderer(pipe, out)
-    run = renderer.generate(*{**GOOD, "steps": 100}.values(), SimpleNamespace(session_hash="mine"),
-                            progress=lambda *a, **k: None)  # fmt: skip
+    run = renderer.generate(
+        *{**GOOD, "steps": 100}.values(), SimpleNamespace(session_hash="mine"), progress=lambda *a, **k: None
+    )
     outputs = []
     thread = threading.Thread(target=lambda: outputs.extend(run))
     thread.start()
@@ -400,13 +456,20 @@ def test_the_log_has_our_start_up_lines_and_a_busy_port_is_one_line(tiny_2b, tmp
 
 def test_captions_tell_apart_every_setting_that_changes_a_clip(out):
     """Issue 22: a Full, Faster, Fastest, smooth or video-started clip of one prompt and seed each read differently."""
-    made = [a_clip(out / "c", seed=3), a_clip(out / "c", seed=3, step_cache="quality"),
-            a_clip(out / "c", seed=3, step_cache="fast"), a_clip(out / "c", seed=3, smooth=True),
-            a_clip(out / "c", seed=3, strength=0.6), a_clip(out / "c", seed=3, strength=0.8)]  # fmt: skip
+    made = [
+        a_clip(out / "c", seed=3),
+        a_clip(out / "c", seed=3, step_cache="quality"),
+        a_clip(out / "c", seed=3, step_cache="fast"),
+        a_clip(out / "c", seed=3, smooth=True),
+        a_clip(out / "c", seed=3, strength=0.6),
+        a_clip(out / "c", seed=3, strength=0.8),
+    ]
     texts = [clips.caption(c) for c in made]
     assert texts[0] == "a fox in the snow · 9 frames · 2 steps · seed 3"  # the defaults add nothing
-    assert texts[1:] == [f"{texts[0]} · {extra}" for extra in
-                         ("Faster", "Fastest", "smooth", "from a video (0.6)", "from a video (0.8)")]  # fmt: skip
+    assert texts[1:] == [
+        f"{texts[0]} · {extra}"
+        for extra in ("Faster", "Fastest", "smooth", "from a video (0.6)", "from a video (0.8)")
+    ]
     guided = {
         **made[0],
         "settings": {**made[0]["settings"], "guidance_scale": 7.5, "negative_prompt": "blur"},

@@ -29,8 +29,14 @@ from tools import attack
 from webapp import launch, uploads, validation
 from webapp.guard import Guard
 
-TEXT = dict(prompt="a red fox trots through fresh snow", negative_prompt="", seed=7, steps=2, guidance_scale=6.0,
-            num_frames=17)  # fmt: skip
+TEXT = dict(
+    prompt="a red fox trots through fresh snow",
+    negative_prompt="",
+    seed=7,
+    steps=2,
+    guidance_scale=6.0,
+    num_frames=17,
+)
 CAP = 512 << 10  # the upload cap of this file's server: small, so the oversized upload is cheap
 
 
@@ -122,8 +128,9 @@ def test_a_video_starts_the_clip_its_length_sets_the_frames_and_text_only_calls_
         **TEXT, video=handle_file(str(files["mp4"])), strength=1.0, api_name="/generate"
     )
     assert np.abs(read_mp4(stronger).astype(int) - frames.astype(int)).mean() > 1
-    short, _, settings = client.predict(**{**TEXT, "num_frames": 9}, video=handle_file(str(files["mp4"])),
-                                        api_name="/generate")  # fmt: skip
+    short, _, settings = client.predict(
+        **{**TEXT, "num_frames": 9}, video=handle_file(str(files["mp4"])), api_name="/generate"
+    )
     assert read_mp4(short).shape[0] == 9 and settings["start_video"]["frames"] == 9  # fewer asked: its start
 
 
@@ -157,8 +164,21 @@ def test_a_video_whose_metadata_says_it_is_small_is_refused_by_its_real_size(
     spoofed = (
         tmp_path / "small.mp4"
     )  # fox.mp4, 160x120, titled as the line where ffmpeg prints a stream's size
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", files["mp4"], "-c", "copy", "-metadata",
-                    "title=Stream #0:0: Video: h264, 64x48", spoofed], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-i",
+            files["mp4"],
+            "-c",
+            "copy",
+            "-metadata",
+            "title=Stream #0:0: Video: h264, 64x48",
+            spoofed,
+        ],
+        check=True,
+    )
     monkeypatch.setattr(media, "MAX_INPUT_PIXELS", 160 * 120 - 1)
     client = Client(server[0].local_url, verbose=False)
     with pytest.raises(
@@ -204,8 +224,11 @@ def test_smooth_writes_2t_minus_1_frames_at_16_fps_keeping_the_generated_ones(cl
     # frame before or after it, and nearer to each than they are to each other.
     diff = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()  # noqa: E731
     kept = diff(frames[::2], generated)
-    before, after, apart = diff(frames[1::2], generated[:-1]), diff(frames[1::2], generated[1:]), diff(
-        generated[:-1], generated[1:])  # fmt: skip
+    before, after, apart = (
+        diff(frames[1::2], generated[:-1]),
+        diff(frames[1::2], generated[1:]),
+        diff(generated[:-1], generated[1:]),
+    )
     assert kept < 4.5 and kept + 1 < min(before, after) and max(before, after) < apart, (
         kept,
         before,
@@ -244,8 +267,12 @@ def test_an_image_to_video_model_needs_its_image_and_takes_a_png(i2v_server, fil
     with pytest.raises(ValidationError, match="image: is required: this model makes a video from an image"):
         client.predict(**TEXT, api_name="/generate")
     with pytest.raises(ValidationError, match="video: is not used by this model"):
-        client.predict(**TEXT, video=handle_file(str(files["mp4"])), image=handle_file(str(files["png"])),
-                       api_name="/generate")  # fmt: skip
+        client.predict(
+            **TEXT,
+            video=handle_file(str(files["mp4"])),
+            image=handle_file(str(files["png"])),
+            api_name="/generate",
+        )
     video, _, settings = client.predict(**TEXT, image=handle_file(str(files["png"])), api_name="/generate")
     assert read_mp4(video).shape == (17, 64, 96, 3)
     assert (
@@ -259,9 +286,15 @@ def test_an_image_to_video_model_needs_its_image_and_takes_a_png(i2v_server, fil
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("page.html", "text/html"), ("image.svg", "image/svg+xml"), ("x.js", "text/javascript"),
-     ("page.html.", "video/mp4"), ("noext", "video/mp4"), ("dir/../page.htm", "video/mp4")],
-)  # fmt: skip
+    [
+        ("page.html", "text/html"),
+        ("image.svg", "image/svg+xml"),
+        ("x.js", "text/javascript"),
+        ("page.html.", "video/mp4"),
+        ("noext", "video/mp4"),
+        ("dir/../page.htm", "video/mp4"),
+    ],
+)
 def test_only_videos_and_images_are_let_in(server, name, kind):
     demo = server[0]
     before = set(demo.upload_file_set)
@@ -304,8 +337,11 @@ def test_an_upload_over_the_cap_is_refused_at_the_guard_and_other_bodies_keep_th
     assert r.status_code == 413
     assert upload(demo.local_url, "small.mp4", big[: 300 << 10]).status_code == 200  # within the cap: in
     assert [Path(p).name for p in set(demo.upload_file_set) - before] == ["small.mp4"]
-    json_body = httpx.post(demo.local_url + "gradio_api/run/predict", content=b"x" * (300 << 10),
-                           headers={"content-type": "application/json"})  # fmt: skip
+    json_body = httpx.post(
+        demo.local_url + "gradio_api/run/predict",
+        content=b"x" * (300 << 10),
+        headers={"content-type": "application/json"},
+    )
     assert json_body.status_code == 413  # the upload cap is the upload route's only
     raw = httpx.post(
         demo.local_url + "gradio_api/upload", content=b"x" * 100, headers={"content-type": "video/mp4"}

@@ -47,8 +47,13 @@ def clean_outputs(folder: Path, max_age_s: float) -> int:
 
 
 def _clip(mp4: Path, settings: dict) -> dict:
-    return {"name": mp4.name, "mp4": str(mp4), "gif": str(mp4.with_suffix(".gif")), "seed": settings["seed"],
-            "settings": settings}  # fmt: skip
+    return {
+        "name": mp4.name,
+        "mp4": str(mp4),
+        "gif": str(mp4.with_suffix(".gif")),
+        "seed": settings["seed"],
+        "settings": settings,
+    }
 
 
 def save_clip(result, folder: Path, started: float, smooth: bool = False, source=None) -> dict:
@@ -206,9 +211,16 @@ def views(clip: dict | None, full_steps: int) -> tuple:
     """What shows one clip (or none): video, seed used, settings, MP4 download, GIF download, Make-GIF, Reuse
     seed, Render final. Render final is offered for a draft only, and always renders the clip shown."""
     if clip is None:
-        return (None, "", None, gr.DownloadButton(value=None, interactive=False),
-                gr.DownloadButton(value=None, visible=False), gr.Button(GIF, visible=True, interactive=False),
-                gr.Button(interactive=False), gr.Button(visible=False))  # fmt: skip
+        return (
+            None,
+            "",
+            None,
+            gr.DownloadButton(value=None, interactive=False),
+            gr.DownloadButton(value=None, visible=False),
+            gr.Button(GIF, visible=True, interactive=False),
+            gr.Button(interactive=False),
+            gr.Button(visible=False),
+        )
     files = not expired(clip)
     gif = files and Path(clip["gif"]).is_file()
     draft = clip["settings"]["num_inference_steps"] < full_steps

@@ -26,9 +26,19 @@ from webapp.validation import FIELDS, MAX_PROMPT_CHARS, SPEEDS
 
 CANCEL = "⏹ Cancel"
 # A refused click is said under its button, in the words of the page's labels (each problem: validation.py).
-FIELD_NAMES = {"prompt": "The prompt", "negative_prompt": "The negative prompt", "seed": "The seed",
-               "steps": "Steps", "guidance_scale": "Guidance", "num_frames": "Frames", "speed": "Speed",
-               "strength": "Strength", "smooth": "Smooth", "video": "Your video", "image": "Your image"}  # fmt: skip
+FIELD_NAMES = {
+    "prompt": "The prompt",
+    "negative_prompt": "The negative prompt",
+    "seed": "The seed",
+    "steps": "Steps",
+    "guidance_scale": "Guidance",
+    "num_frames": "Frames",
+    "speed": "Speed",
+    "strength": "Strength",
+    "smooth": "Smooth",
+    "video": "Your video",
+    "image": "Your image",
+}
 
 
 def refusal(problems: dict) -> str:
@@ -57,9 +67,13 @@ def model_status(pipe, notice: str, parallel=None) -> str:
         where = f"{parallel.describe(pipe.device)}, {dtype}"
     everywhere = " on each device" if len(pipes) > 1 else " on each process" if parallel is not None else ""
     name = display_name(pipe.model_id)
-    state = f"✅ **{name}** is loaded ({where})." if all(p.loaded for p in pipes) else (
-        f"⏳ **{name}** ({where}): the model loads at the first video{everywhere}, which takes a while."
-    )  # fmt: skip
+    state = (
+        f"✅ **{name}** is loaded ({where})."
+        if all(p.loaded for p in pipes)
+        else (
+            f"⏳ **{name}** ({where}): the model loads at the first video{everywhere}, which takes a while."
+        )
+    )
     return f"{notice}\n\n{state}" if notice else state
 
 
@@ -67,8 +81,15 @@ class PageEvents:
     """The handlers of one page, around its pipelines (none, one, or one per device), job runner and enhancer.
     Gradio names each event after its method (tests look them up by it)."""
 
-    def __init__(self, pipes: list[CogVideoXPipeline], renderer: Renderer, enhancer: PromptEnhancer | None,
-                 output_dir: Path, notice: str, full_steps: int):  # fmt: skip
+    def __init__(
+        self,
+        pipes: list[CogVideoXPipeline],
+        renderer: Renderer,
+        enhancer: PromptEnhancer | None,
+        output_dir: Path,
+        notice: str,
+        full_steps: int,
+    ):
         self.pipes, self.pipe = pipes, (pipes[0] if pipes else None)
         self.renderer, self.enhancer, self.output_dir = renderer, enhancer, output_dir
         self.notice, self.full_steps = notice, full_steps
@@ -111,8 +132,12 @@ class PageEvents:
     def buttons(self, running: bool) -> tuple:
         """Generate, Draft and Render final are off while the session's own job runs or waits; Cancel only then."""
         has_model = self.pipe is not None
-        return (gr.Button(**self.generate_label(has_model, running)), gr.Button(**self.draft_label(has_model, running)),
-                gr.Button(interactive=not running), gr.Button(CANCEL, interactive=running))  # fmt: skip
+        return (
+            gr.Button(**self.generate_label(has_model, running)),
+            gr.Button(**self.draft_label(has_model, running)),
+            gr.Button(interactive=not running),
+            gr.Button(CANCEL, interactive=running),
+        )
 
     def start_run(self, randomize, *inputs):
         # Before the job is queued: a new seed if asked for, and the buttons locked. Inputs the job will refuse
@@ -143,8 +168,16 @@ class PageEvents:
         gallery_view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)  # the new clip is shown
         done = gallery_store.done_text(clip)
         view = gallery_store.views(clip, self.full_steps)
-        return (gallery_view, clips, gallery_store.browser_copy(clips), clip, view[1], *view[3:], self.status(),
-                done)  # fmt: skip
+        return (
+            gallery_view,
+            clips,
+            gallery_store.browser_copy(clips),
+            clip,
+            view[1],
+            *view[3:],
+            self.status(),
+            done,
+        )
 
     def show_clip(self, clips, evt: gr.EventData):
         # The select event's data comes from the client, as anything or nothing: read as gr.EventData (whose
@@ -156,11 +189,21 @@ class PageEvents:
         clip = clips[index]
         inputs = [clip["settings"][k] for k in gallery_store.SETTINGS]
         # Said by the buttons (an unqueued event cannot show a toast): why there is no video, and what to do.
-        note = (f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
-                "restored: Generate renders it again." if gallery_store.expired(clip) else
-                f"▶️ Your clip: {html.escape(gallery_store.caption(clip))}. Its settings are restored.")  # fmt: skip
-        return (*gallery_store.views(clip, self.full_steps), *inputs, False, clip, note, *kept_options(clip),
-                speed_of(clip))  # fmt: skip
+        note = (
+            f"⌛ This clip's files have expired (clips are kept {OUTPUT_TTL_S / 3600:g} h). Its settings are "
+            "restored: Generate renders it again."
+            if gallery_store.expired(clip)
+            else f"▶️ Your clip: {html.escape(gallery_store.caption(clip))}. Its settings are restored."
+        )
+        return (
+            *gallery_store.views(clip, self.full_steps),
+            *inputs,
+            False,
+            clip,
+            note,
+            *kept_options(clip),
+            speed_of(clip),
+        )
 
     def cancel(self, request: gr.Request):
         # Where the job stopped, once it has; the result shown is cleared (it is not what was asked for, and it
@@ -189,8 +232,12 @@ class PageEvents:
         text = saved_prompt.get("prompt") if isinstance(saved_prompt, dict) else None
         text = text if isinstance(text, str) and 0 < len(text) <= MAX_PROMPT_CHARS else gr.skip()
         gone = sum(map(gallery_store.expired, clips))
-        note = (f"⌛ {gone} of your {len(clips)} clips expired (clips are kept {OUTPUT_TTL_S / 3600:g} h): their "
-                "settings are still in the gallery." if gone else gr.skip())  # fmt: skip
+        note = (
+            f"⌛ {gone} of your {len(clips)} clips expired (clips are kept {OUTPUT_TTL_S / 3600:g} h): their "
+            "settings are still in the gallery."
+            if gone
+            else gr.skip()
+        )
         view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)
         return *fresh, view, clips, gallery_store.browser_copy(clips), text, note
 

@@ -49,8 +49,11 @@ ZERO_GPU_OOM_ADVICE = (  # the Space's owner chose the memory mode; a visitor ca
     "The GPU ran out of memory. Try fewer frames or steps. Memory has been freed: you can try again."
 )
 # Progress-bar text and position for each stage the pipeline reports.
-STAGES = {"loading model": ("Loading the model", 0.0), "encoding text": ("Encoding the prompt", 0.0),
-          "decoding": ("Decoding the frames", 1.0)}  # fmt: skip
+STAGES = {
+    "loading model": ("Loading the model", 0.0),
+    "encoding text": ("Encoding the prompt", 0.0),
+    "decoding": ("Decoding the frames", 1.0),
+}
 # The Cancel button stops its session's job at the next step. A cancel from elsewhere (gradio_client) or a
 # closed tab is seen another way: Gradio's queue drops the job's event from its running jobs (a cancel) or
 # marks it not alive (its client's stream closed), and the job stops at its next step (gradio_event). Only
@@ -223,8 +226,13 @@ class Renderer:
     run at once, each on a device of its own. `parallel` (ranks.Session, with one pipeline): each job runs on all
     of torchrun's processes."""
 
-    def __init__(self, pipe: CogVideoXPipeline | Sequence[CogVideoXPipeline] | None, output_dir: Path,
-                 enhancer=None, parallel=None):  # fmt: skip
+    def __init__(
+        self,
+        pipe: CogVideoXPipeline | Sequence[CogVideoXPipeline] | None,
+        output_dir: Path,
+        enhancer=None,
+        parallel=None,
+    ):
         pipes = list(pipe) if isinstance(pipe, Sequence) else [pipe] if pipe is not None else []
         if parallel is not None and len(pipes) > 1:
             raise ValueError(
@@ -377,8 +385,9 @@ class Renderer:
             # The preview: the predicted clean video about ten times in the run (ZeroGPU's forked worker cannot
             # stream it back, so there is none there).
             every = preview_every(kwargs["num_inference_steps"])
-            return pipe(**kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview,
-                        preview_every=every)  # fmt: skip
+            return pipe(
+                **kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview, preview_every=every
+            )
 
     def _render_parallel(
         self, pipe: CogVideoXPipeline, run: Run, kwargs, wanted, progress
@@ -387,18 +396,24 @@ class Renderer:
         on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
         try:
             return self.parallel.run(
-                pipe, kwargs, callback=on_step, on_stage=on_stage, preview=run.on_preview,
+                pipe,
+                kwargs,
+                callback=on_step,
+                on_stage=on_stage,
+                preview=run.on_preview,
                 preview_every=preview_every(kwargs["num_inference_steps"]),
                 load_progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"),
-            )  # fmt: skip
+            )
         except LoadFailed as e:
             raise user_error(str(e), title="Model unavailable") from e
 
     def _stop_all(self) -> gr.Error:
         """A process failed while the processes exchanged activations: the others wait for it in vain, so every one
         stops (this one once the page has the message; torchrun then stops the rest)."""
-        message = (f"{self.parallel.broken}. The processes cannot go on together, so the server stops; start it "
-                   "again (torchrun --max-restarts K does so by itself).")  # fmt: skip
+        message = (
+            f"{self.parallel.broken}. The processes cannot go on together, so the server stops; start it "
+            "again (torchrun --max-restarts K does so by itself)."
+        )
         print(f"error: {message}", file=sys.stderr, flush=True)
         threading.Timer(STOP_AFTER_S, os._exit, args=(1,)).start()
         return user_error(message, title="Server stopping")

@@ -42,7 +42,8 @@ def parse_auth(text: str, source: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
+    """The app's options, each defaulting to its environment variable."""
     env = os.environ.get
     p = argparse.ArgumentParser(description="CogVideoX text-to-video demo. Each option has an env variable.")
     p.add_argument(
@@ -96,6 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile the transformer blocks: a slower first video, faster after",
     )
     p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked: a wrong value, a bad password list or limit is one line and exit 2."""
+    p = _parser()
     args = p.parse_args(argv)
     for name, choices in (
         ("memory_mode", ("resident", "model", "sequential")),
@@ -107,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.auth = _credentials(args)
         # A typo in these is the operator's: said now, in one line.
-        parse_networks(env("COGVIDEOX_TRUSTED_PROXIES", ""))
+        parse_networks(os.environ.get("COGVIDEOX_TRUSTED_PROXIES", ""))
         fairness.settings()
     except ValueError as e:
         p.error(str(e))

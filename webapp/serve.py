@@ -57,8 +57,12 @@ def load_pipeline(args: argparse.Namespace, device=None) -> tuple[CogVideoXPipel
         return open_pipeline(args, device)
     except Exception as e:  # offline, no such repo, a broken folder: the page must still come up and say so
         # The why and what to do, for the operator; the page names the model only (no path, no setup).
-        print(f"error: the model {args.model} is unavailable: {e}\n  check the path or your Hub access, or run "
-              "`python app.py --model tiny-random` to try the app offline", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"error: the model {args.model} is unavailable: {e}\n  check the path or your Hub access, or run "
+            "`python app.py --model tiny-random` to try the app offline",
+            file=sys.stderr,
+            flush=True,
+        )
         return None, (
             f"⚠️ **The model {display_name(str(args.model))} is unavailable on this server**: the page works but "
             "cannot make videos."
@@ -136,8 +140,11 @@ def startup_lines(args: argparse.Namespace, pipe, demo: gr.Blocks, parallel=None
         mode = pipe.offloader.mode
         mode = "picked from free memory at the first generation" if mode == "auto" else mode
         dtype = str(pipe.dtype).removeprefix("torch.")
-        where = f"{pipe.device.type}, {dtype}" if len(pipes) == 1 else (
-            f"{', '.join(str(p.device) for p in pipes)}: a job on each at once; {dtype}")  # fmt: skip
+        where = (
+            f"{pipe.device.type}, {dtype}"
+            if len(pipes) == 1
+            else (f"{', '.join(str(p.device) for p in pipes)}: a job on each at once; {dtype}")
+        )
         if parallel is not None:
             where = f"{parallel.describe(pipe.device)}, {dtype}"
         lines.append(f"  model: {args.model} ({where}); memory mode: {mode}")

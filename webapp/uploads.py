@@ -90,11 +90,16 @@ def upload_path(value, field: str) -> Path | None:
     path = Path(path).resolve()
     suffixes = VIDEO_SUFFIXES if field == "video" else IMAGE_SUFFIXES
     if path.suffix.lower() not in suffixes:
-        raise UploadError(field, f"{_name(value, path)} is not {'a video' if field == 'video' else 'an image'} "
-                                 f"({', '.join(suffixes)})")  # fmt: skip
+        raise UploadError(
+            field,
+            f"{_name(value, path)} is not {'a video' if field == 'video' else 'an image'} "
+            f"({', '.join(suffixes)})",
+        )
     if not path.is_file():
-        raise UploadError(field, f"{_name(value, path)} is gone (uploads are kept {UPLOAD_TTL_S / 60:g} min): "
-                                 "upload it again")  # fmt: skip
+        raise UploadError(
+            field,
+            f"{_name(value, path)} is gone (uploads are kept {UPLOAD_TTL_S / 60:g} min): upload it again",
+        )
     return path
 
 
@@ -220,21 +225,38 @@ def source_inputs(pipe) -> tuple:
     A text-to-video model offers "Start from a video" (the image input is None); an image-to-video model asks
     for its image first (the video inputs exist, hidden, so /generate has the same parameters for every model)."""
     needs_image = bool(pipe and pipe.needs_image)
-    limits = (f"Up to {MAX_UPLOAD_BYTES / 2**20:g} MB and {media.MAX_INPUT_SECONDS:g} s; "
-              f"its first {(pipe.max_frames - 1) / pipe.fps if pipe else 6:g} s are used")  # fmt: skip
+    limits = (
+        f"Up to {MAX_UPLOAD_BYTES / 2**20:g} MB and {media.MAX_INPUT_SECONDS:g} s; "
+        f"its first {(pipe.max_frames - 1) / pipe.fps if pipe else 6:g} s are used"
+    )
     image = None
     if needs_image:
         with gr.Group(elem_id="from-image"):
-            image = gr.Image(label="Start from an image (this model needs one)", type="filepath",
-                             sources=["upload", "clipboard"], height=220, elem_id="source-image")  # fmt: skip
+            image = gr.Image(
+                label="Start from an image (this model needs one)",
+                type="filepath",
+                sources=["upload", "clipboard"],
+                height=220,
+                elem_id="source-image",
+            )
     shown = not needs_image and MAX_UPLOAD_BYTES > 0  # 0: the upload route is closed
     with gr.Accordion("🎞️ Start from a video", open=False, visible=shown, elem_id="from-video"):
-        video = gr.Video(label="Your video (MP4, WebM, MOV, GIF…)", sources=["upload"], height=220,
-                         elem_id="source-video")  # fmt: skip
-        strength = gr.Slider(MIN_STRENGTH, 1.0, DEFAULT_STRENGTH, step=0.05, label="Strength", elem_id="strength",
-                             info="How much to change it: lower keeps more of your video")  # fmt: skip
-        gr.Markdown(f"{limits}, center-cropped to the model's size at {pipe.fps if pipe else 8} fps.",
-                    elem_classes="hint")  # fmt: skip
+        video = gr.Video(
+            label="Your video (MP4, WebM, MOV, GIF…)", sources=["upload"], height=220, elem_id="source-video"
+        )
+        strength = gr.Slider(
+            MIN_STRENGTH,
+            1.0,
+            DEFAULT_STRENGTH,
+            step=0.05,
+            label="Strength",
+            elem_id="strength",
+            info="How much to change it: lower keeps more of your video",
+        )
+        gr.Markdown(
+            f"{limits}, center-cropped to the model's size at {pipe.fps if pipe else 8} fps.",
+            elem_classes="hint",
+        )
     note = gr.Markdown("", elem_classes="hint", elem_id="source-note")
     return video, strength, image, note
 

@@ -56,23 +56,28 @@ def preview_every(steps: int) -> int:
     return max(1, steps // 10)
 
 
-def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num_frames, speed=FULL, video=None,
-                 strength=None, smooth=False, image=None):  # fmt: skip
+def check_inputs(
+    pipe,
+    prompt,
+    negative_prompt,
+    seed,
+    steps,
+    guidance_scale,
+    num_frames,
+    speed=FULL,
+    video=None,
+    strength=None,
+    smooth=False,
+    image=None,
+):
     """Raw request values -> (pipeline kwargs, {field: problem}). `speed` (None: not given) is one of SPEEDS.
 
     Cheap: it runs before a job is queued, and again inside the job. The values only: `video` and `image` (uploads)
     pass through as they are, for uploads.prepare to check and read, with `strength` (None without a video);
     `smooth` is checked here, and is not the pipeline's (the clip's file: clips.save_clip).
     """
-    errors = {}
     negative_prompt = "" if negative_prompt is None else negative_prompt
-    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(text, str):
-            errors[name] = "must be text"
-        elif len(text) > MAX_PROMPT_CHARS:
-            errors[name] = f"is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
-    if "prompt" not in errors and is_blank(prompt):
-        errors["prompt"] = "is empty: describe the video you want"
+    errors = _text_problems(prompt, negative_prompt)
     seed_value = -1 if seed is None else whole(seed)
     if seed_value is None or not -1 <= seed_value < MAX_SEED:
         errors["seed"] = f"must be a whole number from 0 to {MAX_SEED - 1} (or -1 for a random one)"
@@ -102,20 +107,43 @@ def check_inputs(pipe, prompt, negative_prompt, seed, steps, guidance_scale, num
     if errors:
         return None, errors
     kwargs = dict(
-        prompt=prompt, negative_prompt=negative_prompt, seed=None if seed_value == -1 else seed_value,
-        num_inference_steps=steps_value, guidance_scale=float(guidance_scale), num_frames=whole(num_frames),
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=None if seed_value == -1 else seed_value,
+        num_inference_steps=steps_value,
+        guidance_scale=float(guidance_scale),
+        num_frames=whole(num_frames),
         step_cache=SPEEDS[speed],
-    )  # fmt: skip
+    )
+    if errors := _model_problem(pipe, kwargs):
+        return None, errors
+    media = dict(video=video, image=image, strength=float(strength) if video is not None else None)
+    return {**kwargs, **media}, {}
+
+
+def _text_problems(prompt, negative_prompt) -> dict:
+    errors = {}
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            errors[name] = "must be text"
+        elif len(text) > MAX_PROMPT_CHARS:
+            errors[name] = f"is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
+    if "prompt" not in errors and is_blank(prompt):
+        errors["prompt"] = "is empty: describe the video you want"
+    return errors
+
+
+def _model_problem(pipe, kwargs: dict) -> dict:
+    """A model-specific limit the field checks do not know (the pipeline's own check), by field."""
     height, width = pipe.defaults["height"], pipe.defaults["width"]
     # An image-to-video model's image is checked with the upload (uploads.prepare): here, a stand-in of its size.
     stand_in = {"image": np.zeros((height, width, 3), np.uint8)} if pipe.needs_image else {}
     try:
         pipe.validate(height=height, width=width, **kwargs, **stand_in)
-    except ValueError as e:  # a model-specific limit the checks above do not know
+    except ValueError as e:
         names = {"num_inference_steps": "steps", "step_cache": "speed", **{f: f for f in FIELDS}}
-        return None, {next((v for k, v in names.items() if k in str(e)), "prompt"): str(e)}
-    media = dict(video=video, image=image, strength=float(strength) if video is not None else None)
-    return {**kwargs, **media}, {}
+        return {next((v for k, v in names.items() if k in str(e)), "prompt"): str(e)}
+    return {}
 
 
 def tokenizer_name(pipe) -> str:
