@@ -109,6 +109,9 @@ def test_sessions_nobody_uses_are_kept_a_few_per_address(server):
     flood = [fresh() for _ in range(30)]  # ...while cheap calls with fresh session ids come from this address
     for session in flood:
         call(here, session)
+    deadline = time.monotonic() + 5  # the server forgets old sessions once a call's answer is sent: let it
+    while len([s for s in flood if s in holder.session_data]) > 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [s for s in flood if s in holder.session_data] == flood[-4:]  # SESSIONS_PER_ADDRESS=4: the newest
     assert working in holder.session_data and elsewhere in holder.session_data
     heard.join(30)

@@ -125,7 +125,8 @@ def test_generate_and_draft_use_the_speed_chosen_and_render_final_renders_in_ful
         assert ("steps_computed" in clip["settings"]) == (cache is not None)
         texts.append(clips.done_text(clip))
     computed = calls.runs[-2][1].timings["steps_computed"]
-    assert f"steps computed {computed} of 6" in texts[0] and "computed" not in texts[1]
+    assert f"Fastest: {computed} of them computed" in texts[0] and "6 steps" in texts[0]
+    assert "computed" not in texts[1]
 
 
 def test_a_running_job_shows_its_preview_and_the_preview_changes_nothing_in_the_video(pipe, tmp_path, calls):
