@@ -7,8 +7,10 @@ import contextlib
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -275,8 +277,12 @@ def generate(args: argparse.Namespace) -> int:
         run = dict(callback=report.step, on_stage=report.stage, step_cache=args.step_cache, parallel=parallel)
         result = pipe(args.prompt, **run, **inputs, **kwargs)
     except GenerationCancelled as e:
+        if report.interrupted:  # Ctrl-C, its KeyboardInterrupt lost in a finalizer: stopped at the next step
+            raise KeyboardInterrupt from e
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        report.close()
     if result.frames is None:  # a parallel run's other ranks: rank 0 decodes and writes
         return 0
     # 4. The MP4 and its sidecar
@@ -416,16 +422,37 @@ def sidecar_extra(args: argparse.Namespace) -> dict:
 
 
 class Progress:
-    """The CLI's stage lines and per-step progress bar with an ETA, on stderr."""
+    """The CLI's stage lines and per-step progress bar with an ETA, on stderr; and Ctrl-C, seen for sure.
+
+    A Ctrl-C raises KeyboardInterrupt wherever the main thread is, which can be inside a finalizer (a tensor's or a
+    buffer's), where Python prints it and goes on. So the handler also sets `interrupted`, and the next step stops
+    the run (the caller then exits 130 as for the KeyboardInterrupt itself)."""
 
     def __init__(self):
         self.start = self.stage_start = time.perf_counter()
+        self.interrupted, self._before = False, None
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored
+            self._before = signal.signal(signal.SIGINT, self._ctrl_c)
 
-    def step(self, step: int, total: int) -> None:
+    def close(self) -> None:
+        """Ctrl-C as it was (the run is over)."""
+        if self._before is not None:
+            signal.signal(signal.SIGINT, self._before)
+            self._before = None
+
+    def _ctrl_c(self, signum, frame):
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def step(self, step: int, total: int) -> bool:
+        if self.interrupted:
+            return False
         eta = (time.perf_counter() - self.stage_start) / step * (total - step)
         bar = "#" * (30 * step // total)
         end = "\n" if step == total else ""
         print(f"\r  [{bar:<30}] {step}/{total}  ETA {eta:5.1f}s", end=end, file=sys.stderr, flush=True)
+        return True
 
     def stage(self, name: str) -> None:
         self.stage_start = time.perf_counter()

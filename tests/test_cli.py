@@ -265,6 +265,9 @@ def test_ctrl_c_while_denoising_prints_one_line_exits_130_and_writes_nothing(tin
         ],
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test run started in the background (`make test &`, CI without a terminal) has
+        # SIGINT ignored, and a child would inherit that and never see the Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen, deadline = "", time.monotonic() + 120
     while "denoising..." not in seen and time.monotonic() < deadline:
