@@ -70,35 +70,19 @@ def tiny_configs(style: str = "2b", scheduler: str = "CogVideoXDDIMScheduler"):
 
 
 def _tiny_configs_15(i2v: bool, scheduler: str):
-    """The released 1.5 layout (MODEL_NOTES 1.7) at the tiny size of `tiny_configs`."""
-    transformer = TransformerConfig(
-        num_attention_heads=2,
-        attention_head_dim=16,
+    """The released 1.5 layout (MODEL_NOTES 1.7) at the tiny size of `tiny_configs`: the tiny 5B's (rotary
+    positions) with two latent frames a token, no patch bias, a 224-token prompt, `ofs` for I2V, inverted
+    latent scaling."""
+    transformer, vae, sched = tiny_configs("5b", scheduler)
+    transformer = dataclasses.replace(
+        transformer,
         in_channels=8 if i2v else 4,
-        out_channels=4,
-        time_embed_dim=16,
-        text_embed_dim=32,
-        num_layers=2,
-        sample_frames=17,
-        sample_height=8,
-        sample_width=12,
         max_text_seq_length=224,
-        use_rotary_positional_embeddings=True,
         patch_size_t=2,
         patch_bias=False,
         ofs_embed_dim=16 if i2v else None,
     )
-    vae = VAEConfig(
-        block_out_channels=(8, 16, 16, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_height=64,
-        sample_width=96,
-        scaling_factor=0.7,
-        invert_scale_latents=True,
-    )
-    return transformer, vae, SchedulerConfig(class_name=scheduler, snr_shift_scale=1.0)
+    return transformer, dataclasses.replace(vae, invert_scale_latents=True), sched
 
 
 def _config_json(cfg, class_name: str) -> dict:
