@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from .config import CheckpointError
@@ -73,19 +73,28 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_state_dict_from_dir(folder: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a component folder (single file or shards + index), cast to `dtype` if given."""
+Convert = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def load_state_dict_from_dir(
+    folder: str | Path, dtype: torch.dtype | None = None, convert: Convert | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a component folder (single file or shards + index), cast to `dtype` if given, then passed
+    through `convert(key, tensor)` (8-bit weights), one tensor at a time: the peak is what is kept plus one
+    tensor as the file stores it."""
     state = {}
     for file in _safetensors_files(Path(folder)):
         if not file.is_file():
             raise CheckpointError(f"missing weights file {file}")
         try:
-            tensors = load_file(file)
+            with safe_open(file, "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is no dict)
+                    t = f.get_tensor(key)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    state[key] = t if convert is None else convert(key, t)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"corrupt weights file {file}: {e}") from None
-        state.update(tensors)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
 
 
@@ -97,9 +106,12 @@ def _check_dtypes(module: nn.Module, state: dict[str, torch.Tensor], folder: str
             raise CheckpointError(f"weights in {folder}: {key!r} is {value.dtype}, {kind} was expected")
 
 
-def load_module(module: nn.Module, folder: str | Path, dtype: torch.dtype) -> nn.Module:
-    """Load a (meta-device) module from a component folder, strictly; tensors stay on the CPU."""
-    state = load_state_dict_from_dir(folder, dtype)
+def load_module(
+    module: nn.Module, folder: str | Path, dtype: torch.dtype, convert: Convert | None = None
+) -> nn.Module:
+    """Load a (meta-device) module from a component folder, strictly; tensors stay on the CPU. `convert(key,
+    tensor)` sees each tensor as it loads (`quantize.converter`: Linear weights to 8 bits)."""
+    state = load_state_dict_from_dir(folder, dtype, convert)
     missing = sorted(set(module.state_dict()) - set(state))
     unexpected = sorted(set(state) - set(module.state_dict()))
     if missing or unexpected:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 GiB = 2**30
 
@@ -44,8 +45,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of the module's weights, each tensor once (T5's tied embedding is one tensor under two names)."""
-    return sum(t.numel() * t.element_size() for _, _, t in _tensors(module))
+    """Bytes of the module's weights as stored, each tensor once (T5's tied embedding is one tensor under two
+    names; an 8-bit weight counts its 8-bit data and scales, not the 16-bit it reads as)."""
+    return sum(leaf.numel() * leaf.element_size() for _, _, t in _tensors(module) for leaf in _leaves(t))
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -82,6 +84,30 @@ def _tensors(module: nn.Module):
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
                 yield owner, name, t
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold a tensor's data: itself, or an 8-bit weight's (a tensor subclass) inner data
+    and scales. These are what host buffers pack and what moves to the device."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in _leaves(getattr(t, name))]
+
+
+def _rewrap(owner: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """An 8-bit weight whose inner tensors just became placeholders on the device, rebuilt around them so that its
+    own device says where its data is when it is used; returns what `owner` now holds (a Parameter's inner
+    tensors are aliases of those it was made from: fetches must swap theirs)."""
+    if not is_traceable_wrapper_subclass(t):
+        return t
+    names, context = t.__tensor_flatten__()
+    new = type(t).__tensor_unflatten__({n: getattr(t, n) for n in names}, context, t.shape, t.stride())
+    if name in owner._parameters:
+        new = owner._parameters[name] = nn.Parameter(new, requires_grad=False)
+    else:
+        owner._buffers[name] = new
+    return new
 
 
 def _block_lists(module: nn.Module) -> list[nn.ModuleList]:
@@ -306,9 +332,9 @@ class Offloader:
         lists = _block_lists(module) if self.mode == "sequential" and name in self.STREAMED else []
         blocks = [block for blocks in lists for block in blocks]
         streamed = {id(t) for block in blocks for _, _, t in _tensors(block)}
-        self._pack(module, [t for _, _, t in _tensors(module) if id(t) not in streamed])
+        self._pack(module, [entry for entry in _tensors(module) if id(entry[2]) not in streamed])
         for block in blocks:
-            self._pack(block, [t for _, _, t in _tensors(block)])
+            self._pack(block, list(_tensors(block)))
         for block_list in lists:
             self._stream_blocks(block_list)
 
@@ -333,9 +359,12 @@ class Offloader:
             f"{self.home_bytes / GiB:.2f} GiB{pinned}"
         )
 
-    def _pack(self, owner: nn.Module, tensors: list[torch.Tensor]) -> None:
-        if tensors:
-            self._packs[id(owner)] = HostPack(tensors, self.device)
+    def _pack(self, owner: nn.Module, entries: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+        """`entries`: (holder, name, tensor) as `_tensors` gives them; 8-bit weights pack their inner tensors."""
+        if entries:
+            pack = HostPack([leaf for _, _, t in entries for leaf in _leaves(t)], self.device)
+            pack.tensors = [leaf for holder, name, t in entries for leaf in _leaves(_rewrap(holder, name, t))]
+            self._packs[id(owner)] = pack
 
     def _fetch(self, owner: nn.Module, stream=None) -> None:
         """One copy of the owner's pack to the device; its tensors become views into that copy."""

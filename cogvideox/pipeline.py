@@ -18,6 +18,7 @@ from einops import rearrange
 from torch.nn.attention import SDPBackend
 
 from . import __version__, sampling, text
+from . import quantize as _quantize
 
 # MAX_SEED is re-exported: the app and the tests take the seed range from here.
 from .arguments import MAX_SEED as MAX_SEED
@@ -72,9 +73,10 @@ class CogVideoXPipeline:
         memory_mode: str,
         scheduler: str | None = None,
         compile: bool = False,
+        quantize: str | None = None,
     ):
         self.root, self.model_id, self.device, self.dtype = root, model_id, device, dtype
-        self.compile = compile
+        self.compile, self.quantize = compile, quantize
         self.transformer_config = TransformerConfig.from_json(root / "transformer" / "config.json")
         self.vae_config = VAEConfig.from_json(root / "vae" / "config.json")
         sched = read_json(root / "scheduler" / "scheduler_config.json")
@@ -102,6 +104,7 @@ class CogVideoXPipeline:
         memory_mode: str | None = None,
         scheduler: str | None = None,
         compile: bool = False,
+        quantize: str | None = None,
     ) -> CogVideoXPipeline:
         """`model`: a local folder in the released layout, a Hub repo id, or "tiny-random" (a tiny model with random
         weights, written once in the temp dir: the CLI's and the app's offline model). Reads configs and the
@@ -111,8 +114,11 @@ class CogVideoXPipeline:
         memory_mode: "resident", "model" or "sequential"; None picks one from free device memory at load.
         scheduler: "ddim" or "dpm"; None uses the class the checkpoint's scheduler config names.
         compile: torch.compile the transformer (slow first step, faster after).
+        quantize: None, "int8" (needs torchao) or "fp8": the transformer's and T5's Linear weights stored in 8 bits
+        (`cogvideox.quantize`), about half their memory.
         """
         device = check_device(device)
+        quantize = _quantize.check_quantize(quantize, device)
         if str(model) == "tiny-random":
             from .testing import tiny_random_checkpoint
 
@@ -137,7 +143,7 @@ class CogVideoXPipeline:
             dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if rotary else torch.float16)
         if memory_mode is not None and memory_mode not in Offloader.MODES:
             raise ValueError(f"memory_mode must be one of {Offloader.MODES}, got {memory_mode!r}")
-        return cls(root, str(model), device, dtype, memory_mode or "auto", scheduler, compile)
+        return cls(root, str(model), device, dtype, memory_mode or "auto", scheduler, compile, quantize)
 
     # -- limits and validation (cheap: no weights needed) -------------------------------------------------
 
@@ -202,11 +208,17 @@ class CogVideoXPipeline:
         report("loading text encoder", 0.1)
         hf_logging.disable_progress_bar()
         text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
+        convert, scaled_mm = None, False
+        if self.quantize:  # T5 layer by layer once loaded; the transformer's Linear weights as they load
+            scaled_mm = _quantize.fp8_compute(_quantize.device_capability(self.device))
+            _quantize.quantize_linears(text_encoder, self.quantize, scaled_mm)
         report("loading transformer", 0.5)
         with torch.device("meta"):
             transformer = CogVideoXTransformer(self.transformer_config)
             vae = CogVideoXVAE(self.vae_config)
-        transformer = load_module(transformer, self.root / "transformer", self.dtype)
+        if self.quantize:
+            convert = _quantize.converter(transformer, self.quantize, scaled_mm)
+        transformer = load_module(transformer, self.root / "transformer", self.dtype, convert)
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
         self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
@@ -405,6 +417,7 @@ class CogVideoXPipeline:
             "model": self.model_id,
             "scheduler": self.scheduler.config.class_name,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": self.quantize,
             "dropped_tokens": count.dropped_tokens,
             "cogvideox_version": __version__,
         }
