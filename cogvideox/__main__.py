@@ -38,6 +38,7 @@ CLI_NAMES = {
     "device": "--device",
     "dtype": "--dtype",
     "memory_mode": "--memory-mode",
+    "quantize": "--quantize",
     "scheduler": "--scheduler",
     "step_cache": "--step-cache",
     "parallel": "--parallel",
@@ -164,6 +165,12 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-mode", choices=["resident", "model", "sequential"], default=None)
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default=None, help="default: the checkpoint's")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "fp8"],
+        default=None,
+        help="store the transformer's and T5's Linear weights in 8 bits (int8 needs torchao)",
+    )
 
 
 def add_input_and_run_flags(p: argparse.ArgumentParser) -> None:
@@ -334,6 +341,7 @@ def open_pipeline(args: argparse.Namespace):
         memory_mode=args.memory_mode,
         scheduler=args.scheduler,
         compile=args.compile,
+        quantize=args.quantize,
     )
     return pipe, model
 

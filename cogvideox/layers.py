@@ -25,6 +25,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend
 
+from .quantize import cat_rows
+
 # ---------------------------------------------------------------------------------------------------------
 # Timestep embedding
 
@@ -237,7 +239,7 @@ def _fuse_qkv(module, state_dict, prefix, local_metadata, strict, missing_keys, 
         keys = [f"{prefix}{name}.{kind}" for name in _QKV]
         present = [k in state_dict for k in keys]
         if all(present):
-            state_dict[f"{prefix}to_qkv.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+            state_dict[f"{prefix}to_qkv.{kind}"] = cat_rows([state_dict.pop(k) for k in keys])
         elif any(present):  # name the checkpoint key that is absent, not only the fused one
             missing_keys.extend(k for k, found in zip(keys, present) if not found)
 

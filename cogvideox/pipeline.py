@@ -219,6 +219,8 @@ class CogVideoXPipeline:
         if self.quantize:
             convert = _quantize.converter(transformer, self.quantize, scaled_mm)
         transformer = load_module(transformer, self.root / "transformer", self.dtype, convert)
+        if self.quantize:  # a Linear whose weight the checkpoint names otherwise: none today
+            _quantize.quantize_linears(transformer, self.quantize, scaled_mm)
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
         self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})

@@ -38,9 +38,7 @@ def check_quantize(mode: str | None, device: torch.device) -> str | None:
     if mode == "int8":
         _torchao_int8()
     elif not can_store_fp8(torch.device(device)):
-        raise ValueError(
-            f"quantize='fp8' needs float8 tensors, which {device} cannot hold; use quantize='int8' or None"
-        )
+        raise ValueError(f"quantize must be 'int8' or None on {device}: it cannot hold fp8 (float8) tensors")
     return mode
 
 
@@ -65,7 +63,8 @@ def _torchao_int8():
         from torchao.quantization.granularity import PerRow
     except ImportError as e:
         raise ValueError(
-            f"quantize='int8' needs the torchao package ({e}): pip install -e '.[quantize]' (or use quantize='fp8')"
+            f"quantize must be 'fp8' or None here: 'int8' needs the torchao package ({e}); "
+            "install it with: pip install -e '.[quantize]'"
         ) from None
     return Int8Tensor, PerRow
 
@@ -180,6 +179,17 @@ def _mode_of(t: torch.Tensor) -> str | None:
     if type(t).__name__ == "Int8Tensor" and hasattr(t, "qdata"):
         return "int8"
     return None
+
+
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts) along the output channels, kept in 8 bits when the parts are (fused to_q/to_k/to_v: with
+    a scale per output channel, the fused weight's 8-bit data and scales are the parts' stacked)."""
+    if not all(_mode_of(p) for p in parts):
+        return torch.cat([dequantize(p) for p in parts])
+    names, context = parts[0].__tensor_flatten__()
+    inner = {n: torch.cat([getattr(p, n) for p in parts]) for n in names}
+    shape = torch.Size([sum(p.shape[0] for p in parts), *parts[0].shape[1:]])
+    return type(parts[0]).__tensor_unflatten__(inner, context, shape, None)
 
 
 def is_quantized(linear: nn.Linear) -> bool:

@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
         default=_flag("COGVIDEOX_COMPILE"),
         help="torch.compile the transformer blocks: a slower first video, faster after",
     )
+    p.add_argument(
+        "--quantize",
+        default=env("COGVIDEOX_QUANTIZE"),
+        help="int8 or fp8: the transformer's and T5's Linear weights in 8 bits (int8 needs torchao)",
+    )
     p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
     return p
 
@@ -107,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, choices in (
         ("memory_mode", ("resident", "model", "sequential")),
         ("dtype", ("fp16", "bf16", "fp32")),
+        ("quantize", ("int8", "fp8")),
         ("parallel", ("cfg", "sp", "cfg,sp")),
     ):
         if getattr(args, name) not in (None, *choices):

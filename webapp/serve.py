@@ -38,7 +38,12 @@ def open_pipeline(args: argparse.Namespace, device=None) -> tuple[CogVideoXPipel
     ):  # from_pretrained writes it once (atomically) in the temp dir, outside the outputs
         notice = TINY_NOTICE
     pipe = CogVideoXPipeline.from_pretrained(
-        model, device=device or args.device, dtype=args.dtype, memory_mode=memory_mode, compile=compile
+        model,
+        device=device or args.device,
+        dtype=args.dtype,
+        memory_mode=memory_mode,
+        compile=compile,
+        quantize=getattr(args, "quantize", None),
     )
     if ZERO_GPU:
         pipe.load()
