@@ -41,8 +41,9 @@ from transformers import T5Config, T5EncoderModel
 
 from benchmarks.common import GiB, machine, markdown_table, source_digest, write_report
 from benchmarks.random_checkpoint import T5_XXL
-from cogvideox.config import TransformerConfig, VAEConfig
-from cogvideox.offload import Offloader, _block_lists, _tensors
+from cogvideox.config import PRESETS, TransformerConfig, VAEConfig
+from cogvideox.offload import GiB as OFFLOAD_GIB
+from cogvideox.offload import Offloader, _block_lists, _tensors, pick_memory_mode
 from cogvideox.testing import tiny_configs
 from cogvideox.transformer import CogVideoXTransformer
 from cogvideox.vae import CogVideoXVAE
@@ -265,6 +266,46 @@ def weight_bytes(module: nn.Module, streamed: bool) -> dict[str, float]:
         "not_streamed": (size(module) - sum(size(b) for b in lists)) / GiB,
         "streamed_in_flight": max(windows, default=0) / GiB,
     }
+
+
+def stored_bytes(module: nn.Module, quantized: bool) -> int:
+    """Bytes of the weights as held: with 8-bit weights (cogvideox/quantize.py) each nn.Linear weight is 1 byte a
+    value plus a 4-byte scale per output channel."""
+    total = 0
+    for owner, name, t in _tensors(module):
+        if quantized and isinstance(owner, nn.Linear) and name == "weight":
+            total += t.numel() + 4 * t.shape[0]
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+RESIDENT_MODELS = {"2B": "2b", "5B": "5b", "1.5-5B": "1.5"}
+CARDS_GIB = (24, 16, 12)
+
+
+def resident_fits() -> list[list]:
+    """Which released models `pick_memory_mode` keeps resident on a 24/16/12 GiB card (its free memory taken as the
+    card's, less the 1.5 GiB allowance), in 16 bits and with 8-bit weights: a PREDICTION from the weights' sizes
+    (meta modules) and the pick's own working-memory rule, nothing ran."""
+    with torch.device(DEVICE):
+        text_encoder = t5_encoder(T5_XXL)
+        vae = CogVideoXVAE(VAEConfig()).to(DTYPE)
+        transformers_ = {
+            n: CogVideoXTransformer(PRESETS[k]["transformer"]).to(DTYPE) for n, k in RESIDENT_MODELS.items()
+        }
+    rows = []
+    for name, transformer in transformers_.items():
+        for quantized in (False, True):
+            sizes = {
+                "text_encoder": stored_bytes(text_encoder, quantized),
+                "transformer": stored_bytes(transformer, quantized),
+                "vae": stored_bytes(vae, False),
+            }
+            free = [int((card - sum(ALLOWANCE_GIB.values())) * OFFLOAD_GIB) for card in CARDS_GIB]
+            modes = [pick_memory_mode(f, sizes) for f in free]
+            rows.append([name, "8-bit" if quantized else "16-bit", sum(sizes.values()) / GiB, *modes])
+    return rows
 
 
 # -- stages ----------------------------------------------------------------------------------------------
@@ -496,6 +537,13 @@ def main(argv=None) -> int:
         f"latents {latent_shape}; attention as CUDA's FlashAttention / memory-efficient kernels"
     )
     report(stages, weights, rows, args.impls)
+    print(
+        "PREDICTION: the memory mode picked per card (weights from meta modules, the pick's own rule), 16-bit"
+    )
+    print("against 8-bit weights (--quantize int8 or fp8: the transformer's and T5's Linear weights)\n")
+    fits = resident_fits()
+    headers = ["model", "weights", "weights GiB", *(f"{card} GB card" for card in CARDS_GIB)]
+    print(markdown_table(headers, fits) + "\n")
     work = {impl: step_work(impl, models[impl]["transformer"], t_cfg, latent_shape) for impl in args.impls}
     print("Work per denoising step: matmul and attention TFLOP, and what the other ops (memory-bound: norms,")
     print("modulation, activations, residuals, copies) read and write, in GB and kernels\n")
@@ -517,6 +565,7 @@ def main(argv=None) -> int:
             "weights_gib": weights,
             "modes": rows,
             "step_work": work,
+            "memory_mode_by_card": fits,
         }
         write_report(args.out, args, data, digest)
     return 0

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.testing import write_tiny_checkpoint
 
-SIZES = ("tiny", "small", "full")
+SIZES = ("tiny", "small", "widths", "full")
 
 # google/t5-v1_1-xxl, the released text encoder (4.76e9 parameters, 9.5 GB in FP16).
 T5_XXL = dict(
@@ -55,6 +55,11 @@ SMALL = (
 )
 
 
+# The 8-bit benchmark's model: the released 2B transformer's and T5-XXL's layer widths (what a kernel's speed and
+# a layer's 8-bit error depend on), 4 blocks of each instead of 30 and 24; the small VAE (it stays 16-bit).
+WIDTHS = (TransformerConfig(num_layers=4), SMALL[1], {**T5_XXL, "num_layers": 4})
+
+
 def size_configs(size: str, small_t5: bool = False) -> tuple[TransformerConfig, VAEConfig, dict] | None:
     """(transformer, VAE, T5 kwargs) for `size`; None for "tiny" (cogvideox.testing's model as it is)."""
     if size not in SIZES:
@@ -63,6 +68,8 @@ def size_configs(size: str, small_t5: bool = False) -> tuple[TransformerConfig, 
         return None
     if size == "small":
         return SMALL
+    if size == "widths":
+        return WIDTHS
     return TransformerConfig(), VAEConfig(), T5_SMALL_4096 if small_t5 else T5_XXL
 
 
