@@ -12,6 +12,9 @@ Sections (each in its own try/except: an error is recorded with a short tracebac
               memory-efficient kernel's, and each fused kernel's time.
   pinned      a sequential-mode pipeline from a random 2B checkpoint (small T5): page-locked bytes against the
               weight bytes, then one short generation's time and peak memory.
+  quantize    a random 2B (small T5) resident in 16 bits, int8 and fp8 (issue 25): the transformer's and T5's
+              weight bytes (pass: 8-bit <= 0.55x), s/step and peak memory of a short 720x480x49 generation,
+              PSNR of its video against the 16-bit one, and whether the fp8 matmul (torch._scaled_mm) ran.
   compile     `compile_blocks()` over 10 distinct shapes (frames 1..49, batch 1 and 2, three sizes), each two steps
               of the pipeline's `denoise`, so traced and run under the attention kernel the pipeline picks:
               failures, graphs compiled, first and later step times.
@@ -45,9 +48,16 @@ from benchmarks.gpu_sections import call_picker as call_picker  # re-exported: t
 
 ROOT = Path(__file__).resolve().parents[1]
 # Compile runs last: its cost is the least predictable, and on a CPU its main finding shows too.
-SECTIONS = ("decode_oom", "offload", "attention", "pinned", "compile")
+SECTIONS = ("decode_oom", "offload", "attention", "pinned", "quantize", "compile")
 # Seconds a section may run at most (a hung kernel or a slow compile must not eat the whole budget).
-SECTION_CAPS = {"decode_oom": 150, "offload": 120, "attention": 60, "compile": 170, "pinned": 200}
+SECTION_CAPS = {
+    "decode_oom": 150,
+    "offload": 120,
+    "attention": 60,
+    "compile": 170,
+    "pinned": 200,
+    "quantize": 150,
+}
 OVERRUN_S = 30  # how far past --budget-s the section running then may go
 NEXT_STEP = "-m benchmarks.bench_pipeline --device cuda --modes resident --ckpt /tmp/cogvideox-2b-random"
 

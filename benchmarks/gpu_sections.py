@@ -507,7 +507,74 @@ def sequential_generation(run: SectionRun, pipe) -> dict:
     return gen
 
 
+# -- (f) 8-bit weights: s/step and peak memory, 16-bit vs int8 vs fp8 (issue 25) ----------------------------
+
+
+def check_quantize(run: SectionRun) -> dict:
+    """A random 2B (small T5) resident, loaded once per weight format: the transformer's and T5's bytes, one
+    short generation's s/step and peak memory, and its video's PSNR against the 16-bit one (same seed)."""
+    import numpy as np
+
+    from benchmarks.random_checkpoint import write_random_checkpoint
+    from cogvideox import CogVideoXPipeline
+    from cogvideox.offload import module_bytes
+
+    dev = run.device
+    path = Path(run.args.ckpt) if run.args.ckpt else run.tmp / "ckpt"
+    write_random_checkpoint(path, "tiny" if run.args.tiny else "full", small_t5=True, device=dev)
+    frames, height, width, steps = (9, 64, 96, 2) if run.args.tiny else (49, 480, 720, 3)
+    out, videos = {"modes": {}}, {}
+    for mode in (None, "int8", "fp8"):
+        name = mode or "16-bit"
+        try:
+            pipe = CogVideoXPipeline.from_pretrained(
+                path, device=dev, dtype=run.dtype, memory_mode="resident", quantize=mode
+            )
+            pipe.load()
+            stored = sum(module_bytes(m) for m in (pipe.transformer, pipe.text_encoder))
+            free_memory(dev)
+            reset_peak(dev)
+            marks = []
+            size = {"num_frames": frames, "height": height, "width": width, "num_inference_steps": steps}
+            result = pipe(
+                "a toy ship",
+                seed=0,
+                callback=lambda i, n, marks=marks: marks.append(time.perf_counter()),
+                **size,
+            )
+            sync(dev)
+            videos[name] = result.frames
+            scaled_mm = any(getattr(p, "scaled_mm", False) for p in pipe.transformer.parameters())
+            out["modes"][name] = {
+                "weights_gib": stored / GiB,
+                "s_per_step": min(b - a for a, b in pairwise(marks)),
+                "peak_gib": gib(peak_bytes(dev)),
+                "fp8_matmul": scaled_mm,
+            }
+            del pipe
+        except Exception as e:
+            out["modes"][name] = error_record(e)
+        run.log(f"quantize: {name}: {out['modes'][name]}")
+    base = out["modes"].get("16-bit", {})
+    for name, video in videos.items():
+        mse = float(((video.astype(np.float64) - videos["16-bit"].astype(np.float64)) ** 2).mean())
+        out["modes"][name]["psnr_db"] = 10 * np.log10(255**2 / max(mse, 1e-12))
+        if "weights_gib" in base:
+            out["modes"][name]["weights_ratio"] = out["modes"][name]["weights_gib"] / base["weights_gib"]
+    ratios = [m.get("weights_ratio", 9) for n, m in out["modes"].items() if n != "16-bit"]
+    out["verdict"] = "pass" if ratios and max(ratios) <= 0.55 else "fail"
+    out["summary"] = "; ".join(
+        f"{n}: {m.get('weights_gib', 0):.2f} GiB, {m.get('s_per_step', 0):.3f} s/step, peak {m.get('peak_gib')}, "
+        f"PSNR {m.get('psnr_db', 0):.1f} dB"
+        if "error" not in m
+        else f"{n}: {m['error']}"
+        for n, m in out["modes"].items()
+    )
+    return out
+
+
 CHECKS = {
+    "quantize": check_quantize,
     "decode_oom": check_decode_oom,
     "offload": check_offload,
     "attention": check_attention,

@@ -151,7 +151,7 @@ def test_bench_memory_predicts_every_stage_and_mode(tmp_path):
     assert stages["ours"]["decode tiled"]["peak"] < stages["ours"]["decode untiled"]["peak"]
 
 
-GPU_CHECK_SECTIONS = {"decode_oom", "offload", "attention", "pinned", "compile"}
+GPU_CHECK_SECTIONS = {"decode_oom", "offload", "attention", "pinned", "quantize", "compile"}
 
 
 def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
@@ -198,6 +198,9 @@ def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
     assert compiled["attention_kernel"] == "FLASH_ATTENTION"  # the pipeline's pick on a CPU, for every size
     assert set(compiled["attention_kernels"].values()) == {"FLASH_ATTENTION"}
     assert pinned["weight_bytes"] > 0 and pinned["generation"]["frames_shape"] == [1, 64, 96, 3]
+    quantized = sections["quantize"]["modes"]  # 16-bit vs int8 vs fp8 (issue 25); no fp8 matmul on a CPU
+    assert [quantized[m]["weights_ratio"] < 0.55 for m in ("int8", "fp8")] == [True, True], quantized
+    assert quantized["fp8"]["psnr_db"] > 30 and not quantized["fp8"]["fp8_matmul"]
     md = out.with_suffix(".md").read_text()
     assert "| section | status | verdict | seconds | result |" in md
     for header in (
