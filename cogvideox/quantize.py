@@ -15,8 +15,6 @@ The contract other code builds on (LoRA folding): `quantize_weight`, `dequantize
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,8 +54,6 @@ def can_store_fp8(device: torch.device) -> bool:
 
 def _torchao_int8():
     """torchao's Int8Tensor and PerRow, or a ValueError saying how to get them."""
-    # torchao logs a warning per CUDA-only extension it cannot load into a CPU build of torch: noise here.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         from torchao.quantization import Int8Tensor
         from torchao.quantization.granularity import PerRow
