@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at their tiniest settings (smoke tests: nothing here is timed)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -199,7 +200,8 @@ def test_gpu_check_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
     assert set(compiled["attention_kernels"].values()) == {"FLASH_ATTENTION"}
     assert pinned["weight_bytes"] > 0 and pinned["generation"]["frames_shape"] == [1, 64, 96, 3]
     quantized = sections["quantize"]["modes"]  # 16-bit vs int8 vs fp8 (issue 25); no fp8 matmul on a CPU
-    assert [quantized[m]["weights_ratio"] < 0.55 for m in ("int8", "fp8")] == [True, True], quantized
+    eight = ("int8", "fp8") if importlib.util.find_spec("torchao") else ("fp8",)  # int8 needs torchao
+    assert [quantized[m]["weights_ratio"] < 0.55 for m in eight] == [True] * len(eight), quantized
     assert quantized["fp8"]["psnr_db"] > 30 and not quantized["fp8"]["fp8_matmul"]
     md = out.with_suffix(".md").read_text()
     assert "| section | status | verdict | seconds | result |" in md
