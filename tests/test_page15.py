@@ -13,7 +13,6 @@ from PIL import Image
 
 import app
 from cogvideox import CogVideoXPipeline
-from cogvideox.arguments import image_video_size
 from cogvideox.config import PRESETS
 from webapp import events, launch, uploads
 from webapp.request import Request, RequestError
@@ -95,6 +94,8 @@ def test_the_page_offers_seconds_at_the_models_rate_and_says_what_it_makes(pipes
 
 
 def test_image_to_video_sizes_follow_the_images_shape_within_the_grid(pipes):
+    from cogvideox.arguments import image_video_size
+
     # The released 1.5 I2V: short side 768, long side up to 1360 (multiples of 16); the grid has 768 rows.
     t, v = PRESETS["1.5-i2v"]["transformer"], PRESETS["1.5-i2v"]["vae"]
     for (h, w), size in {
