@@ -36,7 +36,7 @@ from cogvideox.config import RELEASE_DEFAULTS
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from webapp import jobs, ranks, uploads
-from webapp.clips import GIF, OUTPUT_TTL_S
+from webapp.clips import CLIP_NOTE, GIF, OUTPUT_TTL_S
 from webapp.events import CANCEL, PageEvents, pipelines
 from webapp.launch import gradio_cache_dir, parse_args
 from webapp.pool import pick_devices
@@ -55,9 +55,12 @@ from webapp.validation import (
     MAX_STEPS,
     MIN_GUIDANCE,
     PROMPT_BOX_CHARS,
+    SMOOTH_FPS,
     SPEED_CHOICES,
     TokenMeter,
     frame_counts,
+    seconds,
+    smooth_offered,
 )
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -109,13 +112,14 @@ def integer_api(component, info: dict):
     return component
 
 
-def _document_api(video, strength, smooth, image) -> None:
+def _document_api(video, strength, smooth, image, fps: int) -> None:
     """What /generate's optional parameters mean, in its API page (the schema's description, as integer_api)."""
     texts = {
         video: "optional: a video to start from (MP4, WebM, MOV, GIF…), center-cropped to the model's size at "
-        "8 fps; as many frames as it has, up to num_frames",
+        f"{fps} fps; as many frames as it has, up to num_frames (CogVideoX 1.0 text-to-video models)",
         strength: "with a video: how much to change it, 0.05 to 1 (lower keeps more of it)",
-        smooth: "a frame interpolated between each two: 2N-1 frames written at 16 fps (as long, smoother)",
+        smooth: f"a frame interpolated between each two: 2N-1 frames written at {2 * fps} fps (as long, smoother); "
+        f"for models below {SMOOTH_FPS} fps",
         image: "the first frame, required by this image-to-video model",
     }
     for component, text in texts.items():
@@ -124,11 +128,16 @@ def _document_api(video, strength, smooth, image) -> None:
             component.api_info = lambda info=info, text=text: {**info, "description": text}
 
 
-def _load_presets(max_frames: int) -> tuple[list[list], list[str]]:
-    """Rows for [prompt, seed, steps, guidance, frames, randomize]: a preset keeps its own seed."""
+def _load_presets(pipe) -> tuple[list[list], list[str]]:
+    """Rows for [prompt, seed, steps, guidance, frames, randomize]: a preset keeps its own seed, and its length
+    where the model makes it (49 frames: CogVideoX 1.0's), else the model's own (81 for 1.5)."""
     presets = json.loads(EXAMPLES.read_text()) if EXAMPLES.is_file() else []
-    keys = ("prompt", "seed", "num_inference_steps", "guidance_scale")
-    rows = [[*(p[k] for k in keys), min(p["num_frames"], max_frames), False] for p in presets]
+    keys, counts = ("prompt", "seed", "num_inference_steps", "guidance_scale"), frame_counts(pipe)
+    default = pipe.defaults["num_frames"] if pipe else RELEASE_DEFAULTS.num_frames
+    rows = [
+        [*(p[k] for k in keys), p["num_frames"] if p["num_frames"] in counts else default, False]
+        for p in presets
+    ]
     return rows, [p["title"] for p in presets]
 
 
@@ -162,7 +171,7 @@ def create_demo(
     with gr.Blocks(
         title="CogVideoX", analytics_enabled=False, delete_cache=(max(60, OUTPUT_TTL_S // 4), OUTPUT_TTL_S)
     ) as demo:
-        _masthead(pipe, d)
+        _masthead(pipe)
         c = SimpleNamespace(status=gr.Markdown(events.status(), elem_id="model-status"))
         # The first screen, at any width: the prompt, the presets, the buttons and their progress, the result (the
         # preview plays there). Code order is not screen order: style.css places each column in main-row's grid
@@ -177,7 +186,7 @@ def create_demo(
             with gr.Column(scale=6, elem_id="result-col"):
                 _result_views(c)
             with gr.Column(scale=5, elem_id="presets"):
-                rows, labels = _load_presets(pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames)
+                rows, labels = _load_presets(pipe)
                 if rows:
                     gr.Examples(
                         rows,
@@ -204,15 +213,13 @@ def create_demo(
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)
 
 
-def _masthead(pipe, d: dict) -> None:
-    """What the model makes, in a line: "Text to video: 6-second clips, 720×480 at 8 fps."."""
-    fps = d["fps"]
+def _masthead(pipe) -> None:
+    """What the page does, in a line ("Text to video"); the model line under it says which model and what it
+    makes."""
     logo = (ASSETS / "logo.svg").read_text() if (ASSETS / "logo.svg").is_file() else ""
     kind = "Image" if pipe is not None and pipe.needs_image else "Text"
     gr.HTML(
-        f'<div id="masthead">{logo}<h1>CogVideoX</h1><p>{kind} to video: {d["num_frames"] / fps:.0f}-second '
-        f"clips, {d['width']}×{d['height']} at {fps} fps.</p></div>",
-        elem_id="masthead-wrap",
+        f'<div id="masthead">{logo}<h1>CogVideoX</h1><p>{kind} to video</p></div>', elem_id="masthead-wrap"
     )
 
 
@@ -234,6 +241,7 @@ def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
             scale=0,
             min_width=150,
         )
+    c.enhance_note = gr.Markdown(visible=False, elem_id="enhance-note")  # why it did not, beside the button
     with gr.Group(visible=False) as c.enhanced_box:
         c.enhanced_note = gr.Markdown()
         c.original = gr.Textbox(show_label=False, interactive=False, lines=2)
@@ -242,7 +250,7 @@ def _prompt_inputs(c: SimpleNamespace, pipe, enhancer) -> None:
 
 def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
     """Speed, smoothing, the seed, a file to start from, and the technical settings (closed)."""
-    fps, max_frames = d["fps"], pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames
+    fps, counts = d["fps"], frame_counts(pipe)
     c.speed = gr.Radio(
         SPEED_CHOICES,
         value=FULL,
@@ -255,6 +263,7 @@ def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
         label="Smooth motion",
         elem_id="smooth",
         info="a frame added between each two: as long, smoother",
+        visible=smooth_offered(pipe),  # at 16 fps already: docs/app.md
     )
     with gr.Row(equal_height=True, elem_id="seed-row"):
         # While Random is on, the box's number (the last run's) is hidden (style.css): it is not the next one.
@@ -269,17 +278,12 @@ def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
         c.steps = gr.Slider(1, MAX_STEPS, d["num_inference_steps"], step=1, label="Steps", elem_id="steps")
         integer_api(c.steps, {"minimum": 1, "maximum": MAX_STEPS})
         c.guidance = gr.Slider(MIN_GUIDANCE, MAX_GUIDANCE, d["guidance_scale"], step=0.5, label="Guidance")
-        choices = [(f"{n} ({n / fps:.1f} s)", n) for n in frame_counts(max_frames)]
-        c.frames = gr.Radio(choices, value=d["num_frames"], label="Frames")
-        counts = frame_counts(max_frames)  # not an enum: gradio_client shows one as strings
-        integer_api(
-            c.frames,
-            {
-                "minimum": counts[0],
-                "maximum": counts[-1],
-                "description": f"8N+1: one of {', '.join(map(str, counts))}",
-            },
-        )
+        # Lengths in seconds at the model's rate; the value sent is the frame count.
+        choices = [(f"{seconds(n, fps)} ({n} frames)", n) for n in counts]
+        c.frames = gr.Radio(choices, value=d["num_frames"], label="Length", elem_id="frames")
+        period = counts.step  # not an enum: gradio_client shows one as strings
+        info = {"minimum": counts[0], "maximum": counts[-1]}
+        integer_api(c.frames, {**info, "description": f"{period}N+1: one of {', '.join(map(str, counts))}"})
         c.negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
 
 
@@ -317,6 +321,7 @@ def _result_views(c: SimpleNamespace) -> None:
         c.mp4_btn = gr.DownloadButton("⬇️ MP4", interactive=False, elem_id="download-mp4", **button)
         c.make_gif_btn = gr.Button(GIF, interactive=False, elem_id="make-gif", **button)  # made when asked
         c.gif_btn = gr.DownloadButton("⬇️ GIF", visible=False, elem_id="download-gif", **button)
+    c.clip_note = gr.Markdown(CLIP_NOTE, elem_classes="hint", elem_id="clip-note")  # why they are off
     c.final_btn = gr.Button("🎬 Render final", variant="primary", visible=False, elem_id="final")
     with gr.Accordion("Details: the settings used", open=False, elem_id="details"):
         c.settings = gr.JSON(show_label=False, open=True)
@@ -341,7 +346,8 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
     full_speed = gr.Textbox(FULL, visible=False)  # Render final renders without the step cache
     # /generate's optional parameters after speed, the same for every model (the image: only its own need it).
     media = [c.source_video, c.strength, c.smooth, *([c.source_image] if c.source_image else [])]
-    _document_api(c.source_video, c.strength, c.smooth, c.source_image)
+    fps = ev.pipe.fps if ev.pipe else RELEASE_DEFAULTS.fps
+    _document_api(c.source_video, c.strength, c.smooth, c.source_image, fps)
     controls = [c.run_btn, c.draft_btn, c.final_btn, c.cancel_btn]
     lock = dict(
         fn=ev.start_run, outputs=[c.seed, *controls, c.run_status], preprocess=False, js=SHOW_STATUS_JS, **UI
@@ -376,6 +382,7 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
         c.make_gif_btn,
         c.reuse_btn,
         c.final_btn,
+        c.clip_note,
     ]
     shown = [c.current, c.seed_used, *c.views[3:], c.status, c.run_status]
     for run in runs:
@@ -441,14 +448,15 @@ def _connect_views(c: SimpleNamespace, ev: PageEvents, meter: TokenMeter) -> Non
         **UI,
     )
     c.prompt.change(None, c.prompt, c.saved_prompt, js="(p) => ({prompt: p})")  # kept in this browser
-    c.enhance_btn.click(
-        ev.enhance,
+    enhancing = dict(concurrency_limit=1 if ev.local_enhancer else None, concurrency_id="enhance")
+    gr.api(ev.enhance, api_name="enhance", **enhancing)  # its failure: the API's error
+    c.enhance_btn.click(  # the page's: a failure said beside the button
+        ev.enhance_in_page,
         c.prompt,
-        [c.prompt, c.enhanced],
-        api_name="enhance",
+        [c.prompt, c.enhanced, c.enhance_note],
+        api_visibility="private",
         preprocess=False,
-        concurrency_limit=1 if ev.local_enhancer else None,
-        concurrency_id="enhance",
+        **enhancing,
     ).success(ev.show_enhanced, c.enhanced, [c.enhanced_box, c.enhanced_note, c.original], **UI)
     c.undo_btn.click(ev.undo_enhance, c.enhanced, [c.prompt, c.enhanced_box], **UI)
 

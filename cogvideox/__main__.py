@@ -205,8 +205,8 @@ def add_input_and_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--smooth",
         action="store_true",
-        help="motion-interpolated frames between the generated ones: 2T-1 frames written at 16 fps, "
-        "the same duration",
+        help="motion-interpolated frames between the generated ones: 2T-1 frames written at twice the model's "
+        "fps (16, or 32 for CogVideoX 1.5), the same duration",
     )
     p.add_argument(
         "--parallel",
@@ -353,7 +353,7 @@ def call_arguments(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
 
     from .video import MIN_INTERPOLATE_SIZE
 
-    d = pipe.defaults
+    d = {**pipe.defaults, **image_size(args, pipe)}
     kwargs = dict(
         negative_prompt=args.negative_prompt,
         num_frames=d["num_frames"] if args.frames is None else args.frames,
@@ -380,6 +380,24 @@ def call_arguments(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
     if args.smooth and min(size) < MIN_INTERPOLATE_SIZE:
         raise ValueError(f"--smooth needs --height and --width of at least {MIN_INTERPOLATE_SIZE}")
     return kwargs, inputs
+
+
+def image_size(args: argparse.Namespace, pipe) -> dict:
+    """CogVideoX 1.5 image to video without --height/--width: the size from --image's shape (cogvideox.arguments.
+    image_video_size: short side 768, long side up to 1360, multiples of 16); else nothing (the model's)."""
+    from .arguments import image_video_size, size_follows_image
+    from .media import image_size as read_size
+
+    shape = (
+        read_size(args.image)
+        if args.image is not None and size_follows_image(pipe.transformer_config)
+        else None
+    )
+    if shape is None or 0 in shape or (args.height, args.width) != (None, None):
+        return {}
+    height, width = image_video_size(pipe.transformer_config, pipe.vae_config, *shape)
+    print(f"--image: {shape[1]}x{shape[0]}, made at {width}x{height} (its shape)", file=sys.stderr)
+    return {"height": height, "width": width}
 
 
 def start_parallel(args: argparse.Namespace, pipe, kwargs: dict):
@@ -470,6 +488,7 @@ class Progress:
 def load_inputs(args: argparse.Namespace, pipe, kwargs: dict) -> dict:
     """--video / --image as the pipeline's video= (with strength=) / image= at the generation size, or a
     ValueError naming the flag; a video sets kwargs["num_frames"] to its length. Before any weights load."""
+    from .arguments import takes_video
     from .media import load_image, load_video
 
     if pipe.needs_image and args.image is None:
@@ -477,6 +496,15 @@ def load_inputs(args: argparse.Namespace, pipe, kwargs: dict) -> dict:
     if args.image is not None and not pipe.needs_image:
         raise ValueError(
             f"--image needs an image-to-video model (like THUDM/CogVideoX-5b-I2V); {args.model} is text to video"
+        )
+    if args.video is not None and not takes_video(pipe.transformer_config):
+        raise ValueError(
+            f"--video needs a CogVideoX 1.0 text-to-video model (like THUDM/CogVideoX-2b); {args.model} "
+            + (
+                "starts from --image"
+                if pipe.needs_image
+                else "is CogVideoX 1.5, which does not start from a video"
+            )
         )
     size = kwargs["height"], kwargs["width"]
     if args.image is not None:

@@ -197,11 +197,52 @@ def check_size(transformer: TransformerConfig, vae: VAEConfig, num_frames, heigh
             f"num_frames must be {period}N+1 (1, {1 + period}, {1 + 2 * period}, ...) and at most {most}, "
             f"got {num_frames}"
         )
-    limits = {"height": MAX_SIZE, "width": MAX_SIZE}
-    if transformer.patch_size_t is not None:  # sliced RoPE: no position past the sample grid
-        s = vae.spatial_compression
-        limits = {"height": transformer.sample_height * s, "width": transformer.sample_width * s}
-    for name, value in (("height", height), ("width", width)):
-        most_pixels = min(limits[name], MAX_SIZE) // 16 * 16
+    for name, value, most_pixels in zip(("height", "width"), (height, width), max_size(transformer, vae)):
         if check_int(name, value, 16, most_pixels) % 16:
             raise ValueError(f"{name} must be a positive multiple of 16 (at most {most_pixels}), got {value}")
+
+
+def max_size(transformer: TransformerConfig, vae: VAEConfig) -> tuple[int, int]:
+    """The largest (height, width) a call may ask for, multiples of 16: MAX_SIZE, and for CogVideoX 1.5 the
+    sample grid of its sliced rotary table (768x1360 as released; diffusers slices the same table)."""
+    if transformer.patch_size_t is None:
+        return MAX_SIZE // 16 * 16, MAX_SIZE // 16 * 16
+    s = vae.spatial_compression
+    return tuple(
+        min(n * s, MAX_SIZE) // 16 * 16 for n in (transformer.sample_height, transformer.sample_width)
+    )
+
+
+def takes_video(transformer: TransformerConfig) -> bool:
+    """Video to video (`video=`): CogVideoX 1.0 text-to-video checkpoints (diffusers' reference refuses 1.5's)."""
+    return not transformer.image_to_video and transformer.patch_size_t is None
+
+
+def size_follows_image(transformer: TransformerConfig) -> bool:
+    """CogVideoX 1.5 image to video makes its video in the image's shape; 1.0's learned positions fix the size."""
+    return transformer.image_to_video and transformer.patch_size_t is not None
+
+
+def image_video_size(
+    transformer: TransformerConfig, vae: VAEConfig, image_height: int, image_width: int
+) -> tuple[int, int]:
+    """The (height, width) to make a video from an image of this size: the model's default, except where the size
+    follows the image (CogVideoX 1.5 I2V, THUDM's rule: multiples of 16, the short side the default's 768, the long
+    side up to 1360). The image's aspect ratio is kept within the grid: a landscape image is the default's height
+    and up to the grid's width; a portrait one is at most the grid's height (768: the rotary table has no more
+    rows), its width from the ratio. An image more elongated than the grid allows (wider than 1360:768, or
+    narrower than 768:1360) is center-cropped to that ratio."""
+    d = GenerationDefaults.for_model(transformer, vae)
+    if not size_follows_image(transformer):
+        return d.height, d.width
+    most_h, most_w = max_size(transformer, vae)
+    short = min(d.height, d.width, most_h)
+    ratio = min(max(image_width / image_height, short / most_w), most_w / short)
+
+    def sixteens(pixels: float) -> int:
+        return max(16, round(pixels / 16) * 16)
+
+    if ratio >= 1:
+        return short, min(sixteens(short * ratio), most_w)
+    height = min(sixteens(short / ratio), most_h)
+    return height, min(sixteens(height * ratio), most_w)

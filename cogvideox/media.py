@@ -23,7 +23,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Limits; each may be overridden by an environment variable of the same name.
 MAX_INPUT_BYTES = int(os.environ.get("MAX_INPUT_BYTES", 50 * 2**20))
@@ -118,6 +118,18 @@ def load_video(
     if not ticks:
         raise ValueError(f"{path.name}: no frames were read (MAX_DECODED_FRAMES is {MAX_DECODED_FRAMES})")
     return np.stack(ticks[: (len(ticks) - 1) // 8 * 8 + 1])
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of an image file as shown (EXIF orientation applied), from its header; None for a file
+    Pillow cannot open (load_image says why)."""
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            width, height = im.size
+            turned = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError):
+        return None
+    return (width, height) if turned else (height, width)
 
 
 def load_image(image: str | os.PathLike | np.ndarray, height: int, width: int) -> np.ndarray:

@@ -166,8 +166,21 @@ def screenshot(page, name: str, full_page: bool = True) -> None:
 def test_prompt_seeds_gallery_gif_final_and_a_reload(server, browser):
     url, _, out = server
     page = visit(browser, url)
-    assert "random weights" in page.inner_text("#model-status")
+    status = page.inner_text("#model-status")  # the model by name and what it makes; where it runs: the log
+    assert "random weights" in status and "tiny-random · up to 2 s at 8 fps, 96×64" in status
+    assert "cpu" not in status and "float32" not in status
     assert text_of(page, "#seed-used") == "" and page.locator("#cancel").is_disabled()  # nothing yet
+    # Reuse, MP4 and GIF are off until a clip, and a line beside them says so
+    assert page.locator("#download-mp4").is_disabled() and page.locator("#reuse").is_disabled()
+    assert (
+        page.locator("#clip-note").inner_text() == "♻️ Reuse seed, ⬇️ MP4 and 🎞️ GIF: once you have made a clip."
+    )
+
+    page.get_by_role("button", name="✨ Enhance prompt").click()  # nothing to enhance: said by the button
+    page.locator("#enhance-note").get_by_text("Enhance failed").wait_for()
+    assert page.locator("#enhance-note").inner_text().startswith("⚠️ Enhance failed: ")
+    assert page.locator("[data-testid='toast-body']").count() == 0  # not a toast in a corner
+    screenshot(page, "enhance-refused.png", full_page=False)
 
     page.locator("#generate").click()  # an empty prompt: refused where it is typed and by the button; no lock
     page.locator("#prompt").get_by_text("is empty: describe the video you want").wait_for()
@@ -180,6 +193,7 @@ def test_prompt_seeds_gallery_gif_final_and_a_reload(server, browser):
     page.get_by_role("button", name="✨ Enhance prompt").click()  # shows the rewrite and the original...
     page.wait_for_function(f"document.querySelector('#prompt textarea').value === {REWRITE!r}")
     page.get_by_text("Enhanced by echo").wait_for()
+    assert not page.locator("#enhance-note").is_visible()  # the failure's line is gone
     page.get_by_role("button", name="↩️ Undo: restore the original").click()  # ...and can undo it
     page.wait_for_function(f"document.querySelector('#prompt textarea').value === {IDEA!r}")
     page.get_by_text("Advanced").click()
@@ -198,6 +212,7 @@ def test_prompt_seeds_gallery_gif_final_and_a_reload(server, browser):
     assert f"seed {second}" in page.inner_text("#run-status")
     video = page.locator("#result-video video")
     assert video.get_attribute("src").endswith(".mp4") and page.locator("#download-mp4").is_enabled()
+    assert page.locator("#reuse").is_enabled() and not page.locator("#clip-note").is_visible()
 
     with page.expect_download() as gif:  # made on its first click, then downloaded
         page.locator("#make-gif").click()

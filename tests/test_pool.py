@@ -197,8 +197,8 @@ def test_out_of_memory_on_one_device_releases_only_that_pipeline(server, steps, 
 
 def test_the_page_says_how_many_devices_serve_it(server):
     demo, pipes, _ = server
-    assert "2 devices: cpu, cpu" in httpx.get(demo.local_url + "config").text
-    assert "2 devices" not in events.model_status(pipes[0], "")  # one pipeline: the line as before
+    assert "2 clips at a time" in httpx.get(demo.local_url + "config").text
+    assert "2 clips at a time" not in events.model_status(pipes[0], "")  # one pipeline: one at a time
     generate = next(fn for fn in demo.fns.values() if fn.api_name == "generate")
     assert generate.concurrency_limit == 2
 

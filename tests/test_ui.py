@@ -97,13 +97,13 @@ def test_randomize_gives_every_run_a_new_seed_and_a_fixed_seed_stays(demo):
     assert locked[0] == SKIP  # unticked: the seed box's own seed is used, as it is
     run, draft, final, cancel = (asked(b)["interactive"] for b in locked[1:5])
     assert (run, draft, final, cancel) == (False, False, False, True) and locked[5] == ""
-    rows, _ = app._load_presets(49)  # a preset is shown with its own seed: Randomize goes off
+    rows, _ = app._load_presets(None)  # a preset is shown with its own seed: Randomize goes off
     assert rows and all(row[-1] is False for row in rows)
     # Inputs the job would refuse lock nothing (no event would unlock): what is wrong is said under the buttons.
     refused = start(True, *{**GOOD, "prompt": "  "}.values())
     assert refused[:5] == (SKIP,) * 5 and "Not started. The prompt is empty" in refused[5]
     refused = start("yes", *{**GOOD, "num_frames": 10}.values())
-    assert refused[:5] == (SKIP,) * 5 and "Not started. Frames must be one of 9, 17" in refused[5]
+    assert refused[:5] == (SKIP,) * 5 and "Not started. Length (frames) must be one of 9, 17" in refused[5]
 
 
 def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_until_a_clip(demo, out):

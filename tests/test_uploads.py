@@ -263,7 +263,7 @@ def test_an_image_to_video_model_needs_its_image_and_takes_a_png(i2v_server, fil
         "parameters"
     ]
     assert [p["parameter_name"] for p in params][-1] == "image"
-    assert "Image to video:" in httpx.get(i2v_server.local_url).text  # the masthead says what this model does
+    assert "Image to video" in httpx.get(i2v_server.local_url).text  # the masthead says what this model does
     with pytest.raises(ValidationError, match="image: is required: this model makes a video from an image"):
         client.predict(**TEXT, api_name="/generate")
     with pytest.raises(ValidationError, match="video: is not used by this model"):

@@ -173,7 +173,7 @@ def test_the_page_says_that_cancel_cannot_stop_a_started_job(space):
     config = httpx.get(space[0] + "config").json()
     values = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
     assert values["cancel-note"] == app.ZERO_GPU_CANCEL_NOTE
-    assert "is loaded" in values["model-status"]  # at start-up, not in a job
+    assert "· ready" in values["model-status"]  # at start-up, not in a job
 
 
 def test_a_local_prompt_model_enhances_where_zero_gpu_allows(space):

@@ -30,6 +30,9 @@ SAVED_BYTES = 96 * 1024  # the browser's copy, sent back at each visit: well ins
 SIDECAR_BYTES = 64 * 1024
 SETTINGS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "num_frames")
 GIF = "🎞️ GIF"  # the button that makes a clip's GIF
+# Under Reuse, MP4 and GIF while they are off: why.
+CLIP_NOTE = "♻️ Reuse seed, ⬇️ MP4 and 🎞️ GIF: once you have made a clip."
+EXPIRED_NOTE = "⌛ This clip's files have expired: no MP4 or GIF (Generate renders it again)."
 EXPIRED = np.full((90, 135, 3), 40, dtype=np.uint8)  # the thumbnail of a clip whose files are gone
 
 
@@ -209,7 +212,8 @@ def gallery(clips: list[dict]) -> list[tuple]:
 
 def views(clip: dict | None, full_steps: int) -> tuple:
     """What shows one clip (or none): video, seed used, settings, MP4 download, GIF download, Make-GIF, Reuse
-    seed, Render final. Render final is offered for a draft only, and always renders the clip shown."""
+    seed, Render final, and the line that says why Reuse, MP4 and GIF are off. Render final is offered for a draft
+    only, and always renders the clip shown."""
     if clip is None:
         return (
             None,
@@ -220,6 +224,7 @@ def views(clip: dict | None, full_steps: int) -> tuple:
             gr.Button(GIF, visible=True, interactive=False),
             gr.Button(interactive=False),
             gr.Button(visible=False),
+            gr.Markdown(CLIP_NOTE, visible=True),
         )
     files = not expired(clip)
     gif = files and Path(clip["gif"]).is_file()
@@ -233,4 +238,5 @@ def views(clip: dict | None, full_steps: int) -> tuple:
         gr.Button(GIF, visible=not gif, interactive=files),  # its label again after "Making…"
         gr.Button(interactive=True),
         gr.Button(visible=draft, value=f"🎬 Render final ({full_steps} steps)"),
+        gr.Markdown(EXPIRED_NOTE, visible=not files),
     )

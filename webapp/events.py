@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import html
+import logging
 import secrets
 from pathlib import Path
 
 import gradio as gr
 
+from cogvideox.arguments import max_size, size_follows_image
 from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from webapp import clips as gallery_store
@@ -22,7 +24,7 @@ from webapp import uploads
 from webapp.clips import MAX_GALLERY, OUTPUT_TTL_S
 from webapp.jobs import Renderer, display_name, user_error
 from webapp.request import RequestError, named
-from webapp.validation import FIELDS, MAX_PROMPT_CHARS, SPEEDS
+from webapp.validation import FIELDS, MAX_PROMPT_CHARS, SPEEDS, seconds
 
 CANCEL = "⏹ Cancel"
 # A refused click is said under its button, in the words of the page's labels (each problem: validation.py).
@@ -32,7 +34,7 @@ FIELD_NAMES = {
     "seed": "The seed",
     "steps": "Steps",
     "guidance_scale": "Guidance",
-    "num_frames": "Frames",
+    "num_frames": "Length (frames)",
     "speed": "Speed",
     "strength": "Strength",
     "smooth": "Smooth",
@@ -52,29 +54,32 @@ def pipelines(pipeline) -> list[CogVideoXPipeline]:
     return list(pipeline) if isinstance(pipeline, (list, tuple)) else [] if pipeline is None else [pipeline]
 
 
-def model_status(pipe, notice: str, parallel=None) -> str:
-    """The model line: which model, where, whether loaded; `pipe` may be a list, one per device (N jobs at once);
-    `parallel` (ranks.Session): each clip is rendered by that many processes."""
+def model_status(pipe, notice: str) -> str:
+    """The model line: which model (its Hub id or folder name), what it makes, whether it is loaded; `pipe` may be a
+    list, one per device (that many clips at a time). Where it runs (devices, dtype) is the
+    operator's: the terminal says it (serve.startup_lines), as for torchrun's processes."""
     pipes = pipelines(pipe)
     if not pipes:
         return notice
-    pipe, dtype = pipes[0], str(pipes[0].dtype).removeprefix("torch.")
-    where = f"{pipe.device.type}, {dtype}"
-    if len(pipes) > 1:  # each serves one job at a time
-        kind = "GPUs" if all(p.device.type == "cuda" for p in pipes) else "devices"
-        where = f"{len(pipes)} {kind}: {', '.join(str(p.device) for p in pipes)}, {dtype}"
-    if parallel is not None:
-        where = f"{parallel.describe(pipe.device)}, {dtype}"
-    everywhere = " on each device" if len(pipes) > 1 else " on each process" if parallel is not None else ""
-    name = display_name(pipe.model_id)
-    state = (
-        f"✅ **{name}** is loaded ({where})."
-        if all(p.loaded for p in pipes)
-        else (
-            f"⏳ **{name}** ({where}): the model loads at the first video{everywhere}, which takes a while."
-        )
-    )
+    line = f"**{display_name(pipes[0].model_id)}** · {makes(pipes[0])}"
+    if len(pipes) > 1:
+        line += f" · {len(pipes)} clips at a time"
+    if all(p.loaded for p in pipes):
+        state = f"✅ {line} · ready"
+    else:
+        state = f"⏳ {line} · it loads at the first video, which takes a while"
     return f"{notice}\n\n{state}" if notice else state
+
+
+def makes(pipe) -> str:
+    """What a model makes, for a visitor: "up to 6 s at 8 fps, 720×480"; for CogVideoX 1.5 image to video, the
+    size follows the image ("up to 10 s at 16 fps, your image's shape up to 1360×768")."""
+    d = pipe.defaults
+    most_h, most_w = max_size(pipe.transformer_config, pipe.vae_config)
+    size = f"{d['width']}×{d['height']}"
+    if size_follows_image(pipe.transformer_config):
+        size = f"your image's shape up to {most_w}×{most_h}"
+    return f"up to {seconds(pipe.max_frames, pipe.fps)} at {pipe.fps} fps, {size}"
 
 
 class PageEvents:
@@ -97,7 +102,7 @@ class PageEvents:
         self.local_enhancer = bool(enhancer and enhancer.needs_gpu_lock)
 
     def status(self) -> str:
-        return model_status(self.pipes, self.notice, self.renderer.parallel)
+        return model_status(self.pipes, self.notice)
 
     # -- before a job ----------------------------------------------------------------------------------------
 
@@ -163,7 +168,7 @@ class PageEvents:
 
     def add_clip(self, clip, clips):
         if not isinstance(clip, dict):
-            return (gr.skip(),) * 12
+            return (gr.skip(),) * 13
         clips = [clip, *clips][:MAX_GALLERY]
         gallery_view = gr.Gallery(gallery_store.gallery(clips), selected_index=None)  # the new clip is shown
         done = gallery_store.done_text(clip)
@@ -249,26 +254,41 @@ class PageEvents:
             return contextlib.nullcontext()
         return self.renderer.pool.take(device=self.enhancer.backend.device)
 
-    def enhance(self, prompt):
-        """Rewrite a short idea into the detailed English prompt CogVideoX was trained on."""
+    def enhance(self, prompt: str) -> str:
+        """Rewrite a short idea into the detailed English prompt CogVideoX was trained on (the /enhance API: a
+        failure is its error)."""
+        return self.enhanced(prompt).text
+
+    def enhance_in_page(self, prompt):
+        """The ✨ button: the rewrite, or why not said beside the button (not as a toast in a corner)."""
+        try:
+            result = self.enhanced(prompt)
+        except gr.Error as e:
+            said = f'<span class="refused">⚠️ {e.title}: {e.message}</span>'
+            return gr.skip(), None, gr.Markdown(said, visible=True)
+        return result.text, result, gr.Markdown("", visible=False)
+
+    def enhanced(self, prompt) -> EnhanceResult:
         enhancer = self.enhancer
         if enhancer is None or not enhancer.available:
             raise user_error("The prompt enhancer is off on this server.")  # why: in the operator's terminal
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             raise user_error(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters")
-        # Gradio renders a gr.Error's message as HTML (links and images survive its sanitiser), and these messages
-        # carry what an endpoint sent: escaped, they show as the text they are.
+        # Gradio renders a gr.Error's message as HTML (links and images survive its sanitiser), and so does the
+        # page's note, and these messages carry what an endpoint sent: escaped, they show as the text they are.
         try:
             with self.enhance_lock():
-                result = enhancer.enhance(prompt)
+                return enhancer.enhance(prompt)
         except EnhanceError as e:
             raise user_error(html.escape(f"{e} (waited {e.elapsed_s:.0f} s)"), title="Enhance failed") from e
         except ValueError as e:
             raise user_error(html.escape(str(e)), title="Enhance failed") from e
-        except Exception as e:  # a bug, or a backend failing its own way: our words (its traceback is logged)
+        except Exception as e:  # a bug, or a backend failing its own way: our words, its traceback in the log
+            logging.getLogger(__name__).exception("the prompt enhancer failed")
             said = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            raise gr.Error(html.escape(f"The prompt enhancer failed ({said})"), title="Enhance failed") from e
-        return result.text, result
+            raise user_error(
+                html.escape(f"The prompt enhancer failed ({said})"), title="Enhance failed"
+            ) from e
 
     def show_enhanced(self, result):
         if not isinstance(result, EnhanceResult):

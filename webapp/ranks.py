@@ -42,7 +42,7 @@ from cogvideox.parallel import (
     video_tokens,
 )
 from cogvideox.pipeline import MAX_SEED, GenerationCancelled
-from webapp.validation import MIN_FRAMES
+from webapp.validation import frame_counts
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 WAIT_FOR_JOBS = timedelta(days=365)
@@ -309,7 +309,11 @@ def start(args, open_pipeline, zero_gpu: bool = False):
     except Exception as e:  # this rank's model (a folder on one node only): each rank says its own
         raise StartError(f"the model {args.model} is unavailable: {one_line(e)}", everywhere=True) from None
     tokens = video_tokens(
-        pipe.transformer_config, pipe.vae_config, MIN_FRAMES, pipe.defaults["height"], pipe.defaults["width"]
+        pipe.transformer_config,
+        pipe.vae_config,
+        frame_counts(pipe)[0],
+        pipe.defaults["height"],
+        pipe.defaults["width"],
     )
     for cfg_on, degree in found.items():  # against the model: its heads, compiled blocks, the shortest clip
         if isinstance(degree, tuple):

@@ -26,6 +26,7 @@ import numpy as np
 from gradio.utils import get_upload_folder
 
 from cogvideox import media
+from cogvideox.arguments import image_video_size, size_follows_image, takes_video
 from cogvideox.sampling import DEFAULT_STRENGTH
 from webapp.validation import MIN_FRAMES, MIN_STRENGTH
 
@@ -115,8 +116,8 @@ def load(pipe, value, field: str) -> Source | None:
     path = upload_path(value, field)
     if path is None:
         return None
-    d, stat = pipe.defaults, path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns, field, d["height"], d["width"], pipe.max_frames)
+    height, width, stat = *generation_size(pipe, path, field), path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, field, height, width, pipe.max_frames)
     with _lock:
         if key in _remembered:
             _remembered.move_to_end(key)
@@ -125,9 +126,9 @@ def load(pipe, value, field: str) -> Source | None:
         raise UploadError(field, "the server is busy reading other files: try again shortly")
     try:
         if field == "video":
-            pixels = media.load_video(path, d["height"], d["width"], max_frames=pipe.max_frames, fps=pipe.fps)
+            pixels = media.load_video(path, height, width, max_frames=pipe.max_frames, fps=pipe.fps)
         else:
-            pixels = media.load_image(path, d["height"], d["width"])
+            pixels = media.load_image(path, height, width)
         found = Source(field, pixels, _name(value, path))
         if field == "video" and len(pixels) < MIN_FRAMES:
             found = (
@@ -142,6 +143,18 @@ def load(pipe, value, field: str) -> Source | None:
         while len(_remembered) > REMEMBERED:
             _remembered.popitem(last=False)
     return _raise_or(field, found)
+
+
+def generation_size(pipe, path: Path, field: str) -> tuple[int, int]:
+    """The (height, width) a file is read at: the model's, or for CogVideoX 1.5 image to video the image's shape
+    within the model's grid (cogvideox.arguments.image_video_size)."""
+    d = pipe.defaults
+    shown = (
+        media.image_size(path) if field == "image" and size_follows_image(pipe.transformer_config) else None
+    )
+    if shown is None or 0 in shown:
+        return d["height"], d["width"]
+    return image_video_size(pipe.transformer_config, pipe.vae_config, *shown)
 
 
 def _raise_or(field: str, found: Source | str) -> Source:
@@ -164,6 +177,8 @@ def prepare(pipe, kwargs: dict, smooth: bool = False) -> tuple[dict, dict]:
         raise UploadError("image", "is not used by this model: it starts from text or a video")
     if video is not None and pipe.needs_image:
         raise UploadError("video", "is not used by this model: it starts from an image")
+    if video is not None and not takes_video(pipe.transformer_config):
+        raise UploadError("video", "is not used by this model: CogVideoX 1.5 starts from text or an image")
     if video is not None:
         source = load(pipe, video, "video")
         # As many frames as asked for, at most the video's: both 8N+1, so the first ones are 8N+1 too.
@@ -172,7 +187,8 @@ def prepare(pipe, kwargs: dict, smooth: bool = False) -> tuple[dict, dict]:
         extras["source"] = source
     elif image is not None:
         extras["source"] = load(pipe, image, "image")
-        kwargs["image"] = extras["source"].pixels
+        pixels = kwargs["image"] = extras["source"].pixels
+        kwargs.update(height=pixels.shape[0], width=pixels.shape[1])  # the image's, where the size follows it
     return kwargs, extras
 
 
@@ -233,13 +249,15 @@ def source_inputs(pipe) -> tuple:
     if needs_image:
         with gr.Group(elem_id="from-image"):
             image = gr.Image(
-                label="Start from an image (this model needs one)",
+                label="Start from an image (this model needs one)"
+                + (": the video takes its shape" if size_follows_image(pipe.transformer_config) else ""),
                 type="filepath",
                 sources=["upload", "clipboard"],
                 height=220,
                 elem_id="source-image",
             )
-    shown = not needs_image and MAX_UPLOAD_BYTES > 0  # 0: the upload route is closed
+    # 0 bytes: the upload route is closed; CogVideoX 1.5 does not start from a video (prepare says so to the API)
+    shown = (pipe is None or takes_video(pipe.transformer_config)) and MAX_UPLOAD_BYTES > 0
     with gr.Accordion("🎞️ Start from a video", open=False, visible=shown, elem_id="from-video"):
         video = gr.Video(
             label="Your video (MP4, WebM, MOV, GIF…)", sources=["upload"], height=220, elem_id="source-video"

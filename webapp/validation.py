@@ -26,7 +26,10 @@ MAX_PROMPT_CHARS = int(os.environ.get("MAX_PROMPT_CHARS", 2000))  # T5 reads 226
 PROMPT_BOX_CHARS = MAX_PROMPT_CHARS + 1000
 MAX_STEPS = int(os.environ.get("MAX_STEPS", 100))
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, float(os.environ.get("MAX_GUIDANCE", 20))
-MIN_FRAMES, FRAME_STEP = 9, 8  # the VAE's 4x temporal compression wants 8N+1 frames
+MIN_FRAMES, FRAME_STEP = 9, 8  # CogVideoX 1.0 (and a video to start from): 8N+1 frames; 1.5: 16N+1
+SMOOTH_FPS = (
+    16  # Smooth doubles a model's rate up to this; a model already there is not offered it (docs/app.md)
+)
 MIN_STRENGTH = 0.05  # of a video to start from: lower keeps more of it
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "num_frames")
 # Speed: the pipeline's step cache (TeaCache), which skips transformer steps whose input barely changed. The page
@@ -47,8 +50,26 @@ def whole(value) -> int | None:
     return int(value) if isinstance(value, float) and value.is_integer() else None
 
 
-def frame_counts(max_frames: int) -> range:
-    return range(MIN_FRAMES, max_frames + 1, FRAME_STEP)
+def frame_counts(pipe) -> range:
+    """The frame counts a request may ask for: period·N+1 from one period to the model's most (8N+1 up to 49 for
+    CogVideoX 1.0, 16N+1 up to 161 for 1.5); no model: the release's."""
+    if pipe is None:
+        period, most = FRAME_STEP, RELEASE_DEFAULTS.num_frames
+    else:
+        period, most = pipe.transformer_config.frame_period, pipe.max_frames
+    return range(period + 1, most + 1, period)
+
+
+def seconds(frames: int, fps: int) -> str:
+    """How long `frames` last, as the page says it: N frames span (N-1)/fps s (49 at 8 fps: 6 s)."""
+    return f"{(frames - 1) / fps:.3g} s"
+
+
+def smooth_offered(pipe) -> bool:
+    """Smooth (a frame between each two, twice the fps) where the model's rate is below SMOOTH_FPS: 8 -> 16 fps.
+    At 16 fps (CogVideoX 1.5) motion is already fluid, and 32 fps would cost a minute or more of the server's CPU
+    per clip at 1360x768 (docs/app.md)."""
+    return pipe is None or pipe.fps < SMOOTH_FPS
 
 
 def preview_every(steps: int) -> int:
@@ -87,7 +108,7 @@ def check_inputs(
     number = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
     if not number or not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:  # NaN fails the comparison too
         errors["guidance_scale"] = f"must be a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
-    allowed = frame_counts(pipe.max_frames if pipe else RELEASE_DEFAULTS.num_frames)
+    allowed = frame_counts(pipe)
     if whole(num_frames) not in allowed:
         errors["num_frames"] = f"must be one of {', '.join(map(str, allowed))}"
     speed = FULL if speed is None else speed
@@ -102,6 +123,8 @@ def check_inputs(
     smooth = False if smooth is None else smooth
     if not isinstance(smooth, bool):
         errors["smooth"] = "must be true or false"
+    elif smooth and not smooth_offered(pipe):
+        errors["smooth"] = f"is not offered for this model: it makes {pipe.fps} fps already (send false)"
     if pipe is None:
         errors.setdefault("prompt", "cannot be rendered: no model is loaded (see the notice at the top)")
     if errors:
