@@ -20,7 +20,14 @@ from cogvideox.testing import write_tiny_checkpoint, write_tiny_lora
 PROMPT = "a wooden toy ship glides over a blue carpet"
 CALL = dict(num_inference_steps=2, num_frames=9, seed=3)
 # Beyond attention: the 2B's patch embedding is a Conv2d (its LoRA a convolution pair), and the adaptive norms.
-MOTION_LAYERS = ("attn1.to_k", "attn1.to_out.0", "ff.net.0.proj", "norm1.linear", "proj_out", "patch_embed.proj")
+MOTION_LAYERS = (
+    "attn1.to_k",
+    "attn1.to_out.0",
+    "ff.net.0.proj",
+    "norm1.linear",
+    "proj_out",
+    "patch_embed.proj",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +50,37 @@ def _weights(pipe) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
 
 
-def _assert_weights(pipe, want: dict[str, torch.Tensor]) -> None:
-    got = pipe.transformer.state_dict()
+def _assert_weights_equal(got: dict, want: dict) -> None:
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
 
 
 @pytest.fixture(scope="module")
-def base(tiny_2b):
-    """The tiny 2B loaded without LoRAs: its transformer weights and its video."""
+def lora_video(tiny_2b, loras):
+    """The resident pipeline's video with style at 0.7 and motion at 1.3."""
     pipe = _pipe(tiny_2b)
-    frames = pipe(PROMPT, **CALL).frames
-    return _weights(pipe), frames
+    pipe.load_lora(loras["style"], 0.7)
+    pipe.load_lora(loras["motion"], 1.3)
+    return pipe(PROMPT, **CALL)
+
+
+@pytest.fixture
+def pipe(tiny_2b, loaded):
+    """The module's loaded pipeline with no LoRA, left so after the test."""
+    yield loaded
+    loaded.unload_lora()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_2b):
+    pipe = _pipe(tiny_2b)
+    pipe.load()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base(loaded):
+    """The tiny 2B without LoRAs: its transformer weights and its video."""
+    return _weights(loaded), loaded(PROMPT, **CALL).frames
 
 
 def _frames(out) -> np.ndarray:
@@ -82,13 +109,11 @@ def _close(ours: np.ndarray, want: np.ndarray) -> None:
 
 
 @pytest.mark.slow
-def test_two_loras_give_diffusers_video(tiny_2b, loras, base):
+def test_two_loras_give_diffusers_video(tiny_2b, loras, base, lora_video):
     """lora_alpha != rank and an alpha_pattern read from diffusers' metadata, a LoRA without metadata, a
     convolution's LoRA, scales other than 1: diffusers' load_lora_weights + set_adapters video within 2/255."""
     adapters = {"style": (loras["style"], 0.7), "motion": (loras["motion"], 1.3)}
-    pipe = _pipe(tiny_2b)
-    assert [pipe.load_lora(file, scale) for file, scale in adapters.values()] == ["style", "motion"]
-    ours = pipe(PROMPT, **CALL)
+    ours = lora_video
     want = _reference(tiny_2b, adapters, **CALL)
     _close(ours.frames, want)
     assert np.abs(base[1].astype(int) - want.astype(int)).mean() > 5  # the LoRAs change the video a lot
@@ -97,14 +122,187 @@ def test_two_loras_give_diffusers_video(tiny_2b, loras, base):
     assert [x["name"] for x in ours.settings["loras"]] == ["style", "motion"]
 
 
-@pytest.mark.slow
-def test_cogvideox_15_lora_gives_diffusers_video(tmp_path):
-    """CogVideoX 1.5: its patch embedding is a Linear over temporal patches, its prompt 224 tokens."""
-    path = write_tiny_checkpoint(tmp_path / "tiny-15", style="1.5")
+def test_cogvideox_15_lora_folds_as_diffusers_fuses(tmp_path):
+    """CogVideoX 1.5 (its patch embedding a Linear over temporal patches): the folded weights are diffusers'
+    after load_lora_adapter + set_adapters + fuse_lora (the transformer alone: no video needed)."""
+    from diffusers import CogVideoXPipeline as Reference
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogvideox.lora import LoraSet
+    from cogvideox.offload import Offloader
+    from cogvideox.testing import _config_json, _write_module, tiny_configs
+    from cogvideox.transformer import CogVideoXTransformer
+
+    config = tiny_configs("1.5")[0]
+    folder = tmp_path / "transformer"
+    torch.manual_seed(0)
+    _write_module(folder, CogVideoXTransformer(config), _config_json(config, "x"), torch.float32)
     layers = ("attn1.to_q", "attn1.to_out.0", "patch_embed.proj", "norm_out.linear")
-    lora = write_tiny_lora(tmp_path / "l15.safetensors", path, 4, 2.0, 5, layers)
-    pipe = _pipe(path)
-    pipe.load_lora(lora, 0.9)
-    call = dict(num_inference_steps=2, num_frames=17, seed=4)
-    ours = pipe(PROMPT, **call).frames
-    _close(ours, _reference(path, {"l15": (lora, 0.9)}, max_sequence_length=224, **call))
+    lora = write_tiny_lora(tmp_path / "l15.safetensors", tmp_path, 4, 2.0, 5, layers)
+    ours = CogVideoXTransformer(config)
+    ours.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    LoraSet(config, lambda: (ours, Offloader("cpu", "resident"), folder)).load(lora, 0.9, None)
+    theirs = CogVideoXTransformer3DModel.from_pretrained(folder)
+    # As load_lora_weights does: the file's metadata read by the pipeline's loader (the model's alone skips it)
+    state, metadata = Reference.lora_state_dict(str(lora), return_lora_metadata=True)
+    theirs.load_lora_adapter(state, adapter_name="l15", prefix="transformer", metadata=metadata)
+    theirs.set_adapters(["l15"], [0.9])
+    theirs.fuse_lora()
+    want = {k.replace(".base_layer", ""): v for k, v in theirs.state_dict().items() if "lora_" not in k}
+    got = ours.state_dict()
+    assert set(got) == set(want)
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)
+    base = load_file(folder / "diffusion_pytorch_model.safetensors")
+    assert [k for k in got if not torch.equal(got[k], base[k])] == [
+        "patch_embed.proj.weight",
+        "transformer_blocks.0.attn1.to_q.weight",
+        "transformer_blocks.0.attn1.to_out.0.weight",
+        "transformer_blocks.1.attn1.to_q.weight",
+        "transformer_blocks.1.attn1.to_out.0.weight",
+        "norm_out.linear.weight",
+    ]
+
+
+# -- layouts --------------------------------------------------------------------------------------------------
+
+
+def _layouts(tmp_path, loras) -> dict[str, tuple]:
+    """The same updates in each layout people publish, each with the scale that makes it fold like `motion` at 1:
+    kohya's (alpha 1 of rank 2: half the factor, so scale 2), SAT's names (style's attention layers, alpha = rank,
+    like diffusers' file of the same tensors without metadata), ComfyUI's and PEFT's own key forms."""
+    motion, style = load_file(loras["motion"]), load_file(loras["style"])
+    pairs = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): (
+            v,
+            motion[k.replace("lora_A", "lora_B")],
+        )
+        for k, v in motion.items()
+        if "lora_A" in k
+    }
+    kohya = {}
+    for name, (a, b) in pairs.items():
+        flat = "lora_unet_" + name.replace(".", "_")
+        kohya |= {
+            f"{flat}.lora_down.weight": a,
+            f"{flat}.lora_up.weight": b,
+            f"{flat}.alpha": torch.tensor(1.0),
+        }
+    sat, plain = {}, {}
+    for i in range(2):
+        for j, qkv in enumerate(("to_q", "to_k", "to_v", "to_out.0")):
+            kind, index = ("dense", 0) if qkv == "to_out.0" else ("query_key_value", j)
+            for part, ab in (("A", "lora_A"), ("B", "lora_B")):
+                key = f"transformer.transformer_blocks.{i}.attn1.{qkv}.{ab}.weight"
+                sat[
+                    f"model.diffusion_model.transformer.layers.{i}.attention.{kind}.matrix_{part}.{index}"
+                ] = style[key]
+                plain[key] = style[key]
+    files = {
+        "kohya": ({**kohya}, 2.0),
+        "comfy": ({k.replace("transformer.", "diffusion_model.", 1): v for k, v in motion.items()}, 1.0),
+        "peft": (
+            {
+                k.replace("transformer.", "base_model.model.", 1).replace(".weight", ".default.weight"): v
+                for k, v in motion.items()
+            },
+            1.0,
+        ),
+        "sat": (sat, 1.0),
+        "sat-exported": (plain, 1.0),
+    }
+    for name, (tensors, scale) in files.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+    return {name: (tmp_path / f"{name}.safetensors", scale) for name, (_, scale) in files.items()}
+
+
+def test_every_layout_folds_the_same_weights(pipe, loras, tmp_path):
+    files = _layouts(tmp_path, loras)
+    folded = {}
+    for name, (file, scale) in [("motion", (loras["motion"], 1.0)), *files.items()]:
+        assert pipe.load_lora(file, scale) == name
+        folded[name] = _weights(pipe)
+        pipe.unload_lora(name)
+    for name in ("kohya", "comfy", "peft"):
+        _assert_weights_equal(folded[name], folded["motion"])
+    _assert_weights_equal(folded["sat"], folded["sat-exported"])
+    assert any(not torch.equal(folded["sat"][k], folded["motion"][k]) for k in folded["sat"])
+
+
+# -- folding: scales, restore, memory modes, compile ----------------------------------------------------------
+
+
+def test_a_weight_depends_on_the_scales_wanted_only_and_unload_restores_it_bit_for_bit(
+    pipe, tiny_2b, loras, base, monkeypatch
+):
+    from cogvideox import lora
+
+    pipe.load_lora(loras["style"], 0.3)
+    pipe.load_lora(loras["motion"], -1.0)
+    pipe.set_lora_scale("style", 1.5)
+    pipe.set_loras({"motion": 0.5, "style": 1.5})
+    direct = _pipe(tiny_2b)
+    direct.load_lora(loras["style"], 1.5)  # before the weights load: folded as they load
+    direct.load_lora(loras["motion"], 0.5)
+    direct.load()
+    _assert_weights_equal(_weights(pipe), _weights(direct))
+    # The same scales again: nothing read, nothing written. One scale changed: only its layers.
+    reads, real = [], lora.read_tensors
+    monkeypatch.setattr(lora, "read_tensors", lambda *a, **k: reads.append(a[1]) or real(*a, **k))
+    pipe.set_loras({"style": 1.5, "motion": 0.5})
+    assert reads == []
+    pipe.set_loras({"style": 1.5})  # motion to 0: loaded, not applied
+    # motion's layers: per block to_qkv, to_out.0 (style's too), ff.net.0.proj, norm1.linear; proj_out, patch_embed
+    assert len(reads) == pipe.loras.last_fold["layers"] == 2 * 4 + 2
+    pipe.unload_lora()
+    _assert_weights_equal(_weights(pipe), base[0])
+    assert pipe.loras.folded == {} and pipe.loras.scales == {}
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_every_memory_mode_gives_the_resident_video(tiny_2b, loras, lora_video, mode):
+    """Off-device modes keep the weights in host packs: folding writes there (sequential: each block's pack,
+    streamed). Model mode folds as the weights load; sequential after, then rescales."""
+    pipe = _pipe(tiny_2b, memory_mode=mode)
+    if mode == "sequential":
+        pipe.load()
+    pipe.load_lora(loras["style"], -0.4 if mode == "sequential" else 0.7)
+    pipe.load_lora(loras["motion"], 1.3)
+    pipe.set_lora_scale("style", 0.7)
+    np.testing.assert_array_equal(pipe(PROMPT, **CALL).frames, lora_video.frames)
+    assert all(p.numel() == 0 for p in pipe.transformer.parameters())  # still off the device between runs
+
+
+def test_a_new_scale_under_compile_recompiles_nothing(pipe, loras):
+    """Weights change in place: the compiled blocks' graph (dynamo's, counted as tests/test_compile.py does) takes
+    the new values as inputs, and its output is the eager model's with the same weights."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    g = torch.Generator().manual_seed(0)
+    args = (
+        torch.randn(2, 3, 4, 8, 12, generator=g),
+        torch.randn(2, 226, 32, generator=g),
+        torch.tensor([500, 500]),
+    )
+    torch._dynamo.reset()
+    blocks = pipe.transformer.transformer_blocks
+    pipe.load_lora(loras["style"], 0.5)
+    pipe.transformer.compile_blocks(backend=counting_backend)
+    try:
+        with torch.inference_mode():
+            before = pipe.transformer(*args)
+            pipe.set_lora_scale("style", 1.0)
+            after = pipe.transformer(*args)
+            for block in blocks:
+                del block.forward  # the class's eager forward
+            eager = pipe.transformer(*args)
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    assert len(graphs) == 1  # batch 2, both blocks, both scales
+    torch.testing.assert_close(after, eager)
+    assert (after - before).abs().max() > 1e-2
