@@ -104,9 +104,11 @@ def lora_flag(text: str) -> tuple[str, float]:
     part of the path); 1 when left out."""
     source, colon, tail = text.rpartition(":")
     try:
-        scale = float(tail) if colon else 1.0
+        scale = float(tail)
     except ValueError:
-        source, scale = text, 1.0
+        colon = ""
+    if not colon:
+        return text, 1.0
     if not (math.isfinite(scale) and abs(scale) <= LORA_MAX_SCALE):
         raise argparse.ArgumentTypeError(
             f"scale must be in [-{LORA_MAX_SCALE:g}, {LORA_MAX_SCALE:g}], got {tail}"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from cogvideox import CogVideoXPipeline
 from cogvideox import __main__ as cli
 from cogvideox.loading import CheckpointError
-from cogvideox.testing import write_tiny_checkpoint, write_tiny_lora
+from cogvideox.testing import write_tiny_lora
 
 PROMPT = "a wooden toy ship glides over a blue carpet"
 CALL = dict(num_inference_steps=2, num_frames=9, seed=3)
@@ -211,7 +211,7 @@ def _layouts(tmp_path, loras) -> dict[str, tuple]:
         "sat": (sat, 1.0),
         "sat-exported": (plain, 1.0),
     }
-    for name, (tensors, scale) in files.items():
+    for name, (tensors, _) in files.items():
         save_file(tensors, tmp_path / f"{name}.safetensors")
     return {name: (tmp_path / f"{name}.safetensors", scale) for name, (_, scale) in files.items()}
 
@@ -306,3 +306,165 @@ def test_a_new_scale_under_compile_recompiles_nothing(pipe, loras):
     assert len(graphs) == 1  # batch 2, both blocks, both scales
     torch.testing.assert_close(after, eager)
     assert (after - before).abs().max() > 1e-2
+
+
+# -- bad input: one clear error, nothing changed ------------------------------------------------------------------
+
+
+def _bad_files(tmp_path, loras) -> list[tuple]:
+    """(source, scale, name, what the error says) for each way a LoRA can be wrong."""
+    style = load_file(loras["style"])
+    key = "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    files = {
+        "damaged": loras["style"].read_bytes()[:200],
+        "text": b"not a safetensors file",
+        "empty": None,
+        "unknown": {"blocks.0.q.down": style[key]},
+        "elsewhere": {
+            **style,
+            "transformer.transformer_blocks.7.attn1.to_q.lora_A.weight": style[key].clone(),
+        },
+        "encoder": {"text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": style[key]},
+        "wide": {
+            key: torch.zeros(4, 64),
+            key.replace("lora_A", "lora_B"): torch.zeros(32, 4),
+        },  # a wider model's
+        "alone": {key: style[key]},
+        "nan": {**style, key: style[key] * float("nan")},
+    }
+    for name, content in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            save_file(content or {}, path)
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(loras["motion"], two / f"{name}.safetensors")
+    return [
+        (tmp_path / "missing.safetensors", 1.0, None, "missing.safetensors': no such file"),
+        (
+            tmp_path / "damaged.safetensors",
+            1.0,
+            None,
+            "damaged.safetensors is damaged or not a safetensors file",
+        ),
+        (tmp_path / "text.safetensors", 1.0, None, "text.safetensors is damaged or not a safetensors file"),
+        (tmp_path / "empty.safetensors", 1.0, None, "empty.safetensors holds no tensors"),
+        (
+            tmp_path / "unknown.safetensors",
+            1.0,
+            None,
+            "unknown.safetensors: unknown layout: 'blocks.0.q.down'",
+        ),
+        (
+            tmp_path / "elsewhere.safetensors",
+            1.0,
+            None,
+            "'transformer.transformer_blocks.7.attn1.to_q.lora_A.weight' matches no layer",
+        ),
+        (
+            tmp_path / "encoder.safetensors",
+            1.0,
+            None,
+            "'text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight' matches no layer",
+        ),
+        (
+            tmp_path / "wide.safetensors",
+            1.0,
+            None,
+            f"{key}' updates a 32x64 weight .* this model's transformer_blocks.0.attn1.to_q is 32x32",
+        ),
+        (tmp_path / "alone.safetensors", 1.0, None, f"{key}' has no up \\(B\\) matrix"),
+        (tmp_path / "nan.safetensors", 1.0, None, "NaN or infinite"),
+        (two, 1.0, None, "must hold one .safetensors file .* it holds a.safetensors, b.safetensors"),
+        (loras["motion"], 4.5, None, r"LoRA scale must be a number in \[-4, 4\], got 4.5"),
+        (loras["motion"], float("nan"), None, "LoRA scale must be"),
+        (loras["motion"], True, None, "LoRA scale must be"),
+        (loras["motion"], 1.0, "style", "a LoRA named 'style' is loaded already"),
+        (loras["motion"], 1.0, " ", "LoRA name must be a non-empty string"),
+        ("someone/missing-lora", 1.0, None, "could not get it from the Hugging Face Hub"),
+        ("../nowhere", 1.0, None, "no such file or folder"),
+    ]
+
+
+def test_a_bad_lora_is_one_clear_error_and_changes_nothing(pipe, loras, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe.load_lora(loras["style"], 0.8)
+    weights, scales, folded = _weights(pipe), dict(pipe.loras.scales), dict(pipe.loras.folded)
+    for source, scale, name, message in _bad_files(tmp_path, loras):
+        with pytest.raises(ValueError, match=message):
+            pipe.load_lora(source, scale, name)
+        _assert_weights_equal(_weights(pipe), weights)
+        assert (pipe.loras.scales, pipe.loras.folded) == (scales, folded)
+    for call, message in [
+        (lambda: pipe.set_lora_scale("nope", 1.0), r"no LoRA named 'nope' is loaded; loaded: \['style'\]"),
+        (lambda: pipe.set_loras({"style": 9}), "LoRA scale must be"),
+        (lambda: pipe.unload_lora("nope"), "no LoRA named 'nope'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert pipe.loras.scales == scales
+    _assert_weights_equal(_weights(pipe), weights)
+
+
+def test_a_fold_that_fails_puts_the_old_loras_back(tiny_2b, loras, tmp_path):
+    """The checkpoint's file gone after loading: the new LoRA is not kept, the error names the folder."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_2b, copy)
+    pipe = _pipe(copy)
+    pipe.load()
+    (copy / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights in .*ckpt/transformer"):
+        pipe.load_lora(loras["style"])
+    assert pipe.loras.scales == {} and pipe.loras.folded == {}
+
+
+def test_a_folder_or_a_diffusers_folder_is_a_source(pipe, loras, tmp_path):
+    folder = tmp_path / "my-style"
+    folder.mkdir()
+    shutil.copy(loras["style"], folder / "pytorch_lora_weights.safetensors")
+    shutil.copy(loras["motion"], folder / "other.safetensors")
+    assert pipe.load_lora(folder) == "my-style"  # diffusers' file name picked, the folder's name given
+    assert pipe.load_lora(loras["motion"].parent / "motion.safetensors", name="m2") == "m2"
+    assert pipe.loras.scales == {"my-style": 1.0, "m2": 1.0}
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def test_lora_flag_takes_the_scale_after_the_last_colon_only_when_it_is_a_number():
+    assert cli.lora_flag("style.safetensors") == ("style.safetensors", 1.0)
+    assert cli.lora_flag("style.safetensors:0.8") == ("style.safetensors", 0.8)
+    assert cli.lora_flag("a:b/style.safetensors:-1.5") == ("a:b/style.safetensors", -1.5)
+    assert cli.lora_flag("owner/name:4") == ("owner/name", 4.0)
+    assert cli.lora_flag("odd:name.safetensors") == ("odd:name.safetensors", 1.0)
+    for text in ("style:4.01", "style:-5", "style:nan", "style:inf", ":0.5"):
+        with pytest.raises(Exception, match=r"scale must be in|needs a file"):
+            cli.lora_flag(text)
+
+
+def test_cli_lora_flags_and_sidecar(tmp_path, capsys):
+    style = write_tiny_lora(tmp_path / "style.safetensors", "tiny-random", 4, 8.0, 1)
+    motion = write_tiny_lora(tmp_path / "motion.safetensors", "tiny-random", 2, None, 2)
+    out = tmp_path / "fox.mp4"
+    argv = ["--model", "tiny-random", "--prompt", "a fox", "--frames", "9", "--steps", "1", "--device", "cpu"]
+    argv += ["--seed", "7", "--lora", f"{style}:0.8", "--lora", str(motion), "--output", str(out)]
+    assert cli.main(argv) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (style, motion)]
+    assert sidecar["loras"] == [
+        {"name": "style", "sha256": digests[0], "scale": 0.8},
+        {"name": "motion", "sha256": digests[1], "scale": 1.0},
+    ]
+    # A bad one: one line, exit 2, before any weights load, no file written.
+    capsys.readouterr()
+    bad = [*argv[:-1], str(tmp_path / "x.mp4"), "--lora", str(tmp_path / "nope.safetensors")]
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: LoRA ") and "nope.safetensors" in err
+    assert "loading" not in err and not (tmp_path / "x.mp4").exists()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--lora", "style.safetensors:7"])
+    assert exit_.value.code == 2
