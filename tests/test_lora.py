@@ -259,6 +259,7 @@ def test_a_weight_depends_on_the_scales_wanted_only_and_unload_restores_it_bit_f
     assert pipe.loras.folded == {} and pipe.loras.scales == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_every_memory_mode_gives_the_resident_video(tiny_2b, loras, lora_video, mode):
     """Off-device modes keep the weights in host packs: folding writes there (sequential: each block's pack,
@@ -273,6 +274,7 @@ def test_every_memory_mode_gives_the_resident_video(tiny_2b, loras, lora_video, 
     assert all(p.numel() == 0 for p in pipe.transformer.parameters())  # still off the device between runs
 
 
+@pytest.mark.slow
 def test_a_new_scale_under_compile_recompiles_nothing(pipe, loras):
     """Weights change in place: the compiled blocks' graph (dynamo's, counted as tests/test_compile.py does) takes
     the new values as inputs, and its output is the eager model's with the same weights."""
@@ -445,6 +447,7 @@ def test_lora_flag_takes_the_scale_after_the_last_colon_only_when_it_is_a_number
             cli.lora_flag(text)
 
 
+@pytest.mark.slow
 def test_cli_lora_flags_and_sidecar(tmp_path, capsys):
     style = write_tiny_lora(tmp_path / "style.safetensors", "tiny-random", 4, 8.0, 1)
     motion = write_tiny_lora(tmp_path / "motion.safetensors", "tiny-random", 2, None, 2)
