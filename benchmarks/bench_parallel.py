@@ -181,6 +181,7 @@ def worker(
                 parallel = Parallel(job["cfg"], job["sp"])
                 if job["ckpt"] not in pipes:
                     pipes[job["ckpt"]] = CogVideoXPipeline.from_pretrained(job["ckpt"], device=device)
+                use_loras(pipes[job["ckpt"]], job.get("loras", []))
                 run = forward_check if job.get("forward") else generate
                 record = run(pipes[job["ckpt"]], parallel, job["call"], Path(out) / f"{job['name']}.npy")
             except ValueError as e:
@@ -188,6 +189,18 @@ def worker(
             (Path(out) / f"{job['name']}.{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
+
+
+def use_loras(pipe, loras: list) -> None:
+    """A job's LoRAs, [file, scale] pairs, each loaded on this rank as every rank does; earlier jobs' go to 0."""
+    scales = {}
+    for file, scale in loras:
+        name = Path(file).stem
+        if name not in pipe.loras.loras:
+            pipe.load_lora(file, 0.0)
+        scales[name] = scale
+    if scales or pipe.loras.loras:
+        pipe.set_loras(scales)
 
 
 def generate(pipe, parallel, call: dict, frames_path: Path) -> dict:

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import RELEASE_DEFAULTS  # torch-free: --help and bad flags answer in milliseconds
+from .config import (
+    LORA_MAX_SCALE,
+    RELEASE_DEFAULTS,
+)  # torch-free: --help and bad flags answer in milliseconds
 
 # Known without a model, so bad values fail in milliseconds: torch and the pipeline are imported only to generate.
 # Equal to the library's limits (cogvideox/pipeline.py; a test keeps them in step).
@@ -95,6 +98,27 @@ def input_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{'is not a file' if path.exists() else 'no such file'}: {text}")
     return path
+
+
+def lora_flag(text: str) -> tuple[str, float]:
+    """--lora SOURCE[:SCALE]: the scale is what follows the last ':' when it reads as a number (else the ':' is
+    part of the path); 1 when left out."""
+    source, colon, tail = text.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        colon = ""
+    if not colon:
+        return text, 1.0
+    if not (math.isfinite(scale) and abs(scale) <= LORA_MAX_SCALE):
+        raise argparse.ArgumentTypeError(
+            f"scale must be in [-{LORA_MAX_SCALE:g}, {LORA_MAX_SCALE:g}], got {tail}"
+        )
+    if not source:
+        raise argparse.ArgumentTypeError(
+            f"needs a file, folder or Hub repo id before the scale, got {text!r}"
+        )
+    return source, scale
 
 
 STEP_CACHE_PRESETS = ("quality", "fast")  # cogvideox.cache's names (not imported here: it pulls in torch)
@@ -209,6 +233,16 @@ def add_input_and_run_flags(p: argparse.ArgumentParser) -> None:
         "fps (16, or 32 for CogVideoX 1.5), the same duration",
     )
     p.add_argument(
+        "--lora",
+        type=lora_flag,
+        action="append",
+        default=[],
+        metavar="SOURCE[:SCALE]",
+        help="a LoRA: a .safetensors file (diffusers/PEFT, kohya or SAT layout), a folder holding one or a Hub repo "
+        f"id, at SCALE in [-{LORA_MAX_SCALE:g}, {LORA_MAX_SCALE:g}] (default 1); repeat for several. The sidecar "
+        "records each one's name, SHA-256 and scale",
+    )
+    p.add_argument(
         "--parallel",
         choices=["cfg", "sp", "cfg,sp"],
         default=None,
@@ -275,6 +309,9 @@ def generate(args: argparse.Namespace) -> int:
     if pipe is None:
         return 1
     kwargs, inputs = call_arguments(args, pipe)
+    for source, scale in args.lora:  # read and checked now, folded into the weights as they load
+        name = pipe.load_lora(source, scale)
+        print(f"LoRA {name} at scale {scale:g}", file=sys.stderr)
     # 2. A parallel run's process group (and every rank's weights)
     parallel, load_s = start_parallel(args, pipe, kwargs)
     warn_before_run(args, pipe, model)

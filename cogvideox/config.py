@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -277,6 +278,11 @@ class GenerationDefaults:
 
 # The released models' (2B and 5B alike: 49 frames of 720x480), for whoever has no pipeline at hand.
 RELEASE_DEFAULTS = GenerationDefaults.for_model(TransformerConfig(), VAEConfig())
+
+
+# A LoRA's scale is in [-LORA_MAX_SCALE, LORA_MAX_SCALE]: trained LoRAs work near 1, past ±2 they mostly burn the
+# video; diffusers sets no bound, ComfyUI's loader allows ±20 or ±100 by version. Here, torch-free: the CLI's check.
+LORA_MAX_SCALE = float(os.environ.get("COGVIDEOX_LORA_MAX_SCALE", 4))
 
 
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")

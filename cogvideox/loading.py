@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import CheckpointError
 
-__all__ = ["CheckpointError", "load_module", "load_state_dict_from_dir", "resolve_model"]
+__all__ = ["CheckpointError", "load_module", "load_state_dict_from_dir", "read_tensors", "resolve_model"]
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # Small files: enough to build every config, count tokens and validate a request without any weights.
@@ -94,6 +94,26 @@ def load_state_dict_from_dir(
                     state[key] = t if convert is None else convert(key, t)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"corrupt weights file {file}: {e}") from None
+    return state
+
+
+def read_tensors(
+    folder: str | Path, keys: Iterable[str], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Some tensors of a component folder, cast as `load_state_dict_from_dir` casts them (so bit for bit what was
+    loaded), read through a memory map: the rest of the files is not read."""
+    wanted, state = set(keys), {}
+    for file in _safetensors_files(Path(folder)):
+        try:
+            with safe_open(file, "pt") as f:
+                for key in wanted.intersection(f.keys()):
+                    state[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"corrupt or missing weights file {file}: {e}") from None
+    if missing := sorted(wanted - set(state)):
+        raise CheckpointError(f"weights in {folder} lack {missing[0]!r}")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
 
 

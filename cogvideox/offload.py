@@ -430,6 +430,19 @@ class Offloader:
             self._streams.append(block.register_forward_pre_hook(before(i)))
             self._streams.append(block.register_forward_hook(after(i)))
 
+    def write_(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """New values for a weight wherever they live: the tensor itself (resident mode), else its view in its host
+        pack (what every fetch copies), and the device copy too while that pack is fetched. In place, cast to the
+        weight's dtype: compiled graphs and the packs' layout stay as they are."""
+        for pack in self._packs.values():
+            for t, view in zip(pack.tensors, pack.views(pack.buffer)):
+                if t is tensor:
+                    view.copy_(value)
+                    if pack.on_device:
+                        tensor.copy_(value)
+                    return
+        tensor.copy_(value)
+
     # -- stages --------------------------------------------------------------------------------------------
 
     @contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +27,7 @@ from .cache import StepCache
 from .config import GenerationDefaults, SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, load_module, resolve_model
+from .lora import LoraSet
 from .offload import Offloader
 from .preview import LatentPreview, every
 from .sampling import Condition, guided
@@ -90,6 +91,7 @@ class CogVideoXPipeline:
         self.offloader = Offloader(self.device, memory_mode)
         self.tokenizer = text.load_tokenizer(root / "tokenizer")
         self.text_encoder = self.transformer = self.vae = None
+        self.loras = LoraSet(self.transformer_config, self._lora_place)
         self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._latent_preview: LatentPreview | None = None
         # (B, heads, S, head_dim) of the attention -> the fastest SDPA kernel there (None: PyTorch's pick).
@@ -228,7 +230,35 @@ class CogVideoXPipeline:
         if self.compile:
             transformer.compile_blocks()
         self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae
+        if self.loras.loras:
+            report("folding LoRAs", 0.97)
+            self.loras.reload()
         report("ready", 1.0)
+
+    # -- LoRA (cogvideox/lora.py): folded into the transformer's weights -------------------------------------
+
+    def load_lora(self, source: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA at `scale` (in [-LORA_MAX_SCALE, LORA_MAX_SCALE], 4): a .safetensors file, a folder holding one,
+        a Hub repo id (downloaded like weights). Returns its name: `name`, else the file's stem (a folder's name for
+        diffusers' pytorch_lora_weights.safetensors). Checked against this model first: a missing, damaged or unknown
+        file, a key that matches no layer, a shape that does not fit is a ValueError naming the file and the first
+        bad key, and nothing changes. Folded into the weights now if they are loaded, else when they load."""
+        return self.loras.load(source, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self.loras.set({**self.loras.scales, name: scale})
+
+    def set_loras(self, scales: Mapping[str, float]) -> None:
+        """Every loaded LoRA's scale at once, those left out 0 (loaded, not applied): only the layers whose sum
+        changed are written, none when nothing did (cheap to call before every run)."""
+        self.loras.set(scales)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (all when None): its layers get their checkpoint weights back, bit for bit."""
+        self.loras.unload(name)
+
+    def _lora_place(self):
+        return (self.transformer, self.offloader, self.root / "transformer") if self.loaded else None
 
     def release(self) -> None:
         """Free what the last run left on the device (after an out-of-memory error, say); weights stay loaded.
@@ -425,6 +455,8 @@ class CogVideoXPipeline:
         }
         if parallel is not None:
             settings["parallel"] = {"cfg": parallel.cfg, "sp": parallel.sp}
+        if loras := self.loras.describe():
+            settings["loras"] = loras
         return settings
 
     def denoise(

@@ -187,6 +187,57 @@ def write_tiny_checkpoint(
     return path
 
 
+LORA_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")  # what CogVideoX LoRAs train
+
+
+def write_tiny_lora(
+    path: str | Path,
+    model: str | Path = "tiny-random",
+    rank: int = 4,
+    alpha: float | None = None,
+    seed: int = 0,
+    layers: tuple[str, ...] = LORA_LAYERS,
+    alpha_pattern: dict[str, float] | None = None,
+) -> Path:
+    """A random LoRA for the transformer of `model` (a checkpoint folder, or "tiny-random") in diffusers' layout,
+    as `save_lora_weights` writes it: `transformer.<layer>.lora_A.weight` and `lora_B` for `layers` of every block
+    (a name with a dot before it, "proj_out" say, is taken as it is), and with `alpha` diffusers' adapter metadata
+    (`lora_alpha`, `alpha_pattern`; without it, alpha = rank). Its updates are about half the weights' size, so a
+    video visibly changes."""
+    from .config import TransformerConfig
+    from .lora import METADATA_KEY, targets
+    from .transformer import CogVideoXTransformer
+
+    root = tiny_random_checkpoint() if str(model) == "tiny-random" else Path(model)
+    config = TransformerConfig.from_json(root / "transformer" / "config.json")
+    with torch.device("meta"):
+        meta = CogVideoXTransformer(config)
+    found = targets(config)
+    names = [n for n in found if any(n == layer or n.endswith(f".{layer}") for layer in layers)]
+    g, state = torch.Generator().manual_seed(seed), {}
+    for name in names:
+        kernel = meta.get_submodule(found[name].module).weight.shape[
+            1:
+        ]  # (in,) or a convolution's (C, kh, kw)
+        out, fan_in = found[name].shape
+        a = torch.randn(rank, *kernel, generator=g) / fan_in**0.5
+        b = torch.randn(out, rank, *[1] * (len(kernel) - 1), generator=g) * 0.3 / rank**0.5
+        state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = a, b
+    metadata = {"format": "pt"}
+    if alpha is not None:
+        config = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "alpha_pattern": alpha_pattern or {},
+            "target_modules": names,
+        }
+        config = {f"transformer.{k}": v for k, v in config.items()}
+        metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
+    path = Path(path)
+    save_file(state, path, metadata=metadata)
+    return path
+
+
 class EchoBackend:
     """A prompt-enhancer backend that stands in for an LLM offline: always answers with `text`."""
 

@@ -22,7 +22,7 @@ from cogvideox import CogVideoXPipeline
 from cogvideox import __main__ as cli
 from cogvideox.config import PRESETS, TransformerConfig, VAEConfig
 from cogvideox.parallel import Parallel, check_degrees, degrees, group_ranks, split_sizes, video_tokens
-from cogvideox.testing import free_port, tiny_random_checkpoint
+from cogvideox.testing import free_port, tiny_random_checkpoint, write_tiny_lora
 from cogvideox.video import read_mp4, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +150,16 @@ def checkpoints(tmp_path_factory, tiny_2b):
     }
 
 
-def job(name, ckpt, cfg, sp, call, forward=False):
-    return {"name": name, "ckpt": str(ckpt), "cfg": cfg, "sp": sp, "call": call, "forward": forward}
+def job(name, ckpt, cfg, sp, call, forward=False, loras=()):
+    return {
+        "name": name,
+        "ckpt": str(ckpt),
+        "cfg": cfg,
+        "sp": sp,
+        "call": call,
+        "forward": forward,
+        "loras": [[str(file), scale] for file, scale in loras],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +170,12 @@ def runs(checkpoints, tmp_path_factory):
     two, five = checkpoints["2b"], checkpoints["5b"]
     records = {}
     drawn = {k: v for k, v in ODD.items() if k != "seed"}  # no seed: each rank draws one, rank 0's is used
+    lora = write_tiny_lora(out / "style.safetensors", two, rank=4, alpha=16.0)
     records |= launch(
         2,
         [
             job("cfg2_2b", two, 2, 1, ODD),
+            job("cfg2_2b_lora", two, 2, 1, ODD, loras=[(lora, 1.5)]),
             job("sp2_5b", five, 1, 2, ODD),
             job("cfg2_2b_drawn", two, 2, 1, drawn),
             job("fwd_cfg2_2b", two, 2, 1, ODD, True),
@@ -194,7 +204,7 @@ def runs(checkpoints, tmp_path_factory):
         ],
         out,
     )
-    return {"records": records, "out": out}
+    return {"records": records, "out": out, "lora": lora}
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +269,19 @@ def test_a_parallel_run_without_a_seed_uses_rank_0s_on_every_rank(runs, single):
     got = np.load(runs["out"] / "cfg2_2b_drawn.npy")
     want, _ = single("2b", {**ODD, "seed": seed})  # one process's video for that seed
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+@pytest.mark.slow
+def test_a_parallel_run_with_a_lora_gives_the_single_process_video(runs, single, checkpoints):
+    """Every rank loads the same LoRA (cogvideox/lora.py): CFG's two halves, each on its own rank, both with it."""
+    ranks = runs["records"]["cfg2_2b_lora"]
+    assert all("error" not in r for r in ranks), ranks
+    got = np.load(runs["out"] / "cfg2_2b_lora.npy")
+    pipe = CogVideoXPipeline.from_pretrained(checkpoints["2b"], device="cpu")
+    pipe.load_lora(runs["lora"], 1.5)
+    want = pipe(PROMPT, **ODD).frames
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    assert np.abs(want.astype(int) - single("2b", ODD)[0].astype(int)).mean() > 5  # the LoRA counts
 
 
 @pytest.mark.slow

@@ -101,9 +101,15 @@ def test_the_stated_python_version_is_the_required_one():
 # -- the snippets, run --------------------------------------------------------------------------------------
 
 
+def doc_snippet(marker: str) -> str:
+    """The docs' first Python block that has `marker`."""
+    return next(block for block in code_blocks("python") if marker in block)
+
+
 def test_every_python_snippet_is_one_the_tests_run_verbatim():
     blocks = code_blocks("python")
     ran = [python_snippet("CogVideoXPipeline.from_pretrained"), python_snippet("gradio_client")]
+    ran.append(doc_snippet("load_lora"))
     assert blocks == ran, "a Python block in the README or docs that no test runs"
     assert '"tiny-random"' in ran[0] and f'Client("{QUICK_START_URL}")' in ran[1]
 
@@ -115,6 +121,17 @@ def test_python_snippet_writes_a_video(tmp_path):
     assert "step 2/2" in stdout  # the callback ran
     assert f"{TINY_VIDEO} uint8" in stdout
     assert read_mp4(tmp_path / "butterfly.mp4").shape == TINY_VIDEO
+
+
+def test_lora_snippet_runs(tmp_path, monkeypatch, capsys):
+    """In this process (the library snippet above checks a fresh one imports the package): as written."""
+    import runpy
+
+    (tmp_path / "lora.py").write_text(doc_snippet("load_lora"))
+    monkeypatch.chdir(tmp_path)
+    namespace = runpy.run_path(str(tmp_path / "lora.py"), run_name="__main__")
+    assert capsys.readouterr().out.splitlines() == ["style", "0.8"]
+    assert namespace["pipe"].loras.scales == {} and (tmp_path / "style.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
