@@ -213,7 +213,7 @@ def forward_check(pipe, parallel, call: dict, frames_path: Path) -> dict:
     pipe.load()
     c, v = pipe.transformer_config, pipe.vae_config
     s, g = v.spatial_compression, torch.Generator().manual_seed(0)
-    frames = (call["num_frames"] - 1) // int(v.temporal_compression_ratio) + 1
+    frames = pipe.latent_shape(call["num_frames"], call["height"], call["width"])[1]  # 1.5: padded
     latents = torch.randn(2, frames, c.in_channels, call["height"] // s, call["width"] // s, generator=g)
     embeds = torch.randn(2, c.max_text_seq_length, c.text_embed_dim, generator=g)
     # Drawn on the CPU (the same numbers anywhere), then where and as the model runs: cuda:rank, FP16 for 2B.

@@ -363,7 +363,11 @@ class CogVideoXPipeline:
             if call.threshold is None
             else StepCache.for_model(call.threshold, self.transformer_config, run)
         )
-        on_x0 = None if preview is None else every(call.preview_every, self.latent_preview(), preview)
+        on_x0 = None
+        if preview is not None:
+            # One preview frame per latent frame of the video: CogVideoX 1.5's padding in front is not shown
+            pad, shown = self.padding_frames(call.num_frames), self.latent_preview()
+            on_x0 = every(call.preview_every, lambda x0: shown(x0[:, pad:]), preview)
         latents = self.denoise(
             embeds,
             call.seed,
@@ -508,13 +512,9 @@ class CogVideoXPipeline:
     def attention_kernel(self, batch: int, text_len: int, latent_shape: tuple) -> SDPBackend | None:
         """The fastest SDPA kernel for the transformer's attention at this video size, timed on first use."""
         c, p = self.transformer_config, self.transformer_config.patch_size
-        _, frames, _, height, width = latent_shape
-        key = (
-            batch,
-            c.num_attention_heads,
-            text_len + frames * (height // p) * (width // p),
-            c.attention_head_dim,
-        )
+        _, frames, _, height, width = latent_shape  # CogVideoX 1.5: padded, two latent frames a token
+        tokens = frames // c.temporal_patch * (height // p) * (width // p)
+        key = (batch, c.num_attention_heads, text_len + tokens, c.attention_head_dim)
         if key not in self.attention_backends:
             if self.compile and self.attention_backends:
                 # The compiled blocks are traced with the kernel they call: another would recompile every block
