@@ -81,6 +81,7 @@ def bytes_per_step(
     if cfg > 1:
         s = vae.spatial_compression
         latent_frames = (frames - 1) // int(vae.temporal_compression_ratio) + 1
+        latent_frames += -latent_frames % config.temporal_patch  # CogVideoX 1.5: the padding travels too
         out["cfg"] = latent_frames * config.out_channels * (height // s) * (width // s) * element
     out["total"] = sum(out.values())
     return out
@@ -138,7 +139,7 @@ def write_checkpoint(path: str | Path, size: str = "tiny", style: str = "2b", he
 
     if size in ("small", "full"):  # full: a small T5 (the text encoder is not what is measured)
         return write_random_checkpoint(path, size, small_t5=size == "full")
-    scheduler = "CogVideoXDPMScheduler" if style == "5b" else "CogVideoXDDIMScheduler"
+    scheduler = "CogVideoXDPMScheduler" if style in ("5b", "1.5") else "CogVideoXDDIMScheduler"
     path = write_tiny_checkpoint(path, style=style, scheduler=scheduler)
     config = dataclasses.replace(tiny_configs(style)[0], num_attention_heads=heads)
     torch.manual_seed(1)
