@@ -26,7 +26,7 @@ from .cache import StepCache
 from .config import GenerationDefaults, SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, load_module, resolve_model
-from .offload import Offloader
+from .offload import Offloader, denoise_working_bytes
 from .preview import LatentPreview, every
 from .sampling import Condition, guided
 from .scheduler import make_scheduler
@@ -209,12 +209,22 @@ class CogVideoXPipeline:
         transformer = load_module(transformer, self.root / "transformer", self.dtype)
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
-        self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
+        modules = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
+        self.offloader.place(modules, working=self.working_memory())
         report(self.offloader.describe(), 0.95)
         if self.compile:
             transformer.compile_blocks()
         self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae
         report("ready", 1.0)
+
+    def working_memory(self) -> int:
+        """Predicted bytes a denoising step needs above the weights at this model's default size (CFG on, 16-bit):
+        what the memory mode is picked for (offload.denoise_working_bytes)."""
+        d, c = self.defaults, self.transformer_config
+        _, frames, _, height, width = self.latent_shape(d["num_frames"], d["height"], d["width"])
+        tokens = frames // c.temporal_patch * (height // c.patch_size) * (width // c.patch_size)
+        rotary = c.use_rotary_positional_embeddings
+        return denoise_working_bytes(rotary, c.max_text_seq_length + tokens, c.inner_dim)
 
     def release(self) -> None:
         """Free what the last run left on the device (after an out-of-memory error, say); weights stay loaded.

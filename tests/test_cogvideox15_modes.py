@@ -12,7 +12,7 @@ from einops import repeat
 
 from cogvideox import CogVideoXPipeline, GenerationCancelled
 from cogvideox.config import PRESETS
-from cogvideox.offload import Offloader
+from cogvideox.offload import Offloader, pick_memory_mode
 from cogvideox.preview import LatentPreview
 from cogvideox.vae import CogVideoXVAE
 
@@ -168,3 +168,18 @@ def test_video_to_video_is_refused_as_the_reference_refuses_it(tiny_15):
     with pytest.raises(ValueError, match=r"not supported for CogVideoX 1.5 .*odd number of latent frames"):
         pipe(PROMPT, video=video, num_inference_steps=1, seed=0)
     assert not pipe.loaded
+
+
+def test_the_memory_mode_is_picked_for_the_denoising_steps_memory(tiny_15):
+    """1.5-5B's step at 1360x768x81 holds ~9.35 GiB above the weights (benchmarks/memory15.py, predicted), six
+    times 2B's: a 16 GB card cannot run it in model mode, a 32 GB card not resident."""
+    pipe = CogVideoXPipeline.from_pretrained(tiny_15, device="cpu")
+    for name, predicted in [("1.5", 9.35), ("2b", 1.47)]:
+        pipe.transformer_config, pipe.vae_config = PRESETS[name]["transformer"], PRESETS[name]["vae"]
+        assert pipe.working_memory() / GiB == pytest.approx(predicted, rel=0.05)
+    pipe.transformer_config, pipe.vae_config = PRESETS["1.5"]["transformer"], PRESETS["1.5"]["vae"]
+    sizes = {"text_encoder": int(10.7 * GiB), "transformer": int(10.4 * GiB), "vae": int(0.4 * GiB)}
+    picks = {
+        free: pick_memory_mode(free * GiB, sizes, pipe.working_memory()) for free in (15, 20, 23, 32, 36)
+    }
+    assert picks == {15: "sequential", 20: "sequential", 23: "model", 32: "model", 36: "resident"}
