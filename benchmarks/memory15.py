@@ -33,10 +33,16 @@ ANCHORS = [
     ["diffusers, every memory saving on", "H100", "~550 s", "THUDM/CogVideo README (CogVideoX1.5-5B)"],
     ["diffusers, every memory saving on", "A100", "~1000 s", "THUDM/CogVideo README (CogVideoX1.5-5B)"],
     [
-        "TeaCache 1.5, threshold 0 / 0.1 / 0.2 / 0.3",
+        "TeaCache T2V, threshold 0 / 0.1 / 0.2 / 0.3",
         "H100",
         "465 / 322 / 260 / 204 s",
-        "ali-vilab/TeaCache README (TeaCache4CogVideoX1.5)",
+        "ali-vilab/TeaCache, TeaCache4CogVideoX1.5/README.md",
+    ],
+    [
+        "TeaCache I2V, threshold 0 / 0.1 / 0.2 / 0.3",
+        "H100",
+        "475 / 316 / 239 / 204 s",
+        "ali-vilab/TeaCache, TeaCache4CogVideoX1.5/README.md",
     ],
 ]
 H100_DENSE_BF16 = 989e12  # FLOP/s: the compute floor below uses it at 100 %, which no run reaches

@@ -25,17 +25,18 @@ def test_cards_are_named_by_the_peak_with_its_allowance():
 
 
 def test_memory15_predicts_every_mode_and_says_it_is_a_prediction(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(memory15, "TINY_FRAMES", (1, 17))  # seconds on meta tensors: each op is counted
+    monkeypatch.setattr(memory15, "TINY_FRAMES", (17,))  # seconds a frame count on meta tensors: op by op
     out = tmp_path / "memory15.json"
     assert memory15.main(["--tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "PREDICTION, not a measurement (meta tensors on the CPU, no GPU ran" in printed
-    assert "| 465 / 322 / 260 / 204 s | ali-vilab/TeaCache README (TeaCache4CogVideoX1.5) |" in printed
+    assert (
+        "| H100 | 465 / 322 / 260 / 204 s | ali-vilab/TeaCache, TeaCache4CogVideoX1.5/README.md |" in printed
+    )
     assert "| H100 | ~550 s |" in printed and "| A100 | ~1000 s |" in printed
     data = json.loads(out.read_text())
     assert data["prediction"] is True and data["cards_gib"] == [24, 16, 12]
-    # 1 frame: 1 latent frame padded to 2; 17 frames: 5 padded to 6
-    assert [data["runs"][f]["latent_shape"][1] for f in ("1", "17")] == [2, 6]
+    assert data["runs"]["17"]["latent_shape"] == [1, 6, 4, 4, 6]  # 5 latent frames padded to 6
     for run in data["runs"].values():
         assert set(run["stages_gib"]) == {"text", "denoise", "decode untiled", "decode tiled"}
         peak = {r["mode"]: r["peak"] for r in run["modes"] if r["decode"] == "tiled"}
@@ -72,7 +73,7 @@ def test_gpu_check_runs_15_on_the_tiny_checkpoint(tiny_15, tmp_path):
     section = _v15(tmp_path, "--v15-model", str(tiny_15), "--v15-modes", "sequential")
     assert section["status"] == "ok" and section["verdict"] == "pass", section
     run = section["modes"]["sequential"]
-    assert run["frames_shape"] == [17, 32, 48, 3] and run["fps"] == 16
+    assert run["frames_shape"] == [1, 32, 48, 3] and run["fps"] == 16
     assert run["stage_peaks_gib"].startswith("skipped: needs CUDA") and run["peak_gib"] is None
     assert len(run["step_s"]) == 1 and run["extrapolated_50_steps_s"] > 50 * run["s_per_step"]
     md = (tmp_path / "g.md").read_text()
