@@ -43,7 +43,7 @@ from benchmarks.common import GiB, machine, markdown_table, source_digest, write
 from benchmarks.random_checkpoint import T5_XXL
 from cogvideox.config import PRESETS, TransformerConfig, VAEConfig
 from cogvideox.offload import GiB as OFFLOAD_GIB
-from cogvideox.offload import Offloader, _block_lists, _tensors, pick_memory_mode
+from cogvideox.offload import Offloader, _block_lists, _tensors, default_working_bytes, pick_memory_mode
 from cogvideox.testing import tiny_configs
 from cogvideox.transformer import CogVideoXTransformer
 from cogvideox.vae import CogVideoXVAE
@@ -51,7 +51,8 @@ from cogvideox.vae import CogVideoXVAE
 DEVICE = torch.device("meta")
 DTYPE = torch.float16  # the 2B model's
 GUIDANCE = 6.0
-SHAPES = {"full": (49, 480, 720), "tiny": (9, 64, 96)}  # frames, height, width
+# frames, height, width: the released 2B's, CogVideoX1.5-5B's (5 s at 16 fps; 161 for 10 s), a smoke size
+SHAPES = {"full": (49, 480, 720), "1.5": (81, 768, 1360), "tiny": (9, 64, 96)}
 MODES = ("resident", "model", "sequential")
 TARGETS_GIB = {"resident": 24, "model": 16, "sequential": 6}  # issue 4, its "GB" read as GiB
 CARD_GIB = 24.0
@@ -205,6 +206,8 @@ def measure(fn) -> dict[str, float]:
 def model_configs(size: str) -> tuple[TransformerConfig, VAEConfig, dict]:
     if size == "full":
         return TransformerConfig(), VAEConfig(), T5_XXL
+    if size == "1.5":  # BF16 in use; FP16 stands in for it here: the same bytes
+        return PRESETS["1.5"]["transformer"], PRESETS["1.5"]["vae"], T5_XXL
     transformer, vae, _ = tiny_configs("2b")
     # Four blocks, not two: with fewer than four, the three blocks in flight are the whole list.
     transformer = dataclasses.replace(transformer, num_layers=4)
@@ -220,6 +223,13 @@ def model_configs(size: str) -> tuple[TransformerConfig, VAEConfig, dict]:
         "relative_attention_max_distance": 32,
     }
     return transformer, vae, t5
+
+
+def latent_shape(t_cfg: TransformerConfig, v_cfg: VAEConfig, frames: int, height: int, width: int) -> tuple:
+    """(1, F, C, h, w) as the pipeline denoises them: CogVideoX 1.5 pads F to a whole number of temporal patches."""
+    s, latent_frames = v_cfg.spatial_compression, (frames - 1) // int(v_cfg.temporal_compression_ratio) + 1
+    latent_frames += -latent_frames % t_cfg.temporal_patch
+    return (1, latent_frames, t_cfg.in_channels, height // s, width // s)
 
 
 def t5_encoder(kwargs: dict) -> T5EncoderModel:
@@ -294,6 +304,10 @@ def resident_fits() -> list[list]:
         transformers_ = {
             n: CogVideoXTransformer(PRESETS[k]["transformer"]).to(DTYPE) for n, k in RESIDENT_MODELS.items()
         }
+    working = {
+        n: default_working_bytes(PRESETS[k]["transformer"], PRESETS[k]["vae"])
+        for n, k in RESIDENT_MODELS.items()
+    }
     rows = []
     for name, transformer in transformers_.items():
         for quantized in (False, True):
@@ -303,7 +317,7 @@ def resident_fits() -> list[list]:
                 "vae": stored_bytes(vae, False),
             }
             free = [int((card - sum(ALLOWANCE_GIB.values())) * OFFLOAD_GIB) for card in CARDS_GIB]
-            modes = [pick_memory_mode(f, sizes) for f in free]
+            modes = [pick_memory_mode(f, sizes, working[name]) for f in free]
             rows.append([name, "8-bit" if quantized else "16-bit", sum(sizes.values()) / GiB, *modes])
     return rows
 
@@ -340,8 +354,11 @@ def _forward(impl: str, transformer: nn.Module):
     return forward
 
 
-def run_stages(impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape: tuple) -> dict:
-    """{stage: {"peak", "kept"}} GiB; latent_shape is (1, F, C, h, w)."""
+def run_stages(
+    impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape: tuple, skip: tuple[str, ...] = ()
+) -> dict:
+    """{stage: {"peak", "kept"}} GiB; latent_shape is (1, F, C, h, w); the stages named in `skip` are left out
+    (on meta tensors a tiled decode costs a minute or more at 1360x768: its ops are counted one by one)."""
     tokens = t_cfg.max_text_seq_length
     t5, transformer, vae = modules["text_encoder"], modules["transformer"], modules["vae"]
     z_shape = (1, latent_shape[2], latent_shape[1], *latent_shape[3:])  # (1, C, F, h, w)
@@ -373,7 +390,7 @@ def run_stages(impl: str, modules: dict, t_cfg: TransformerConfig, latent_shape:
         **decodes,
     }
     results = {}
-    for name, fn in stages.items():
+    for name, fn in ((n, f) for n, f in stages.items() if n not in skip):
         t0 = time.perf_counter()
         results[name] = measure(fn)
         print(
@@ -498,10 +515,15 @@ def report(stages: dict, weights: dict, rows: list[dict], impls: list[str]) -> N
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=tuple(SHAPES), default="full", help="full: the released 2B; tiny: smoke")
-    p.add_argument("--frames", type=int, default=None, help="video frames (default: 49 full, 9 tiny)")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: 480 full, 64 tiny)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: 720 full, 96 tiny)")
+    p.add_argument(
+        "--size",
+        choices=tuple(SHAPES),
+        default="full",
+        help="full: the released 2B; 1.5: CogVideoX1.5-5B; tiny: smoke",
+    )
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: 49 full, 81 1.5, 9 tiny)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: 480 full, 768 1.5, 64 tiny)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: 720 full, 1360 1.5, 96 tiny)")
     p.add_argument("--impls", default="ours,diffusers", help="comma list of ours,diffusers")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -520,21 +542,19 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}; cogvideox/*.py sha256 {digest}", flush=True)
     t0 = time.perf_counter()
     t_cfg, v_cfg, t5 = model_configs(args.size)
-    s = v_cfg.spatial_compression
-    latent_frames = (args.frames - 1) // int(v_cfg.temporal_compression_ratio) + 1
-    latent_shape = (1, latent_frames, t_cfg.in_channels, args.height // s, args.width // s)
+    shape = latent_shape(t_cfg, v_cfg, args.frames, args.height, args.width)
     models = build_models(t_cfg, v_cfg, t5, args.impls)
     weights = {
         impl: {c: weight_bytes(m, c in Offloader.STREAMED) for c, m in models[impl].items()}
         for impl in args.impls
     }
-    stages = {impl: run_stages(impl, models[impl], t_cfg, latent_shape) for impl in args.impls}
+    stages = {impl: run_stages(impl, models[impl], t_cfg, shape) for impl in args.impls}
     rows = [row for impl in args.impls for row in mode_rows(impl, weights[impl], stages[impl])]
     elapsed = time.perf_counter() - t0
     print(
         f"\nPREDICTION (meta tensors on the CPU, no GPU ran), {elapsed:.0f} s: {args.size} model, {args.frames} "
         f"frames {args.width}x{args.height}, FP16, CFG batch 2, {t_cfg.max_text_seq_length} text tokens, "
-        f"latents {latent_shape}; attention as CUDA's FlashAttention / memory-efficient kernels"
+        f"latents {shape}; attention as CUDA's FlashAttention / memory-efficient kernels"
     )
     report(stages, weights, rows, args.impls)
     print(
@@ -544,7 +564,7 @@ def main(argv=None) -> int:
     fits = resident_fits()
     headers = ["model", "weights", "weights GiB", *(f"{card} GB card" for card in CARDS_GIB)]
     print(markdown_table(headers, fits) + "\n")
-    work = {impl: step_work(impl, models[impl]["transformer"], t_cfg, latent_shape) for impl in args.impls}
+    work = {impl: step_work(impl, models[impl]["transformer"], t_cfg, shape) for impl in args.impls}
     print("Work per denoising step: matmul and attention TFLOP, and what the other ops (memory-bound: norms,")
     print("modulation, activations, residuals, copies) read and write, in GB and kernels\n")
     keys = ("gemm_tflop", "attention_tflop", "other_gb", "other_ops")
@@ -558,7 +578,7 @@ def main(argv=None) -> int:
     if args.out:
         data = {
             "prediction": True,
-            "latent_shape": latent_shape,
+            "latent_shape": shape,
             "allowance_gib": ALLOWANCE_GIB,
             "card_gib": CARD_GIB,
             "stages_gib": stages,

@@ -81,6 +81,7 @@ def bytes_per_step(
     if cfg > 1:
         s = vae.spatial_compression
         latent_frames = (frames - 1) // int(vae.temporal_compression_ratio) + 1
+        latent_frames += -latent_frames % config.temporal_patch  # CogVideoX 1.5: the padding travels too
         out["cfg"] = latent_frames * config.out_channels * (height // s) * (width // s) * element
     out["total"] = sum(out.values())
     return out
@@ -138,7 +139,7 @@ def write_checkpoint(path: str | Path, size: str = "tiny", style: str = "2b", he
 
     if size in ("small", "full"):  # full: a small T5 (the text encoder is not what is measured)
         return write_random_checkpoint(path, size, small_t5=size == "full")
-    scheduler = "CogVideoXDPMScheduler" if style == "5b" else "CogVideoXDDIMScheduler"
+    scheduler = "CogVideoXDPMScheduler" if style in ("5b", "1.5") else "CogVideoXDDIMScheduler"
     path = write_tiny_checkpoint(path, style=style, scheduler=scheduler)
     config = dataclasses.replace(tiny_configs(style)[0], num_attention_heads=heads)
     torch.manual_seed(1)
@@ -226,7 +227,7 @@ def forward_check(pipe, parallel, call: dict, frames_path: Path) -> dict:
     pipe.load()
     c, v = pipe.transformer_config, pipe.vae_config
     s, g = v.spatial_compression, torch.Generator().manual_seed(0)
-    frames = (call["num_frames"] - 1) // int(v.temporal_compression_ratio) + 1
+    frames = pipe.latent_shape(call["num_frames"], call["height"], call["width"])[1]  # 1.5: padded
     latents = torch.randn(2, frames, c.in_channels, call["height"] // s, call["width"] // s, generator=g)
     embeds = torch.randn(2, c.max_text_seq_length, c.text_embed_dim, generator=g)
     # Drawn on the CPU (the same numbers anywhere), then where and as the model runs: cuda:rank, FP16 for 2B.

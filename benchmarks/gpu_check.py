@@ -18,6 +18,9 @@ Sections (each in its own try/except: an error is recorded with a short tracebac
   compile     `compile_blocks()` over 10 distinct shapes (frames 1..49, batch 1 and 2, three sizes), each two steps
               of the pipeline's `denoise`, so traced and run under the attention kernel the pipeline picks:
               failures, graphs compiled, first and later step times.
+  v15         CogVideoX1.5-5B itself (issue 23), only when its weights are already downloaded (else skipped with
+              a line): per memory mode one clip of 2 steps at 1360x768x81 (benchmarks/gpu_v15.py); run it alone,
+              `--sections v15 --budget-s 540`, as it needs most of a call's time.
 
 Random weights only (nothing is downloaded). `--budget-s` skips the sections left once it is spent; results are
 written after every section, so a run cut short still leaves its JSON and markdown. Wall time: a section is stopped
@@ -45,10 +48,13 @@ from benchmarks.common import GiB, machine, markdown_table, source_digest
 from benchmarks.gpu_helpers import SectionTimeout, error_record, free_memory, is_cuda, jsonable, short_error
 from benchmarks.gpu_sections import CHECKS  # the sections themselves; the helpers both use: gpu_helpers
 from benchmarks.gpu_sections import call_picker as call_picker  # re-exported: the tests import it from here
+from benchmarks.gpu_v15 import V15_MODEL, check_v15
 
 ROOT = Path(__file__).resolve().parents[1]
 # Compile runs last: its cost is the least predictable, and on a CPU its main finding shows too.
-SECTIONS = ("decode_oom", "offload", "attention", "pinned", "quantize", "compile")
+# CogVideoX 1.5 after it: the released weights, minutes of loading, and skipped where they are not downloaded.
+SECTIONS = ("decode_oom", "offload", "attention", "pinned", "quantize", "compile", "v15")
+CHECKS = {**CHECKS, "v15": check_v15}
 # Seconds a section may run at most (a hung kernel or a slow compile must not eat the whole budget).
 SECTION_CAPS = {
     "decode_oom": 150,
@@ -57,6 +63,7 @@ SECTION_CAPS = {
     "compile": 170,
     "pinned": 200,
     "quantize": 150,
+    "v15": 540,
 }
 OVERRUN_S = 30  # how far past --budget-s the section running then may go
 NEXT_STEP = "-m benchmarks.bench_pipeline --device cuda --modes resident --ckpt /tmp/cogvideox-2b-random"
@@ -82,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "guards and recompiles without inductor's code generation, ~25 s a graph on a 2-core CPU)",
     )
     p.add_argument("--ckpt", help="pinned: random 2B checkpoint folder (written if missing, kept)")
+    p.add_argument(
+        "--v15-model", default=V15_MODEL, help="v15: a Hub id (from the local cache only) or folder"
+    )
+    p.add_argument("--v15-frames", type=int, default=81, help="v15: frames at 1360x768 (81: 5 s, 161: 10 s)")
+    p.add_argument("--v15-steps", type=int, default=2, help="v15: denoising steps per clip")
+    p.add_argument("--v15-modes", default="model,sequential", help="v15: comma list of memory modes")
     p.add_argument("--commit", help="the git commit to record where git cannot say (a copy without .git)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
@@ -275,6 +288,22 @@ def _shapes(r: dict) -> list[list]:
     ]
 
 
+def _v15(r: dict) -> list[list]:
+    rows = []
+    for mode, m in r["modes"].items():
+        t = m["timings"]
+        cells = [
+            t["load"],
+            t["text"],
+            m["s_per_step"],
+            t["decode"],
+            m["peak_gib"],
+            m["extrapolated_50_steps_s"],
+        ]
+        rows.append([mode, *cells, _cell(m["frames_shape"])])
+    return rows
+
+
 def _weights(r: dict) -> list[list]:
     return [[n, w["state_dict"], w["params_and_buffers"]] for n, w in r["weights"].items()]
 
@@ -326,6 +355,14 @@ DETAIL_TABLES = [
         ["component", "state-dict bytes", "params + buffers bytes"],
         _weights,
         _pinned_note,
+    ),
+    (
+        "v15",
+        "modes",
+        "CogVideoX1.5-5B per memory mode (measured; the 50-step time extrapolated from the steps run)",
+        ["mode", "load s", "text s", "s/step", "decode s", "peak GiB", "50 steps s (extrapolated)", "frames"],
+        _v15,
+        lambda r: f"{r['frames']} frames {r['width']}x{r['height']}, {r['steps']} steps, {r['model']}",
     ),
 ]
 

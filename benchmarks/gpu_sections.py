@@ -446,13 +446,14 @@ def check_pinned(run: SectionRun) -> dict:
     pipe = CogVideoXPipeline.from_pretrained(path, device=dev, dtype=run.dtype, memory_mode="sequential")
     weights, place = {}, pipe.offloader.place
 
-    def recording_place(modules):  # the weights as loaded (T5's `wo` in FP32), before they move home
+    # The weights as loaded (T5's `wo` in FP32), before they move home
+    def recording_place(modules, **kwargs):
         for name, module in modules.items():
             weights[name] = {
                 "state_dict": state_dict_bytes(module),
                 "params_and_buffers": tensor_bytes(module),
             }
-        return place(modules)
+        return place(modules, **kwargs)
 
     before, t = host_memory(), time.perf_counter()
     with patched(pipe.offloader, "place", recording_place):

@@ -59,19 +59,47 @@ def free_device_memory(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def pick_memory_mode(free: int | None, sizes: dict[str, int]) -> str:
-    """The fastest mode whose weights plus working memory fit in `free` bytes.
+# Bytes a denoising step holds above the weights per (token x model width), CFG batch 2 in 16 bits, predicted by
+# benchmarks/bench_memory.py: 2B (sin-cos) 1.47 GiB at 17,776 tokens x 1920; rotary models (5B, 1.5) more, the
+# rotated q/k in FP32: 1.5-5B 9.35 GiB at 45,106 x 3072 (1360x768x81) and 17.8 GiB at 85,906 (x161).
+DENOISE_BYTES = {"sincos": 48, "rotary": 73}
+
+
+def denoise_working_bytes(rotary: bool, tokens: int, width: int) -> int:
+    """The denoising step's working memory (see DENOISE_BYTES) for `tokens` text and video tokens."""
+    return DENOISE_BYTES["rotary" if rotary else "sincos"] * tokens * width
+
+
+def default_working_bytes(transformer, vae) -> int:
+    """The denoising step's working memory at the model's default size (CFG on, 16-bit), from its configs
+    (`config.TransformerConfig`, `VAEConfig`): what the memory mode is picked for."""
+    from .config import GenerationDefaults
+
+    d = GenerationDefaults.for_model(transformer, vae)
+    temporal, s = int(vae.temporal_compression_ratio), vae.spatial_compression
+    frames = (d.num_frames - 1) // temporal + 1
+    frames += -frames % transformer.temporal_patch  # CogVideoX 1.5's padding
+    tokens = frames // transformer.temporal_patch * (d.height // s // transformer.patch_size)
+    tokens *= d.width // s // transformer.patch_size
+    rotary = transformer.use_rotary_positional_embeddings
+    return denoise_working_bytes(rotary, transformer.max_text_seq_length + tokens, transformer.inner_dim)
+
+
+def pick_memory_mode(free: int | None, sizes: dict[str, int], working: int = 0) -> str:
+    """The fastest mode whose weights plus working memory fit in `free` bytes; `working`: the denoising step's
+    (`denoise_working_bytes` at the model's default size).
 
     Working memory at 720x480x49 in FP16 (benchmarks/bench_memory.py, predicted): denoise 1.5 GiB, decode 7.8 GiB
     untiled or 2.0 GiB tiled (untiled is only tried when it fits), plus ~1.5 GiB the allocator cannot see (CUDA
-    context, workspaces, fragmentation). Resident keeps room for a tiled decode with a wide margin; model mode's
-    peak is the largest component (T5) with the text stage's small working memory.
+    context, workspaces, fragmentation). Resident keeps room for a tiled decode with a wide margin, or for the
+    denoising step where that is larger (CogVideoX 1.5 at 1360x768: 9.35 GiB); model mode's peak is the largest
+    component (T5) with the text stage's small working memory, or the transformer with the step's.
     """
     if free is None:
         return "resident"
-    if free >= sum(sizes.values()) + 8 * GiB:
+    if free >= sum(sizes.values()) + max(8 * GiB, working + int(3.5 * GiB)):
         return "resident"
-    if free >= max(sizes.values()) + 4 * GiB:
+    if free >= max(max(sizes.values()) + 4 * GiB, sizes.get("transformer", 0) + working + int(1.5 * GiB)):
         return "model"
     return "sequential"
 
@@ -302,15 +330,16 @@ class Offloader:
 
     # -- placement ---------------------------------------------------------------------------------------
 
-    def place(self, modules: dict[str, nn.Module]) -> str:
-        """Put freshly loaded (CPU) modules where the mode wants them; resolves mode 'auto'.
+    def place(self, modules: dict[str, nn.Module], working: int = 0) -> str:
+        """Put freshly loaded (CPU) modules where the mode wants them; resolves mode 'auto' (`working`: the
+        denoising step's working memory, see `pick_memory_mode`).
 
         All or nothing: if anything fails (page-locking, say), no host buffer stays locked, hooked or held here, so
         a retried load starts clean; the modules are left without their weights (load them again).
         """
         if self.mode == "auto":
             sizes = {name: module_bytes(m) for name, m in modules.items()}
-            self.mode = pick_memory_mode(free_device_memory(self.device), sizes)
+            self.mode = pick_memory_mode(free_device_memory(self.device), sizes, working)
         try:
             for name, module in modules.items():
                 self._place_one(name, module)

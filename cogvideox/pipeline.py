@@ -28,7 +28,7 @@ from .config import GenerationDefaults, SchedulerConfig, TransformerConfig, VAEC
 from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, load_module, resolve_model
 from .lora import LoraSet
-from .offload import Offloader
+from .offload import Offloader, default_working_bytes
 from .preview import LatentPreview, every
 from .sampling import Condition, guided
 from .scheduler import make_scheduler
@@ -225,7 +225,8 @@ class CogVideoXPipeline:
             _quantize.quantize_linears(transformer, self.quantize, scaled_mm)
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
-        self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
+        modules = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
+        self.offloader.place(modules, working=self.working_memory())
         report(self.offloader.describe(), 0.95)
         if self.compile:
             transformer.compile_blocks()
@@ -259,6 +260,11 @@ class CogVideoXPipeline:
 
     def _lora_place(self):
         return (self.transformer, self.offloader, self.root / "transformer") if self.loaded else None
+
+    def working_memory(self) -> int:
+        """Predicted bytes a denoising step needs above the weights at this model's default size (CFG on, 16-bit):
+        what the memory mode is picked for (offload.default_working_bytes)."""
+        return default_working_bytes(self.transformer_config, self.vae_config)
 
     def release(self) -> None:
         """Free what the last run left on the device (after an out-of-memory error, say); weights stay loaded.
@@ -407,7 +413,11 @@ class CogVideoXPipeline:
             if call.threshold is None
             else StepCache.for_model(call.threshold, self.transformer_config, run)
         )
-        on_x0 = None if preview is None else every(call.preview_every, self.latent_preview(), preview)
+        on_x0 = None
+        if preview is not None:
+            # One preview frame per latent frame of the video: CogVideoX 1.5's padding in front is not shown
+            pad, shown = self.padding_frames(call.num_frames), self.latent_preview()
+            on_x0 = every(call.preview_every, lambda x0: shown(x0[:, pad:]), preview)
         latents = self.denoise(
             embeds,
             call.seed,
@@ -555,13 +565,9 @@ class CogVideoXPipeline:
     def attention_kernel(self, batch: int, text_len: int, latent_shape: tuple) -> SDPBackend | None:
         """The fastest SDPA kernel for the transformer's attention at this video size, timed on first use."""
         c, p = self.transformer_config, self.transformer_config.patch_size
-        _, frames, _, height, width = latent_shape
-        key = (
-            batch,
-            c.num_attention_heads,
-            text_len + frames * (height // p) * (width // p),
-            c.attention_head_dim,
-        )
+        _, frames, _, height, width = latent_shape  # CogVideoX 1.5: padded, two latent frames a token
+        tokens = frames // c.temporal_patch * (height // p) * (width // p)
+        key = (batch, c.num_attention_heads, text_len + tokens, c.attention_head_dim)
         if key not in self.attention_backends:
             if self.compile and self.attention_backends:
                 # The compiled blocks are traced with the kernel they call: another would recompile every block

@@ -163,8 +163,13 @@ def check_conditioning(
         raise ValueError("this is an image-to-video checkpoint: pass image=, a uint8 (H, W, 3) array")
     sized = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (height, width))
     if video is not None and config.patch_size_t is not None:
-        # diffusers' video-to-video refuses 1.5's padded latents too: no reference to match
-        raise ValueError("video= (video to video) is not supported for CogVideoX 1.5 checkpoints")
+        # 16N+1 frames are 4N+1 latent frames, never a whole number of temporal patches, and diffusers' video to
+        # video refuses those rather than pad them (tests/test_cogvideox15_modes.py): no reference to match.
+        raise ValueError(
+            "video= (video to video) is not supported for CogVideoX 1.5 checkpoints: their 16N+1 frames are an "
+            "odd number of latent frames, which the reference (diffusers) refuses too; use a CogVideoX 1.0 "
+            "checkpoint for video to video, or image= with CogVideoX1.5-5B-I2V"
+        )
     if video is not None:
         _check_pixels("video", video, 4)
         period, most = config.frame_period, config.max_frames

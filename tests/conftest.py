@@ -23,6 +23,14 @@ def tiny_5b(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_15(tmp_path_factory):
+    """CogVideoX 1.5's layout (temporal patches, sliced RoPE, padded latent frames), shared by its tests."""
+    from cogvideox.testing import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-15"), style="1.5")
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

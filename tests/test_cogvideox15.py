@@ -20,13 +20,6 @@ TEXT_LEN = 224  # the tiny 1.5 checkpoints' max_text_seq_length; diffusers' pipe
 
 
 @pytest.fixture(scope="module")
-def tiny_15(tmp_path_factory):
-    from cogvideox.testing import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-15"), style="1.5")
-
-
-@pytest.fixture(scope="module")
 def tiny_15_i2v(tmp_path_factory):
     from cogvideox.testing import write_tiny_checkpoint
 

@@ -15,6 +15,10 @@ from cogvideox.transformer import CogVideoXTransformer
 # More shapes than `torch._dynamo.config.recompile_limit` (8): a graph per shape fails on the 9th.
 SHAPES = [(batch, frames, 8, 12) for frames in (2, 3, 5, 7, 13) for batch in (1, 2)]
 SHAPES += [(2, 3, 6, 8), (1, 3, 10, 6), (2, 2, 16, 16)]
+# CogVideoX 1.5: padded latent frames (two a token: 1 to 9 token frames), grids within its sliced RoPE table (8x12).
+# With CFG only (batch 2, one graph: the batch-1 graph is the 1.0 styles' case), still more than the limit.
+SHAPES_15 = [(2, frames, 8, 12) for frames in (2, 4, 6, 10, 18)]
+SHAPES_15 += [(2, 4, 6, 8), (2, 4, 8, 6), (2, 2, 4, 4), (2, 6, 2, 12)]
 
 
 def _models(style: str) -> tuple[CogVideoXTransformer, CogVideoXTransformer]:
@@ -30,7 +34,7 @@ def _inputs(config, batch: int, frames: int, height: int, width: int) -> tuple[t
     return latents, text, torch.randint(0, 1000, (batch,), generator=g)
 
 
-@pytest.mark.parametrize("style", ["2b", "5b"])
+@pytest.mark.parametrize("style", ["2b", "5b", "1.5"])
 def test_one_graph_per_batch_size_serves_every_shape(style):
     # Dynamo (guards, recompiles, the limit) with a backend that runs the captured graph as is and counts it:
     # seconds, where inductor would take minutes for the old one-graph-per-shape code.
@@ -43,12 +47,14 @@ def test_one_graph_per_batch_size_serves_every_shape(style):
     eager, compiled = _models(style)
     torch._dynamo.reset()
     compiled.compile_blocks(backend=counting_backend)
-    assert len(SHAPES) > torch._dynamo.config.recompile_limit
+    shapes = SHAPES_15 if style == "1.5" else SHAPES
+    assert len(shapes) > torch._dynamo.config.recompile_limit
     with torch.inference_mode():
-        for shape in SHAPES:
+        for shape in shapes:
             args = _inputs(eager.config, *shape)
             torch.testing.assert_close(compiled(*args), eager(*args))
-    assert len(graphs) == 2  # batch 2 (CFG) and batch 1, shared by both blocks and every video size
+    # batch 2 (CFG) and batch 1, shared by both blocks and every video size
+    assert len(graphs) == len({shape[0] for shape in shapes}) == (1 if style == "1.5" else 2)
 
 
 def test_inductor_compiles_once_across_sizes():

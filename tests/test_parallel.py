@@ -31,6 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ODD = dict(num_frames=9, height=48, width=80, num_inference_steps=2, seed=3)
 FORTY = dict(num_frames=17, height=32, width=64, num_inference_steps=2, seed=5)
 CACHED = dict(ODD, num_inference_steps=5, step_cache=0.3)
+# CogVideoX 1.5 (6 heads, split as the released 48 are: 2 and 3 divide both). A video of one frame: one latent
+# frame padded to a temporal patch of two, 1 x 3 x 5 = 15 tokens (8 + 7). Model calls on padded latents: 17 frames
+# at 48x80, 3 x 3 x 5 = 45 tokens (23 + 22); 33 at 32x64, 5 x 2 x 4 = 40 (14 + 13 + 13).
+V15 = dict(num_frames=1, height=48, width=80, num_inference_steps=2, seed=3)
+CACHED15 = dict(V15, num_inference_steps=6, step_cache=30)  # the tiny model's embedding moves far per step
+F15_2, F15_3 = dict(V15, num_frames=17), dict(V15, num_frames=33, height=32, width=64)
 SAMPLE = dict(
     num_frames=17, height=64, width=96, num_inference_steps=2, seed=5
 )  # i2v: its learned table's grid
@@ -146,6 +152,7 @@ def checkpoints(tmp_path_factory, tiny_2b):
         "2b": write_checkpoint(root / "2b", style="2b"),
         "5b": write_checkpoint(root / "5b", style="5b"),
         "i2v": write_checkpoint(root / "i2v", style="i2v"),
+        "1.5": write_checkpoint(root / "15", style="1.5"),
         "2heads": tiny_2b,
     }
 
@@ -167,7 +174,7 @@ def runs(checkpoints, tmp_path_factory):
     """Every launch's records by job name; rank 0's frames as `{out}/{name}.npy`. Videos at ODD (45 tokens: 23 + 22
     on 2 ranks); model calls also at FORTY (40 tokens: 14 + 13 + 13 on 3 ranks)."""
     out = tmp_path_factory.mktemp("runs")
-    two, five = checkpoints["2b"], checkpoints["5b"]
+    two, five, c15 = checkpoints["2b"], checkpoints["5b"], checkpoints["1.5"]
     records = {}
     drawn = {k: v for k, v in ODD.items() if k != "seed"}  # no seed: each rank draws one, rank 0's is used
     lora = write_tiny_lora(out / "style.safetensors", two, rank=4, alpha=16.0)
@@ -181,6 +188,9 @@ def runs(checkpoints, tmp_path_factory):
             job("fwd_cfg2_2b", two, 2, 1, ODD, True),
             job("fwd_sp2_5b", five, 1, 2, ODD, True),
             job("fwd_sp2_i2v", checkpoints["i2v"], 1, 2, SAMPLE, True),
+            job("sp2_15", c15, 1, 2, V15),
+            job("fwd_sp2_15", c15, 1, 2, F15_2, True),
+            job("fwd_cfg2_15", c15, 2, 1, F15_2, True),
         ],
         out,
     )
@@ -192,6 +202,7 @@ def runs(checkpoints, tmp_path_factory):
             job("fwd_sp3_2b", two, 1, 3, FORTY, True),
             job("fwd_sp3_5b", five, 1, 3, FORTY, True),
             job("heads", checkpoints["2heads"], 1, 3, ODD),
+            job("fwd_sp3_15", c15, 1, 3, F15_3, True),
         ],
         out,
     )
@@ -201,6 +212,7 @@ def runs(checkpoints, tmp_path_factory):
             job("2x2_5b", five, 2, 2, ODD),
             job("2x2_2b_cached", two, 2, 2, CACHED),
             job("fwd_2x2_5b", five, 2, 2, FORTY, True),
+            job("2x2_15_cached", c15, 2, 2, CACHED15),
         ],
         out,
     )
@@ -231,6 +243,8 @@ VIDEOS = {
     "sp3_5b": (1, 3, "5b", ODD),
     "2x2_5b": (2, 2, "5b", ODD),
     "2x2_2b_cached": (2, 2, "2b", CACHED),
+    "sp2_15": (1, 2, "1.5", V15),
+    "2x2_15_cached": (2, 2, "1.5", CACHED15),
 }
 
 
@@ -286,7 +300,11 @@ def test_a_parallel_run_with_a_lora_gives_the_single_process_video(runs, single,
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["fwd_cfg2_2b", "fwd_sp2_5b", "fwd_sp3_2b", "fwd_sp3_5b", "fwd_2x2_5b", "fwd_sp2_i2v"]
+    "name",
+    [
+        *("fwd_cfg2_2b", "fwd_sp2_5b", "fwd_sp3_2b", "fwd_sp3_5b", "fwd_2x2_5b", "fwd_sp2_i2v"),
+        *("fwd_sp2_15", "fwd_cfg2_15", "fwd_sp3_15"),
+    ],
 )
 def test_parallel_model_call_equals_the_transformer(runs, name):
     for rank in runs["records"][name]:  # every rank ends with the whole prediction
