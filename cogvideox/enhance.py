@@ -27,7 +27,6 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # The endpoint's names are re-exported: callers and tests import them from here.
 from .endpoint import BUSY_WAIT_S as BUSY_WAIT_S
@@ -226,6 +225,14 @@ def trim_to_budget(text: str, count_tokens: Callable[[str], int], max_tokens: in
     return " ".join(words[:lo]).rstrip(",;:-–—")
 
 
+def auto_classes() -> tuple[type, type]:
+    """transformers' AutoTokenizer and AutoModelForCausalLM, imported at the first local load: seconds of imports
+    that the app's start-up does not wait for."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer, AutoModelForCausalLM
+
+
 class LocalBackend:
     """An instruct model run in-process, loaded on the first request from local files only."""
 
@@ -247,6 +254,7 @@ class LocalBackend:
         return f"{self.model_id} (local)"
 
     def _load(self) -> None:
+        AutoTokenizer, AutoModelForCausalLM = auto_classes()
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         kwargs = {"cache_dir": self.cache_dir, "local_files_only": True}
         try:

@@ -6,9 +6,12 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import T5EncoderModel, T5Tokenizer
+
+if TYPE_CHECKING:
+    from transformers import T5EncoderModel, T5Tokenizer
 
 from .config import CheckpointError
 
@@ -47,6 +50,8 @@ def load_tokenizer(folder: str | Path) -> T5Tokenizer:
     folder = Path(folder)
     if not (folder / "spiece.model").is_file() and not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"tokenizer folder {folder} has neither spiece.model nor tokenizer.json")
+    from transformers import T5Tokenizer  # here, not at the top: the app's page and CLI errors come first
+
     with _as_checkpoint_error(f"could not load the tokenizer from {folder}"):
         tokenizer = T5Tokenizer.from_pretrained(folder)
         tokenizer("a probe", add_special_tokens=True)  # a broken vocabulary can load and fail on first use
@@ -55,6 +60,8 @@ def load_tokenizer(folder: str | Path) -> T5Tokenizer:
 
 def load_text_encoder(folder: str | Path, dtype: torch.dtype) -> T5EncoderModel:
     # transformers keeps T5's `wo` in fp32 and clamps fp16 activations, so FP16 does not overflow.
+    from transformers import T5EncoderModel  # ~2 s of imports, paid when the weights load
+
     with _as_checkpoint_error(f"could not load the text encoder from {folder}"):
         return T5EncoderModel.from_pretrained(Path(folder), dtype=dtype).eval().requires_grad_(False)
 

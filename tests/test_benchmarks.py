@@ -117,7 +117,10 @@ def test_flop_count_is_the_issues_figure():
 
 
 def test_bench_memory_predicts_every_stage_and_mode(tmp_path):
-    proc = run_module("benchmarks.bench_memory", "--size", "tiny", "--out", tmp_path / "memory.json")
+    # 48x64 pixels (6x8 latents): 4 default tiles and 24 half tiles, as many rules as at 64x96 (9 and 48 tiles),
+    # which traced each tile op by op for most of this test's time.
+    size = ["--size", "tiny", "--frames", "5", "--height", "48", "--width", "64"]
+    proc = run_module("benchmarks.bench_memory", *size, "--out", tmp_path / "memory.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PREDICTION (meta tensors on the CPU, no GPU ran), " in proc.stdout
     assert "Allowance for what tensors do not show: 1.5 GiB" in proc.stdout

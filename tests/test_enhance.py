@@ -24,7 +24,7 @@ import gradio as gr
 import pytest
 import sentencepiece as spm
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, T5Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, T5Tokenizer
 
 from cogvideox import enhance
 from cogvideox.enhance import (
@@ -673,7 +673,7 @@ def test_local_backend_end_to_end(tiny_chat_model, count_tokens, monkeypatch):
             loads.append(args[0])
             return AutoModelForCausalLM.from_pretrained(*args, **kwargs)
 
-    monkeypatch.setattr(enhance, "AutoModelForCausalLM", CountingAutoModel)
+    monkeypatch.setattr(enhance, "auto_classes", lambda: (AutoTokenizer, CountingAutoModel))
     enhancer = PromptEnhancer.from_env(
         count_tokens, env={"PROMPT_ENHANCER_LOCAL_MODEL": str(tiny_chat_model)}
     )
