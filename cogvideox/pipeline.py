@@ -208,19 +208,18 @@ class CogVideoXPipeline:
         report("loading text encoder", 0.1)
         hf_logging.disable_progress_bar()
         text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
-        convert, scaled_mm = None, False
+        convert = None
         if self.quantize:  # T5 layer by layer once loaded; the transformer's Linear weights as they load
-            scaled_mm = _quantize.fp8_compute(_quantize.device_capability(self.device))
-            _quantize.quantize_linears(text_encoder, self.quantize, scaled_mm)
+            _quantize.quantize_linears(text_encoder, self.quantize)
         report("loading transformer", 0.5)
         with torch.device("meta"):
             transformer = CogVideoXTransformer(self.transformer_config)
             vae = CogVideoXVAE(self.vae_config)
         if self.quantize:
-            convert = _quantize.converter(transformer, self.quantize, scaled_mm)
+            convert = _quantize.converter(transformer, self.quantize)
         transformer = load_module(transformer, self.root / "transformer", self.dtype, convert)
         if self.quantize:  # a Linear whose weight the checkpoint names otherwise: none today
-            _quantize.quantize_linears(transformer, self.quantize, scaled_mm)
+            _quantize.quantize_linears(transformer, self.quantize)
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
         self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
