@@ -207,10 +207,9 @@ class CogVideoXPipeline:
         report("loading weights", 0.05, f" from {self.root}")
         report("loading text encoder", 0.1)
         hf_logging.disable_progress_bar()
-        text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
+        # With 8-bit weights, T5's and the transformer's Linear weights go to 8 bits as they load
+        text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype, self.quantize)
         convert = None
-        if self.quantize:  # T5 layer by layer once loaded; the transformer's Linear weights as they load
-            _quantize.quantize_linears(text_encoder, self.quantize)
         report("loading transformer", 0.5)
         with torch.device("meta"):
             transformer = CogVideoXTransformer(self.transformer_config)

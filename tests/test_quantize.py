@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cogvideox import CogVideoXPipeline
+from cogvideox import CogVideoXPipeline, offload, text
 from cogvideox import quantize as q
 from cogvideox.__main__ import main
 from cogvideox.offload import module_bytes
@@ -148,3 +148,21 @@ def test_8bit_video_is_close_in_every_memory_mode(tiny_2b, sixteen_bit, mode, mo
     assert psnr(videos["resident"], base) >= MIN_PSNR[mode]
     assert psnr(videos["resident"], base) < 100  # the weights did change
     np.testing.assert_array_equal(videos["sequential"], videos["resident"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_t5_loads_tensor_by_tensor_to_what_transformers_then_quantizing_give(tiny_2b, mode):
+    # FP16: transformers keeps `wo` in FP32 there (its _keep_in_fp32_modules); the embedding is one tensor
+    folder = tiny_2b / "text_encoder"
+    ours = text.load_text_encoder(folder, torch.float16, mode)
+    theirs = q.quantize_linears(text.load_text_encoder(folder, torch.float16), mode)
+    assert ours.shared.weight is ours.encoder.embed_tokens.weight
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == reference.keys()
+    for key, t in reference.items():
+        assert (type(mine[key]), mine[key].dtype) == (type(t), t.dtype), key
+        for a, b in zip(offload._leaves(mine[key]), offload._leaves(t), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), key
+    assert reference["encoder.block.0.layer.1.DenseReluDense.wo.weight"].dtype == torch.float32
+    ids = torch.tensor([[5, 9, 1, 0]])
+    assert torch.equal(ours(ids)[0], theirs(ids)[0])
