@@ -26,7 +26,7 @@ from .arguments import Call, check_arguments, check_device, prepare
 from .cache import StepCache
 from .config import GenerationDefaults, SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
-from .loading import ALL_PATTERNS, load_module, resolve_model
+from .loading import ALL_PATTERNS, load_module, release_freed_memory, resolve_model
 from .offload import Offloader
 from .preview import LatentPreview, every
 from .sampling import Condition, guided
@@ -221,6 +221,7 @@ class CogVideoXPipeline:
             _quantize.quantize_linears(transformer, self.quantize)
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
+        release_freed_memory()
         self.offloader.place({"text_encoder": text_encoder, "transformer": transformer, "vae": vae})
         report(self.offloader.describe(), 0.95)
         if self.compile:
