@@ -10,6 +10,7 @@ process, so no setting sees memory another one left:
 - speed: seconds per denoising step (CFG, batch 2), the fastest of `--steps` after a warm-up call.
 
     python -m benchmarks.bench_quantize --threads 2 --ckpt /tmp/bench/ckpt-widths --out quantize.json
+    python -m benchmarks.bench_quantize --size widths-12 --tasks load --threads 2   # 12 blocks each: memory only
 """
 
 from __future__ import annotations
