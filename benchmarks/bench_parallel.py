@@ -36,6 +36,7 @@ import torch
 from benchmarks.common import machine, markdown_table, source_digest, write_report
 from cogvideox.config import PRESETS, TransformerConfig, VAEConfig
 from cogvideox.parallel import split_sizes, video_tokens
+from cogvideox.quantize import is_quantized
 
 PROMPT = "A detailed wooden toy ship with carved masts glides over a plush blue carpet that mimics the sea"
 SIZES = {
@@ -172,7 +173,7 @@ def worker(
     import torch.distributed as dist
 
     from cogvideox import CogVideoXPipeline
-    from cogvideox.parallel import Parallel, init_from_torchrun
+    from cogvideox.parallel import Parallel, init_from_torchrun, load_on_every_rank
 
     device = init_from_torchrun(device)  # cuda: NCCL, this rank on cuda:rank
     pipes = {}
@@ -180,11 +181,13 @@ def worker(
         for job in jobs:
             try:
                 parallel = Parallel(job["cfg"], job["sp"])
-                if job["ckpt"] not in pipes:
-                    pipes[job["ckpt"]] = CogVideoXPipeline.from_pretrained(job["ckpt"], device=device)
-                use_loras(pipes[job["ckpt"]], job.get("loras", []))
+                key = (job["ckpt"], job.get("quantize"))  # quantize: 8-bit weights (None: as stored)
+                if key not in pipes:
+                    pipes[key] = CogVideoXPipeline.from_pretrained(key[0], device=device, quantize=key[1])
+                    load_on_every_rank(pipes[key])  # as the CLI and the app load under torchrun
+                use_loras(pipes[key], job.get("loras", []))
                 run = forward_check if job.get("forward") else generate
-                record = run(pipes[job["ckpt"]], parallel, job["call"], Path(out) / f"{job['name']}.npy")
+                record = run(pipes[key], parallel, job["call"], Path(out) / f"{job['name']}.npy")
             except ValueError as e:
                 record = {"error": str(e)}
             (Path(out) / f"{job['name']}.{rank}.json").write_text(json.dumps(record))
@@ -210,6 +213,8 @@ def generate(pipe, parallel, call: dict, frames_path: Path) -> dict:
     if result.frames is not None:
         np.save(frames_path, result.frames)
     steps = len(marks) - 1
+    modules = [*pipe.transformer.modules(), *pipe.text_encoder.modules()]
+    linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
     return {
         "step_s": np.diff(marks).tolist(),
         "bytes_sent": parallel.bytes_sent,
@@ -218,6 +223,9 @@ def generate(pipe, parallel, call: dict, frames_path: Path) -> dict:
         "bytes_per_step": parallel.bytes_sent / steps,
         "frames": result.frames is not None,
         "seed": result.seed,
+        "quantize": result.settings["quantize"],
+        "linears_8bit": sum(map(is_quantized, linears)),
+        "linears": len(linears),
     }
 
 

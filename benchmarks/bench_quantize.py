@@ -10,6 +10,7 @@ process, so no setting sees memory another one left:
 - speed: seconds per denoising step (CFG, batch 2), the fastest of `--steps` after a warm-up call.
 
     python -m benchmarks.bench_quantize --threads 2 --ckpt /tmp/bench/ckpt-widths --out quantize.json
+    python -m benchmarks.bench_quantize --size widths-12 --tasks load --threads 2   # 12 blocks each: memory only
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import numpy as np
 from benchmarks.common import markdown_table, source_digest, write_report
 
 PROMPT = "A detailed wooden toy ship with carved masts glides over a plush blue carpet that mimics the sea"
-SIZES = {"tiny": (9, 64, 96), "widths": (9, 128, 192)}  # frames, height, width
+SIZES = {"tiny": (9, 64, 96), "widths": (9, 128, 192), "widths-12": (9, 128, 192)}  # frames, height, width
+TASKS = ("load", "run")
 MODES = ("16-bit", "int8", "fp8")
 
 
@@ -42,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help="load: memory only (BF16 weights; widths-12 needs ~7 GB); run: the video and s/step (FP32)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--child", nargs=4, metavar=("TASK", "MODE", "CKPT", "FRAMES_NPY"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -117,22 +124,26 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def table(loads: dict, runs: dict, videos: dict) -> str:
-    base_load, base_step = loads["16-bit"], min(runs["16-bit"]["step_s"])
-    rows = []
-    for mode in loads:
-        load, step = loads[mode], min(runs[mode]["step_s"])
-        rows.append(
-            [
-                mode,
-                f"{load['rss_gib']:.3f} ({load['rss_gib'] / base_load['rss_gib']:.2f}x)",
-                f"{load['peak_gib']:.3f} ({load['peak_gib'] / base_load['peak_gib']:.2f}x)",
-                f"{load['stored_gib']:.3f} ({load['stored_gib'] / base_load['stored_gib']:.2f}x)",
-                "—" if mode == "16-bit" else f"{psnr(videos[mode], videos['16-bit']):.1f}",
-                f"{step:.3f} ({step / base_step:.2f}x)",
-            ]
-        )
-    headers = ["weights", "load RSS GiB (BF16)", "peak RSS while loading", "transformer+T5 stored GiB"]
-    headers += ["video PSNR dB vs 16-bit (FP32)", "s/step (FP32 activations)"]
+    """One row per mode; the memory columns from `loads`, the video and speed ones from `runs` (either may be
+    empty: --tasks)."""
+
+    def vs(value: float, base: float, digits: int = 3) -> str:
+        return f"{value:.{digits}f} ({value / base:.2f}x)"
+
+    headers, rows = ["weights"], [[mode] for mode in (loads or runs)]
+    if loads:
+        headers += ["load RSS GiB (BF16)", "peak RSS while loading", "transformer+T5 stored GiB"]
+        base = loads["16-bit"]
+        for row in rows:
+            load = loads[row[0]]
+            row += [vs(load[k], base[k]) for k in ("rss_gib", "peak_gib", "stored_gib")]
+    if runs:
+        headers += ["video PSNR dB vs 16-bit (FP32)", "s/step (FP32 activations)"]
+        base_step = min(runs["16-bit"]["step_s"])
+        for row in rows:
+            mode = row[0]
+            row.append("—" if mode == "16-bit" else f"{psnr(videos[mode], videos['16-bit']):.1f}")
+            row.append(vs(min(runs[mode]["step_s"]), base_step))
     return markdown_table(headers, rows)
 
 
@@ -144,15 +155,19 @@ def main(argv=None) -> int:
     from benchmarks.random_checkpoint import write_random_checkpoint
 
     digest = source_digest()
-    modes = args.modes.split(",")
+    modes, tasks = args.modes.split(","), set(args.tasks.split(","))
+    if modes[0] != "16-bit" or not tasks or not tasks <= set(TASKS):
+        raise SystemExit(f"error: --modes must start with 16-bit (the baseline), --tasks be some of {TASKS}")
     loads, runs, videos = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="cogvideox-bench-") as tmp:
         ckpt = write_random_checkpoint(Path(args.ckpt or Path(tmp) / "ckpt"), args.size)
         for mode in modes:
             npy = Path(tmp) / f"{mode}.npy"
-            loads[mode] = run_child(args, "load", mode, ckpt, npy)
-            runs[mode] = run_child(args, "run", mode, ckpt, npy)
-            videos[mode] = np.load(npy)
+            if "load" in tasks:
+                loads[mode] = run_child(args, "load", mode, ckpt, npy)
+            if "run" in tasks:
+                runs[mode] = run_child(args, "run", mode, ckpt, npy)
+                videos[mode] = np.load(npy)
     frames, height, width = SIZES[args.size]
     print(
         f"\n{args.size} checkpoint, {frames} frames {width}x{height}, {args.steps} steps, CFG 6, "

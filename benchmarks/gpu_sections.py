@@ -519,6 +519,7 @@ def check_quantize(run: SectionRun) -> dict:
     from benchmarks.random_checkpoint import write_random_checkpoint
     from cogvideox import CogVideoXPipeline
     from cogvideox.offload import module_bytes
+    from cogvideox.quantize import fp8_matmul
 
     dev = run.device
     path = Path(run.args.ckpt) if run.args.ckpt else run.tmp / "ckpt"
@@ -545,7 +546,7 @@ def check_quantize(run: SectionRun) -> dict:
             )
             sync(dev)
             videos[name] = result.frames
-            scaled_mm = any(getattr(p, "scaled_mm", False) for p in pipe.transformer.parameters())
+            scaled_mm = mode == "fp8" and fp8_matmul(torch.device(dev))
             out["modes"][name] = {
                 "weights_gib": stored / GiB,
                 "s_per_step": min(b - a for a, b in pairwise(marks)),

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from cogvideox.config import TransformerConfig, VAEConfig
 from cogvideox.testing import write_tiny_checkpoint
 
-SIZES = ("tiny", "small", "widths", "full")
+SIZES = ("tiny", "small", "widths", "widths-12", "full")
 
 # google/t5-v1_1-xxl, the released text encoder (4.76e9 parameters, 9.5 GB in FP16).
 T5_XXL = dict(
@@ -58,6 +58,10 @@ SMALL = (
 # The 8-bit benchmark's model: the released 2B transformer's and T5-XXL's layer widths (what a kernel's speed and
 # a layer's 8-bit error depend on), 4 blocks of each instead of 30 and 24; the small VAE (it stays 16-bit).
 WIDTHS = (TransformerConfig(num_layers=4), SMALL[1], {**T5_XXL, "num_layers": 4})
+# The same at 12 blocks of each: the 16-bit parts that do not grow with depth (T5's embedding, the transformer's
+# patch and time embeddings) weigh in closer to the released 30 and 24 blocks (6.2 GB in FP16, where the released
+# 2B transformer + T5 are 13.9 GiB).
+WIDTHS_12 = (TransformerConfig(num_layers=12), SMALL[1], {**T5_XXL, "num_layers": 12})
 
 
 def size_configs(size: str, small_t5: bool = False) -> tuple[TransformerConfig, VAEConfig, dict] | None:
@@ -70,6 +74,8 @@ def size_configs(size: str, small_t5: bool = False) -> tuple[TransformerConfig, 
         return SMALL
     if size == "widths":
         return WIDTHS
+    if size == "widths-12":
+        return WIDTHS_12
     return TransformerConfig(), VAEConfig(), T5_SMALL_4096 if small_t5 else T5_XXL
 
 
@@ -85,8 +91,9 @@ def _save_t5(folder: Path, kwargs: dict, device: torch.device) -> None:
     from transformers import T5Config, T5EncoderModel
 
     with torch.device(device):  # initialising 4.7e9 parameters is quick on a GPU, slow on a CPU
-        model = T5EncoderModel(T5Config(**kwargs))
-    # All FP16 on disk like the release; transformers upcasts `wo` to FP32 again when loading in FP16.
+        # made in FP16, as the release stores it (FP32 would need twice the memory: 19 GB for T5-XXL)
+        model = T5EncoderModel._from_config(T5Config(**kwargs), dtype=torch.float16)
+    # transformers upcasts `wo` to FP32 again when loading in FP16.
     model.to(torch.float16).save_pretrained(folder, max_shard_size="5GB")
 
 

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .quantize import to_device
+
 GiB = 2**30
 
 
@@ -356,7 +358,7 @@ class Offloader:
 
     def _place_one(self, name: str, module: nn.Module) -> None:
         if self.mode == "resident":
-            module.to(self.device)
+            to_device(module, self.device)
             return
         lists = _block_lists(module) if self.mode == "sequential" and name in self.STREAMED else []
         blocks = [block for blocks in lists for block in blocks]

@@ -26,7 +26,7 @@ from .arguments import Call, check_arguments, check_device, prepare
 from .cache import StepCache
 from .config import GenerationDefaults, SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .layers import fastest_sdpa_backend
-from .loading import ALL_PATTERNS, load_module, resolve_model
+from .loading import ALL_PATTERNS, load_module, release_freed_memory, resolve_model
 from .lora import LoraSet
 from .offload import Offloader, default_working_bytes
 from .preview import LatentPreview, every
@@ -209,22 +209,21 @@ class CogVideoXPipeline:
         report("loading weights", 0.05, f" from {self.root}")
         report("loading text encoder", 0.1)
         hf_logging.disable_progress_bar()
-        text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype)
-        convert, scaled_mm = None, False
-        if self.quantize:  # T5 layer by layer once loaded; the transformer's Linear weights as they load
-            scaled_mm = _quantize.fp8_compute(_quantize.device_capability(self.device))
-            _quantize.quantize_linears(text_encoder, self.quantize, scaled_mm)
+        # With 8-bit weights, T5's and the transformer's Linear weights go to 8 bits as they load
+        text_encoder = text.load_text_encoder(self.root / "text_encoder", self.dtype, self.quantize)
+        convert = None
         report("loading transformer", 0.5)
         with torch.device("meta"):
             transformer = CogVideoXTransformer(self.transformer_config)
             vae = CogVideoXVAE(self.vae_config)
         if self.quantize:
-            convert = _quantize.converter(transformer, self.quantize, scaled_mm)
+            convert = _quantize.converter(transformer, self.quantize)
         transformer = load_module(transformer, self.root / "transformer", self.dtype, convert)
         if self.quantize:  # a Linear whose weight the checkpoint names otherwise: none today
-            _quantize.quantize_linears(transformer, self.quantize, scaled_mm)
+            _quantize.quantize_linears(transformer, self.quantize)
         report("loading VAE", 0.9)
         vae = load_module(vae, self.root / "vae", self.dtype)
+        release_freed_memory()
         modules = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
         self.offloader.place(modules, working=self.working_memory())
         report(self.offloader.describe(), 0.95)

@@ -8,7 +8,9 @@ Quantizing changes the weight a layer holds, not the layer's forward: the weight
   per-channel scale on the output). Needs the optional `torchao` package (README, "8-bit weights").
 - "fp8": `Float8Weight` below, pure torch: float8_e4m3fn + a float32 scale per output channel. Upcast layer by
   layer on any device that stores float8 (every CUDA GPU, the CPU); on GPUs with fp8 tensor cores (compute
-  capability 8.9+) the matmul runs in fp8 (`torch._scaled_mm`, the activations scaled per tensor).
+  capability 8.9+) the matmul runs in fp8 (`torch._scaled_mm`, the activations scaled per tensor). That is
+  decided at the first matmul on each CUDA device, never at load: a ZeroGPU Space's main process loads the weights
+  to an emulated "cuda" and must not ask the driver anything.
 
 The contract other code builds on (LoRA folding): `quantize_weight`, `dequantize`, `is_quantized`, `replace_weight`.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass, transform_subclass
 
 MODES = ("int8", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -71,39 +74,52 @@ def fp8_compute(capability: tuple[int, int] | None) -> bool:
     return capability is not None and tuple(capability) >= SCALED_MM_CAPABILITY
 
 
-def device_capability(device: torch.device) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else None
+def fp8_matmul(device: torch.device) -> bool:
+    """Whether fp8 weights multiply in fp8 on `device`: asked at the first matmul there, then cached."""
+    if device.type != "cuda":
+        return False
+    return _fp8_matmul_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_FP8_MATMUL: dict[int, bool] = {}  # CUDA device index -> fp8_compute of its capability
+
+
+@torch.compiler.assume_constant_result  # a compiled graph bakes the answer in instead of tracing the query
+def _fp8_matmul_on(index: int) -> bool:
+    if index not in _FP8_MATMUL:
+        _FP8_MATMUL[index] = fp8_compute(torch.cuda.get_device_capability(index))
+    return _FP8_MATMUL[index]
 
 
 class Float8Weight(torch.Tensor):
     """A (out, in) Linear weight held as float8_e4m3fn `qdata` and a float32 `scale` (out, 1); it reads as
-    `qdata * scale` in `dtype`. `scaled_mm`: multiply in fp8 where the GPU can (decided once, at load)."""
+    `qdata * scale` in `dtype`."""
 
     @staticmethod
-    def __new__(cls, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, scaled_mm: bool = False):
+    def __new__(cls, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         return torch.Tensor._make_wrapper_subclass(
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata, scale, dtype, scaled_mm=False):
-        self.qdata, self.scale, self.scaled_mm = qdata, scale, scaled_mm
+    def __init__(self, qdata, scale, dtype):
+        self.qdata, self.scale = qdata, scale
 
     def __repr__(self) -> str:
         return f"Float8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
     def __tensor_flatten__(self):
-        return ["qdata", "scale"], (self.dtype, self.scaled_mm)
+        return ["qdata", "scale"], (self.dtype,)
 
     @staticmethod
     def __tensor_unflatten__(inner, context, outer_size, outer_stride):
         return Float8Weight(inner["qdata"], inner["scale"], *context)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, scaled_mm: bool = False) -> Float8Weight:
+    def from_float(cls, weight: torch.Tensor) -> Float8Weight:
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # (out, 1)
         qdata = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        return cls(qdata, scale, weight.dtype, scaled_mm)
+        return cls(qdata, scale, weight.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dtype
@@ -123,12 +139,12 @@ class Float8Weight(torch.Tensor):
         kwargs = kwargs or {}
         self = args[0]
         if func in (aten.detach.default, aten.alias.default, aten.clone.default):
-            return Float8Weight(func(self.qdata), func(self.scale), self.dtype, self.scaled_mm)
+            return Float8Weight(func(self.qdata), func(self.scale), self.dtype)
         if func is aten._to_copy.default and kwargs.get("dtype", self.dtype) == self.dtype:
             # a move (module.to(device), pin_memory): the 8-bit data moves as it is
             moved = {k: v for k, v in kwargs.items() if k != "dtype"}
             qdata, scale = func(self.qdata, **moved), func(self.scale, **moved)
-            return Float8Weight(qdata, scale, self.dtype, self.scaled_mm)
+            return Float8Weight(qdata, scale, self.dtype)
         # Anything else (printing, .float(), arithmetic) sees the 16-bit weight.
         unwrap = [a.dequantize() if isinstance(a, Float8Weight) else a for a in args]
         return func(*unwrap, **kwargs)
@@ -137,7 +153,7 @@ class Float8Weight(torch.Tensor):
 def _fp8_linear(x: torch.Tensor, w: Float8Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ w.T + bias: in fp8 on the GPUs that can (x scaled per tensor, w per output channel), else with the
     weight upcast to x's dtype for this layer only."""
-    if w.scaled_mm and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and fp8_matmul(x.device):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         x_scale = (x2.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
         xq = (x2 / x_scale.to(x2.dtype)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -153,11 +169,11 @@ def _fp8_linear(x: torch.Tensor, w: Float8Weight, bias: torch.Tensor | None) -> 
 # -- the contract: one Linear weight ------------------------------------------------------------------------
 
 
-def quantize_weight(w16: torch.Tensor, mode: str, scaled_mm: bool = False) -> torch.Tensor:
+def quantize_weight(w16: torch.Tensor, mode: str) -> torch.Tensor:
     """A (out, in) weight -> its 8-bit form (a tensor subclass that reads as the original dtype)."""
     w16 = dequantize(w16)  # an 8-bit weight is requantized from what it reads as
     if mode == "fp8":
-        return Float8Weight.from_float(w16, scaled_mm)
+        return Float8Weight.from_float(w16)
     if mode == "int8":
         int8_tensor, per_row = _torchao_int8()
         return int8_tensor.from_hp(w16.detach(), granularity=per_row())
@@ -201,11 +217,24 @@ def replace_weight(linear: nn.Linear, new16: torch.Tensor) -> None:
     mode = _mode_of(old)
     new = new16.to(device=old.device, dtype=old.dtype)
     if mode is not None:
-        new = quantize_weight(new, mode, getattr(old, "scaled_mm", False))
+        new = quantize_weight(new, mode)
     linear.weight = nn.Parameter(new, requires_grad=False)
 
 
 # -- whole modules ------------------------------------------------------------------------------------------
+
+
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """module.to(device), each 8-bit weight moved as its inner tensors (8-bit data, scales) rather than as one
+    tensor subclass: ZeroGPU's CUDA emulation records plain tensors only, to pack them and move them into its GPU
+    worker later (a subclass it cannot swap)."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if is_traceable_wrapper_subclass(t):
+            return transform_subclass(t, lambda _, inner: move(inner))
+        return t.to(device)
+
+    return module._apply(move)
 
 
 def linear_weight_names(module: nn.Module) -> set[str]:
@@ -217,21 +246,21 @@ def linear_weight_names(module: nn.Module) -> set[str]:
     }
 
 
-def quantize_linears(module: nn.Module, mode: str, scaled_mm: bool = False) -> nn.Module:
+def quantize_linears(module: nn.Module, mode: str) -> nn.Module:
     """Every nn.Linear weight of a loaded module -> 8 bits, one layer at a time (each 16-bit weight is freed as its
     8-bit one takes its place, so the peak is the 16-bit module, not it plus the 8-bit one)."""
     for m in module.modules():
         if isinstance(m, nn.Linear) and not is_quantized(m):
-            m.weight = nn.Parameter(quantize_weight(m.weight, mode, scaled_mm), requires_grad=False)
+            m.weight = nn.Parameter(quantize_weight(m.weight, mode), requires_grad=False)
     return module
 
 
-def converter(module: nn.Module, mode: str, scaled_mm: bool = False):
+def converter(module: nn.Module, mode: str):
     """For `loading.load_module`: each Linear weight of `module` goes to 8 bits as it loads, so the 16-bit module
     is never whole in memory (the peak is the 8-bit module plus one 16-bit tensor)."""
     names = linear_weight_names(module)
 
     def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return quantize_weight(tensor, mode, scaled_mm) if key in names else tensor
+        return quantize_weight(tensor, mode) if key in names else tensor
 
     return convert

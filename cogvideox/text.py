@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from transformers import T5EncoderModel, T5Tokenizer
 
 from .config import CheckpointError
+from .loading import load_state_dict_from_dir
+from .quantize import converter
 
 MAX_TOKENS = 226
 
@@ -58,12 +60,43 @@ def load_tokenizer(folder: str | Path) -> T5Tokenizer:
     return tokenizer
 
 
-def load_text_encoder(folder: str | Path, dtype: torch.dtype) -> T5EncoderModel:
+def load_text_encoder(folder: str | Path, dtype: torch.dtype, quantize: str | None = None) -> T5EncoderModel:
+    """T5 from the checkpoint's `text_encoder/`, by transformers; with `quantize`, tensor by tensor instead, each
+    Linear weight going to 8 bits as it loads (`_load_8bit`)."""
     # transformers keeps T5's `wo` in fp32 and clamps fp16 activations, so FP16 does not overflow.
     from transformers import T5EncoderModel  # ~2 s of imports, paid when the weights load
 
     with _as_checkpoint_error(f"could not load the text encoder from {folder}"):
+        if quantize:
+            return _load_8bit(Path(folder), dtype, quantize).eval().requires_grad_(False)
         return T5EncoderModel.from_pretrained(Path(folder), dtype=dtype).eval().requires_grad_(False)
+
+
+def _load_8bit(folder: Path, dtype: torch.dtype, quantize: str) -> T5EncoderModel:
+    """What transformers' load then `quantize.quantize_linears` give, bit for bit, without the 16-bit encoder
+    whole in memory (9.5 GB for T5-XXL): the peak is the 8-bit encoder plus one 16-bit tensor. As transformers
+    loads it: `wo` in FP32 under FP16 (its `_keep_in_fp32_modules`), and one embedding under the two names
+    `shared` and `encoder.embed_tokens` (the file holds one of them)."""
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config.from_pretrained(folder))
+    fp32 = set(model._keep_in_fp32_modules or ()) if dtype == torch.float16 else set()
+    to_8bit = converter(model, quantize)
+
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():  # cast here, not in the loader: an FP32 file's `wo` stays exact
+            t = t.to(torch.float32 if fp32 & set(key.split(".")) else dtype)
+        return to_8bit(key, t)
+
+    state = load_state_dict_from_dir(folder, None, convert)
+    tied = ("shared.weight", "encoder.embed_tokens.weight")
+    if any(name in state for name in tied):
+        embedding = state.get(tied[0], state.get(tied[1]))
+        state.update(dict.fromkeys(tied, embedding))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.encoder.embed_tokens.weight = model.shared.weight  # one tensor again, as transformers ties it
+    return model
 
 
 @contextmanager

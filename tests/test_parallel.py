@@ -157,7 +157,7 @@ def checkpoints(tmp_path_factory, tiny_2b):
     }
 
 
-def job(name, ckpt, cfg, sp, call, forward=False, loras=()):
+def job(name, ckpt, cfg, sp, call, forward=False, loras=(), quantize=None):
     return {
         "name": name,
         "ckpt": str(ckpt),
@@ -166,6 +166,7 @@ def job(name, ckpt, cfg, sp, call, forward=False, loras=()):
         "call": call,
         "forward": forward,
         "loras": [[str(file), scale] for file, scale in loras],
+        "quantize": quantize,
     }
 
 
@@ -183,6 +184,7 @@ def runs(checkpoints, tmp_path_factory):
         [
             job("cfg2_2b", two, 2, 1, ODD),
             job("cfg2_2b_lora", two, 2, 1, ODD, loras=[(lora, 1.5)]),
+            job("cfg2_2b_fp8", two, 2, 1, ODD, quantize="fp8"),  # every rank loads 8-bit weights
             job("sp2_5b", five, 1, 2, ODD),
             job("cfg2_2b_drawn", two, 2, 1, drawn),
             job("fwd_cfg2_2b", two, 2, 1, ODD, True),
@@ -221,42 +223,48 @@ def runs(checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(checkpoints):
-    """One process's result for (checkpoint style, call): (frames, steps computed), each computed once."""
+    """One process's result for (checkpoint style, call, quantize): (frames, steps computed), each computed once."""
     pipes, results = {}, {}
 
-    def result(style: str, call: dict):
-        key = (style, json.dumps(call, sort_keys=True))
+    def result(style: str, call: dict, quantize: str | None = None):
+        key = (style, json.dumps(call, sort_keys=True), quantize)
         if key not in results:
-            if style not in pipes:
-                pipes[style] = CogVideoXPipeline.from_pretrained(checkpoints[style], device="cpu")
-            out = pipes[style](PROMPT, **call)
+            if (style, quantize) not in pipes:
+                pipes[style, quantize] = CogVideoXPipeline.from_pretrained(
+                    checkpoints[style], device="cpu", quantize=quantize
+                )
+            out = pipes[style, quantize](PROMPT, **call)
             results[key] = (out.frames, out.timings.get("steps_computed", call["num_inference_steps"]))
         return results[key]
 
     return result
 
 
-VIDEOS = {
-    "cfg2_2b": (2, 1, "2b", ODD),
-    "sp2_5b": (1, 2, "5b", ODD),
-    "sp3_2b": (1, 3, "2b", ODD),
-    "sp3_5b": (1, 3, "5b", ODD),
-    "2x2_5b": (2, 2, "5b", ODD),
-    "2x2_2b_cached": (2, 2, "2b", CACHED),
-    "sp2_15": (1, 2, "1.5", V15),
-    "2x2_15_cached": (2, 2, "1.5", CACHED15),
+VIDEOS = {  # job: cfg, sp, checkpoint style, call, quantize
+    "cfg2_2b": (2, 1, "2b", ODD, None),
+    "cfg2_2b_fp8": (2, 1, "2b", ODD, "fp8"),
+    "sp2_5b": (1, 2, "5b", ODD, None),
+    "sp3_2b": (1, 3, "2b", ODD, None),
+    "sp3_5b": (1, 3, "5b", ODD, None),
+    "2x2_5b": (2, 2, "5b", ODD, None),
+    "2x2_2b_cached": (2, 2, "2b", CACHED, None),
+    "sp2_15": (1, 2, "1.5", V15, None),
+    "2x2_15_cached": (2, 2, "1.5", CACHED15, None),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VIDEOS)
 def test_parallel_run_gives_the_single_process_video(runs, single, checkpoints, name):
-    cfg, sp, style, call = VIDEOS[name]
+    cfg, sp, style, call, quantize = VIDEOS[name]
     ranks = runs["records"][name]
     assert all("error" not in r for r in ranks), ranks
     assert [r["frames"] for r in ranks] == [True] + [False] * (len(ranks) - 1)  # only rank 0 decodes
+    # every rank holds the weights as asked: all T5 and transformer Linear weights 8-bit, or none
+    assert all(r["quantize"] == quantize for r in ranks)
+    assert all(r["linears"] > 0 and r["linears_8bit"] == (r["linears"] if quantize else 0) for r in ranks)
     got = np.load(runs["out"] / f"{name}.npy")
-    want, computed = single(style, call)
+    want, computed = single(style, call, quantize)
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
     # Every rank computed the steps one process computed (the step cache decides alike everywhere) and sent what

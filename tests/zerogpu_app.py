@@ -21,6 +21,7 @@ import os
 import sys
 
 import torch
+from torch import nn
 
 if torch.version.cuda is None:  # a CPU-only wheel lacks what spaces reads from torch as it is imported
     torch.version.cuda = "12.8"
@@ -33,7 +34,9 @@ from spaces.zero import torch as zero_torch
 from spaces.zero.torch import patching
 
 import app
+from cogvideox.offload import module_bytes
 from cogvideox.pipeline import CogVideoXPipeline
+from cogvideox.quantize import is_quantized
 from webapp import launch, serve
 
 FAILURES = {
@@ -73,10 +76,14 @@ def log_progress(path: str) -> None:
 
 
 def report_load(argv: list[str]) -> None:
+    queries = []  # the main process must not ask the driver anything (spaces answers with a stand-in here)
+    capability = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda *a, **k: queries.append(a) or capability(*a, **k)
     pipe, notice = serve.load_pipeline(launch.parse_args(argv))
     if pipe is None:
         raise SystemExit(notice)
     param = next(pipe.transformer.parameters())
+    components = (pipe.text_encoder, pipe.transformer, pipe.vae)
     print(
         json.dumps(
             {
@@ -84,6 +91,12 @@ def report_load(argv: list[str]) -> None:
                 "memory_mode": pipe.offloader.mode,
                 "compile": pipe.compile,
                 "loaded": pipe.loaded,
+                "quantize": pipe.quantize,
+                "quantized_linears": sum(
+                    is_quantized(m) for c in components for m in c.modules() if isinstance(m, nn.Linear)
+                ),
+                "capability_queries": len(queries),
+                "weight_bytes": sum(module_bytes(c) for c in components),
                 "param_device": str(param.device),
                 "recorded": len(patching.cuda_aliases),
                 "packed_bytes": zero_torch.pack(),  # what spaces does at launch: the recorded weights go to disk
