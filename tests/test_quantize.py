@@ -13,7 +13,7 @@ from torch import nn
 from cogvideox import CogVideoXPipeline
 from cogvideox import quantize as q
 from cogvideox.__main__ import main
-from cogvideox.offload import _leaves, module_bytes
+from cogvideox.offload import Offloader, _leaves, module_bytes
 from cogvideox.testing import write_tiny_lora
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -57,6 +57,23 @@ def test_the_weight_contract_round_trips_and_requantizes(mode):
     plain = nn.Linear(4, 4)
     q.replace_weight(plain, torch.ones(4, 4))
     assert not q.is_quantized(plain) and plain.weight.sum() == 16
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_write_into_an_8bit_weight_lands_in_its_8bit_data_or_is_refused(mode):
+    """`Offloader.write_` (LoRA's one way in): a plain copy_ into an 8-bit weight would land in a dequantized
+    temporary and be lost, so only a value of the weight's kind is taken, written into its data and scales."""
+    weight = q.quantize_weight(torch.randn(8, 16), mode)
+    offloader = Offloader("cpu", "resident")
+    with pytest.raises(TypeError, match="weight: write a value of its kind, not Tensor"):
+        offloader.write_(weight, torch.ones(8, 16))
+    value = torch.linspace(-1, 1, 128, dtype=torch.float64).view(
+        8, 16
+    )  # another dtype: cast as loading casts
+    offloader.write_(weight, q.stored_like(weight, value))
+    want = q.dequantize(q.quantize_weight(value.float(), mode))
+    assert weight.dtype == torch.float32 and torch.equal(q.dequantize(weight), want)
+    torch.testing.assert_close(want, value.float(), atol=0.01, rtol=0.07)
 
 
 def test_bad_modes_are_one_clear_error_before_loading(tiny_2b, monkeypatch, tmp_path, capsys):
