@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .config import LORA_MAX_SCALE, CheckpointError, TransformerConfig
 from .loading import read_tensors
+from .quantize import stored_like
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: the one taken from a folder holding several
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON of the PEFT config, its keys prefixed "transformer."
@@ -264,8 +265,10 @@ def _update(
 
 def _write_weight(layer: nn.Module, weight: Tensor, offloader) -> None:
     """The one place a folded (or restored) weight enters a layer: float32 in, stored in place in the layer's dtype
-    wherever its weight lives (`Offloader.write_`)."""
-    offloader.write_(layer.weight, weight)
+    wherever its weight lives (`Offloader.write_`). An 8-bit layer gets its base plus the updates quantized anew
+    (`quantize.stored_like`): the error of 8 bits never builds up over rescales, and an unload stores exactly
+    what loading did."""
+    offloader.write_(layer.weight, stored_like(layer.weight, weight))
 
 
 def _base_weight(folder: Path, module: str, dtype: torch.dtype) -> Tensor:

@@ -464,7 +464,18 @@ class Offloader:
     def write_(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         """New values for a weight wherever they live: the tensor itself (resident mode), else its view in its host
         pack (what every fetch copies), and the device copy too while that pack is fetched. In place, cast to the
-        weight's dtype: compiled graphs and the packs' layout stay as they are."""
+        weight's dtype: compiled graphs and the packs' layout stay as they are.
+
+        An 8-bit weight (a tensor subclass) takes a `value` of its own kind (`quantize.stored_like`): each of its
+        inner tensors (8-bit data, scales) is written so, into those the packs and fetches know by identity."""
+        if is_traceable_wrapper_subclass(tensor):
+            if type(value) is not type(tensor):  # a plain copy_ would land in a dequantized temporary: lost
+                raise TypeError(
+                    f"{type(tensor).__name__} weight: write a value of its kind, not {type(value).__name__}"
+                )
+            for leaf, new in zip(_leaves(tensor), _leaves(value), strict=True):
+                self.write_(leaf, new)
+            return
         for pack in self._packs.values():
             for t, view in zip(pack.tensors, pack.views(pack.buffer)):
                 if t is tensor:

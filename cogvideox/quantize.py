@@ -12,7 +12,8 @@ Quantizing changes the weight a layer holds, not the layer's forward: the weight
   decided at the first matmul on each CUDA device, never at load: a ZeroGPU Space's main process loads the weights
   to an emulated "cuda" and must not ask the driver anything.
 
-The contract other code builds on (LoRA folding): `quantize_weight`, `dequantize`, `is_quantized`, `replace_weight`.
+The contract other code builds on (LoRA folding): `quantize_weight`, `dequantize`, `is_quantized`, `replace_weight`,
+`stored_like`.
 """
 
 from __future__ import annotations
@@ -214,11 +215,16 @@ def replace_weight(linear: nn.Linear, new16: torch.Tensor) -> None:
     old = linear.weight
     if tuple(new16.shape) != tuple(old.shape):
         raise ValueError(f"new weight {tuple(new16.shape)} does not fit {linear} ({tuple(old.shape)})")
+    linear.weight = nn.Parameter(stored_like(old, new16.to(old.device)), requires_grad=False)
+
+
+def stored_like(old: torch.Tensor, new16: torch.Tensor) -> torch.Tensor:
+    """`new16` stored as `old` is, on new16's device: cast to old's dtype, then quantized as old was when old is
+    8-bit. That cast-then-quantize is what loading does to a checkpoint's weight, so the checkpoint's own weight
+    comes back bit for bit as loading stored it (LoRA's unload)."""
     mode = _mode_of(old)
-    new = new16.to(device=old.device, dtype=old.dtype)
-    if mode is not None:
-        new = quantize_weight(new, mode)
-    linear.weight = nn.Parameter(new, requires_grad=False)
+    new = new16.to(old.dtype)
+    return new if mode is None else quantize_weight(new, mode)
 
 
 # -- whole modules ------------------------------------------------------------------------------------------
