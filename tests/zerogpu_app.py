@@ -19,6 +19,7 @@ progress update the main process's queue receives.
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,9 +77,17 @@ def log_progress(path: str) -> None:
 
 
 def report_load(argv: list[str]) -> None:
-    queries = []  # the main process must not ask the driver anything (spaces answers with a stand-in here)
+    # Our code must not ask the driver anything in the main process (spaces answers with a stand-in here). Only
+    # calls from cogvideox/ count: torchao, imported by transformers as T5 loads, probes the GPU at import itself.
+    queries = []
     capability = torch.cuda.get_device_capability
-    torch.cuda.get_device_capability = lambda *a, **k: queries.append(a) or capability(*a, **k)
+
+    def spy(*a, **k):
+        if "cogvideox" in Path(sys._getframe(1).f_code.co_filename).parts:
+            queries.append(a)
+        return capability(*a, **k)
+
+    torch.cuda.get_device_capability = spy
     pipe, notice = serve.load_pipeline(launch.parse_args(argv))
     if pipe is None:
         raise SystemExit(notice)
