@@ -21,6 +21,7 @@ import gradio as gr
 import numpy as np
 
 from cogvideox.video import read_mp4, save_result, write_gif, write_mp4
+from webapp.loras import described
 from webapp.validation import check_inputs
 
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
@@ -188,7 +189,7 @@ def _shorten(text: str, limit: int) -> str:
 def caption(clip: dict) -> str:
     """The start of the prompt, then frames, steps and seed, then each setting that changed the clip and is not
     the default (speed, smoothing, a video or image it started from and its strength, guidance, a negative
-    prompt): what tells one clip from another."""
+    prompt, its LoRAs): what tells one clip from another."""
     s = clip["settings"]
     line = f"{_shorten(s['prompt'], 28)} · {s['num_frames']} frames · {s['num_inference_steps']} steps · seed {s['seed']}"
     extras = [] if s.get("step_cache") is None else [speed_name(s)]
@@ -202,6 +203,7 @@ def caption(clip: dict) -> str:
         extras.append(f"guidance {s['guidance_scale']:g}")
     if s.get("negative_prompt"):
         extras.append(f"not: {_shorten(s['negative_prompt'], 16)}")
+    extras.extend(described(s))  # its LoRAs and their strengths
     line = " · ".join([line, *extras])
     return f"⌛ expired · {line}" if expired(clip) else line
 
