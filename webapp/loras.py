@@ -76,7 +76,14 @@ def inputs(pipe) -> tuple[list[gr.Slider], gr.JSON]:
         with gr.Accordion(LABEL, open=False, elem_id="loras"):
             for name in choices:
                 sliders.append(
-                    gr.Slider(-LORA_MAX_SCALE, LORA_MAX_SCALE, 0.0, step=0.05, label=name, info="0: off, 1: as trained")
+                    gr.Slider(
+                        -LORA_MAX_SCALE,
+                        LORA_MAX_SCALE,
+                        0.0,
+                        step=0.05,
+                        label=name,
+                        info="0: off, 1: as trained",
+                    )
                 )
     value = gr.JSON({}, visible=False)
     value.api_info = lambda: {
@@ -103,13 +110,17 @@ def restored(settings: dict, choices: list[str]) -> tuple:
     for entry in used if isinstance(used, list) else []:
         if isinstance(entry, dict) and entry.get("name") in choices:
             scale = entry.get("scale")
-            if isinstance(scale, (int, float)) and not isinstance(scale, bool) and abs(scale) <= LORA_MAX_SCALE:
+            if (
+                isinstance(scale, (int, float))
+                and not isinstance(scale, bool)
+                and abs(scale) <= LORA_MAX_SCALE
+            ):
                 kept[entry["name"]] = float(scale)
     return *(kept.get(n, 0.0) for n in choices), kept
 
 
 def described(settings: dict) -> list[str]:
-    """"name strength" for each LoRA a clip was made with (its caption's words)."""
+    """ "name strength" for each LoRA a clip was made with (its caption's words)."""
     used = settings.get("loras")
     return [
         f"{e['name']} {e['scale']:g}"
