@@ -156,3 +156,18 @@ def test_an_unknown_lora_is_refused_over_http_by_its_field(server):
     client = Client(server[0].local_url, verbose=False)
     with pytest.raises(Exception, match="choose from motion, style"):
         client.predict(**GOOD, loras={"../x": 1.0}, api_name="/generate")
+
+
+def test_an_expired_clip_keeps_its_offered_loras_in_the_browsers_copy(tiny_2b, lora_dir, tmp_path):
+    pipe = offering(tiny_2b, lora_dir)
+    settings = {**GOOD, "num_inference_steps": 1, "loras": [{"name": "style", "scale": 0.8, "sha256": "ab"}]}
+    del settings["steps"]
+    clip = {"name": "20261206-120000-0123456789abcdef.mp4", "mp4": str(tmp_path / "gone.mp4"), "seed": 3}
+    (entry,) = clips.browser_copy([{**clip, "settings": settings}])
+    assert entry["loras"] == [{"name": "style", "scale": 0.8}]
+    kept = clips.from_browser(entry, tmp_path, pipe)  # its files gone: the browser's copy, checked
+    assert kept["settings"]["loras"] == [{"name": "style", "scale": 0.8}] and "style 0.8" in clips.caption(
+        kept
+    )
+    for tampered in ([{"name": "../x", "scale": 1.0}], [{"name": "style", "scale": 9.0}], "style"):
+        assert "loras" not in clips.from_browser({**entry, "loras": tampered}, tmp_path, pipe)["settings"]

@@ -21,7 +21,7 @@ import gradio as gr
 import numpy as np
 
 from cogvideox.video import read_mp4, save_result, write_gif, write_mp4
-from webapp.loras import described
+from webapp import loras
 from webapp.validation import check_inputs
 
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
@@ -114,7 +114,14 @@ def _checked(values: dict, pipe) -> dict | None:
     )
     if errors or kwargs["seed"] is None:
         return None
-    return {**{k: kwargs[k] for k in SETTINGS}, "smooth": values.get("smooth") is True}
+    settings = {**{k: kwargs[k] for k in SETTINGS}, "smooth": values.get("smooth") is True}
+    # Its LoRAs, where this server still offers them all (else the clip is kept without: Generate would differ).
+    used = values.get("loras")
+    if isinstance(used, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in used):
+        pairs, problem = loras.check(pipe, {e["name"]: e.get("scale") for e in used})
+        if not problem and pairs:
+            settings["loras"] = [{"name": n, "scale": v} for n, v in pairs]
+    return settings
 
 
 def _read_sidecar(path: Path, pipe) -> dict | None:
@@ -163,6 +170,8 @@ def browser_copy(clips: list[dict]) -> list[dict]:
         entry = {"name": clip["name"], **{k: clip["settings"][k] for k in SETTINGS}}
         if clip["settings"].get("smooth") is True:
             entry["smooth"] = True
+        if used := [{"name": e["name"], "scale": e["scale"]} for e in clip["settings"].get("loras") or []]:
+            entry["loras"] = used  # by name: what the page offers (a file's hash is the sidecar's)
         size += len(json.dumps(entry, ensure_ascii=False).encode()) + 1
         if size > SAVED_BYTES:
             break
@@ -203,7 +212,7 @@ def caption(clip: dict) -> str:
         extras.append(f"guidance {s['guidance_scale']:g}")
     if s.get("negative_prompt"):
         extras.append(f"not: {_shorten(s['negative_prompt'], 16)}")
-    extras.extend(described(s))  # its LoRAs and their strengths
+    extras.extend(loras.described(s))  # its LoRAs and their strengths
     line = " · ".join([line, *extras])
     return f"⌛ expired · {line}" if expired(clip) else line
 

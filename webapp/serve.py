@@ -155,6 +155,8 @@ def startup_lines(args: argparse.Namespace, pipe, demo: gr.Blocks, parallel=None
         if parallel is not None:
             where = f"{parallel.describe(pipe.device)}, {dtype}"
         lines.append(f"  model: {args.model} ({where}); memory mode: {mode}")
+        if offered := loras.names(pipe):
+            lines.append(f"  LoRAs offered on the page ({len(offered)}): {', '.join(offered)}")
     users = len(args.auth or [])
     login = (
         f"login required ({users} user{'s' * (users > 1)})"
