@@ -3,6 +3,7 @@ checked once, each job setting its own, the gallery keeping them; served for rea
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -171,3 +172,40 @@ def test_an_expired_clip_keeps_its_offered_loras_in_the_browsers_copy(tiny_2b, l
     )
     for tampered in ([{"name": "../x", "scale": 1.0}], [{"name": "style", "scale": 9.0}], "style"):
         assert "loras" not in clips.from_browser({**entry, "loras": tampered}, tmp_path, pipe)["settings"]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """As tests/test_browser.py's `browser`: Debian's Chromium, or a skip where it is missing (not on CI)."""
+    import test_browser
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(test_browser.CHROMIUM).is_file():
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on CI: `make browser-deps` should have installed Debian's")
+        pytest.skip("no chromium: `make browser-deps` installs Debian's")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=test_browser.CHROMIUM, args=test_browser.ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_in_the_browser_a_slider_reaches_the_job_and_a_gallery_clip_restores_it(server, chromium):
+    """The sliders write the job's value in the page (JavaScript): only a browser runs that."""
+    from test_browser import click_and_wait_for_a_clip, set_steps, set_value
+
+    page = chromium.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(server[0].local_url)
+    page.locator("#prompt textarea").fill("a lighthouse at dusk")
+    page.locator("#advanced").get_by_text("Advanced").click()
+    set_steps(page, 1)
+    page.get_by_text(loras.LABEL).click()
+    set_value(page, "#lora-1 input[type=number]", 0.8)  # style
+    click_and_wait_for_a_clip(page, "#generate")
+    assert "style 0.8" in page.locator("#gallery .thumbnail-item").first.inner_text()
+    set_value(page, "#lora-1 input[type=number]", 0)
+    page.locator("#gallery .thumbnail-item").first.click()  # its settings back, its LoRA with them
+    page.wait_for_function("document.querySelector('#lora-1 input[type=number]').value === '0.8'")
+    page.close()

@@ -74,7 +74,7 @@ def inputs(pipe) -> tuple[list[gr.Slider], gr.JSON]:
     sliders = []
     if choices := names(pipe):
         with gr.Accordion(LABEL, open=False, elem_id="loras"):
-            for name in choices:
+            for i, name in enumerate(choices):
                 sliders.append(
                     gr.Slider(
                         -LORA_MAX_SCALE,
@@ -83,6 +83,7 @@ def inputs(pipe) -> tuple[list[gr.Slider], gr.JSON]:
                         step=0.05,
                         label=name,
                         info="0: off, 1: as trained",
+                        elem_id=f"lora-{i}",
                     )
                 )
     value = gr.JSON({}, visible=False)
