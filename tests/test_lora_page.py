@@ -75,6 +75,7 @@ def test_a_request_takes_offered_names_within_the_bound(tiny_2b, lora_dir):
         "text": {"style": "1"},
         "path": {"../x": 1.0},
         "url": {"https://example.org/x.safetensors": 1.0},
+        "markup": {"<img src=x onerror=alert(1)>": 1.0},
         "list": [["style", 1.0]],
     }
     for case, value in refused.items():
@@ -82,7 +83,8 @@ def test_a_request_takes_offered_names_within_the_bound(tiny_2b, lora_dir):
             Request.check(pipe, {**GOOD, "loras": value})
         assert set(e.value.problems) == {"loras"}, case
         said = e.value.problems["loras"]
-        assert ("motion, style" in said) if case in ("path", "url", "list") else "-4 to 4" in said
+        assert ("motion, style" in said) if case in ("path", "url", "list", "markup") else "-4 to 4" in said
+        assert "<" not in said and ("'../x'" in said) == (case == "path")  # a name echoed only when plain
     # A page with no LoRAs offered refuses any.
     bare = CogVideoXPipeline.from_pretrained(tiny_2b, device="cpu", dtype=torch.float32)
     with pytest.raises(RequestError, match="not offered"):

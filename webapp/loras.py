@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -47,7 +48,7 @@ def names(pipe) -> list[str]:
 def check(pipe, value) -> tuple[tuple[tuple[str, float], ...], str | None]:
     """A request's `loras` ({name: strength}, None or {} for none) -> ((name, strength) pairs of those not 0, in
     the offered order), or a problem in words naming the choices."""
-    if value is None or value == {}:
+    if value is None or value == {} or value == []:
         return (), None
     choices = names(pipe)
     if not choices:
@@ -57,8 +58,9 @@ def check(pipe, value) -> tuple[tuple[tuple[str, float], ...], str | None]:
         return (), f"must be {{name: strength}} with names from: {listed}"
     for name, scale in value.items():
         if name not in choices:
-            shown = name if len(name) <= 40 else name[:39] + "…"
-            return (), f"has no LoRA named {shown!r}: choose from {listed}"
+            # Echoed only when plain (a message may be shown as HTML): a path, yes; markup, no.
+            plain = isinstance(name, str) and re.fullmatch(r"[\w./:-]{1,60}", name)
+            return (), f"has no LoRA {f'named {name!r}' if plain else 'by that name'}: choose from {listed}"
         number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
         if not number or not math.isfinite(scale) or not abs(scale) <= LORA_MAX_SCALE:
             return (), f"{name}'s strength must be a number from {-LORA_MAX_SCALE:g} to {LORA_MAX_SCALE:g}"
