@@ -151,7 +151,7 @@ def test_generate_with_loras_is_the_librarys_and_does_not_reach_the_next_visitor
     assert np.array_equal(frames(plain[0]), frames(again[0]))
     # The gallery: the caption names it, and picking the clip restores its sliders.
     clip = {"name": "x.mp4", "mp4": styled[0], "gif": "", "seed": styled[1], "settings": styled[2]}
-    assert "style 0.8" in clips.caption(clip)
+    assert "style 0.8" in clips.caption(clip) and clips.done_text(clip).endswith(", with style 0.8.")
     assert loras.restored(styled[2], ["motion", "style"]) == (0.0, 0.8, {"style": 0.8})
 
 

@@ -92,6 +92,8 @@ def done_text(clip: dict) -> str:
         done += f", from {used['frames']} frames of your video (strength {s.get('strength')})"
     if s.get("smooth") is True:
         done += f", smoothed to {s['frames_written']} frames at {s['fps']} fps"
+    if used := loras.described(s):
+        done += f", with {', '.join(used)}"
     return done + "."
 
 
