@@ -17,7 +17,7 @@ from cogvideox import CogVideoXPipeline
 from cogvideox.config import LORA_MAX_SCALE
 from cogvideox.testing import free_port, write_tiny_lora
 from cogvideox.video import read_mp4, write_mp4
-from webapp import clips, launch, loras
+from webapp import clips, launch, loras, serve
 from webapp.request import Request, RequestError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,10 @@ def test_generate_with_loras_is_the_librarys_and_does_not_reach_the_next_visitor
 
 
 def test_an_unknown_lora_is_refused_over_http_by_its_field(server):
-    client = Client(server[0].local_url, verbose=False)
+    demo, pipe = server
+    lines = serve.startup_lines(launch.parse_args([]), pipe, demo)  # the operator's log names what is offered
+    assert "  LoRAs offered on the page (2): motion, style" in lines
+    client = Client(demo.local_url, verbose=False)
     with pytest.raises(Exception, match="choose from motion, style"):
         client.predict(**GOOD, loras={"../x": 1.0}, api_name="/generate")
 
