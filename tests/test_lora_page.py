@@ -160,6 +160,12 @@ def test_an_unknown_lora_is_refused_over_http_by_its_field(server):
     lines = serve.startup_lines(launch.parse_args([]), pipe, demo)  # the operator's log names what is offered
     assert "  LoRAs offered on the page (2): motion, style" in lines
     client = Client(demo.local_url, verbose=False)
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"][
+        "parameters"
+    ]
+    # Text to video: no image (a State holds its place, out of the API), the LoRAs last, none by default.
+    assert [p["parameter_name"] for p in params][-3:] == ["strength", "smooth", "loras"]
+    assert params[-1]["parameter_default"] in (None, {}) and "motion, style" in params[-1]["type"]["description"]
     with pytest.raises(Exception, match="choose from motion, style"):
         client.predict(**GOOD, loras={"../x": 1.0}, api_name="/generate")
 
