@@ -165,7 +165,9 @@ def test_an_unknown_lora_is_refused_over_http_by_its_field(server):
     ]
     # Text to video: no image (a State holds its place, out of the API), the LoRAs last, none by default.
     assert [p["parameter_name"] for p in params][-3:] == ["strength", "smooth", "loras"]
-    assert params[-1]["parameter_default"] in (None, {}) and "motion, style" in params[-1]["type"]["description"]
+    assert (
+        params[-1]["parameter_default"] in (None, {}) and "motion, style" in params[-1]["type"]["description"]
+    )
     with pytest.raises(Exception, match="choose from motion, style"):
         client.predict(**GOOD, loras={"../x": 1.0}, api_name="/generate")
 
