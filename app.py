@@ -35,7 +35,7 @@ from types import SimpleNamespace
 from cogvideox.config import RELEASE_DEFAULTS
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
-from webapp import jobs, ranks, uploads
+from webapp import jobs, loras, ranks, uploads
 from webapp.clips import CLIP_NOTE, GIF, OUTPUT_TTL_S
 from webapp.events import CANCEL, PageEvents, pipelines
 from webapp.launch import gradio_cache_dir, parse_args
@@ -285,6 +285,7 @@ def _settings_inputs(c: SimpleNamespace, pipe, d: dict) -> None:
         info = {"minimum": counts[0], "maximum": counts[-1]}
         integer_api(c.frames, {**info, "description": f"{period}N+1: one of {', '.join(map(str, counts))}"})
         c.negative = gr.Textbox(label="Negative prompt", lines=2, max_length=MAX_PROMPT_CHARS)
+    c.lora_sliders, c.loras = loras.inputs(pipe)  # the operator's LoRAs, closed; none offered: nothing shows
 
 
 def _run_buttons(c: SimpleNamespace, pipe) -> None:
@@ -344,8 +345,9 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
     seed_out = gr.Number(label="Seed used", precision=0, visible=False)  # /generate's seed, an integer
     draft_fields = [c.prompt, c.negative, c.seed, draft_steps, c.guidance, c.frames]
     full_speed = gr.Textbox(FULL, visible=False)  # Render final renders without the step cache
-    # /generate's optional parameters after speed, the same for every model (the image: only its own need it).
-    media = [c.source_video, c.strength, c.smooth, *([c.source_image] if c.source_image else [])]
+    # /generate's optional parameters after speed, the same for every model (the image: only its own need it, a
+    # State, which the API leaves out, holds its place on the others), then the LoRAs.
+    media = [c.source_video, c.strength, c.smooth, c.source_image or gr.State(None), c.loras]
     fps = ev.pipe.fps if ev.pipe else RELEASE_DEFAULTS.fps
     _document_api(c.source_video, c.strength, c.smooth, c.source_image, fps)
     controls = [c.run_btn, c.draft_btn, c.final_btn, c.cancel_btn]
@@ -369,7 +371,7 @@ def _connect_runs(c: SimpleNamespace, ev: PageEvents, renderer: jobs.Renderer, c
         c.draft_btn.click(**lock, inputs=[c.randomize, *draft_fields, c.speed, *media]).success(
             **{**job, "inputs": [*draft_fields, c.speed, *media]}, api_visibility="private"
         ),
-        c.final_btn.click(ev.final_inputs, c.current, [*fields, c.randomize, c.smooth, c.strength], **UI)
+        c.final_btn.click(ev.final_inputs, c.current, [*fields, c.randomize, *ev.kept_outputs(c)], **UI)
         .success(**lock, inputs=[c.randomize, *fields, full_speed, *media])
         .success(**{**job, "inputs": [*fields, full_speed, *media]}, api_visibility="private"),
     ]
@@ -405,9 +407,10 @@ def _connect_views(c: SimpleNamespace, ev: PageEvents, meter: TokenMeter) -> Non
     c.gallery.select(
         ev.show_clip,
         c.clips,
-        [*c.views, *fields, c.randomize, c.current, c.run_status, c.smooth, c.strength, c.speed],
+        [*c.views, *fields, c.randomize, c.current, c.run_status, *ev.kept_outputs(c), c.speed],
         **UI,
     )
+    loras.connect(c.lora_sliders, c.loras, loras.names(ev.pipe))
     # A file to start from, once uploaded: what of it will be used (or why it cannot be), before any job. Queued
     # (reading a file is work; and Gradio refuses a malformed file value there as an error, not an HTTP 500).
     reading = dict(

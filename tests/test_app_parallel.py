@@ -26,7 +26,7 @@ from gradio_client.exceptions import ValidationError
 import app
 import webapp
 from cogvideox import CogVideoXPipeline
-from cogvideox.testing import free_port
+from cogvideox.testing import free_port, write_tiny_lora
 from cogvideox.video import read_mp4, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,8 @@ def ranks_of(torchrun: subprocess.Popen) -> dict[int, int]:
 def served(tiny_2b, tmp_path_factory):
     """(torchrun, url, log folder) of the app on 2 CPU processes."""
     tmp, port = tmp_path_factory.mktemp("parallel-app"), free_port()
+    (tmp / "loras").mkdir()
+    write_tiny_lora(tmp / "loras" / "style.safetensors", tiny_2b, seed=1)  # offered: every rank loads it
     cmd = [
         *TORCHRUN,
         "app.py",
@@ -77,6 +79,8 @@ def served(tiny_2b, tmp_path_factory):
         str(port),
         "--output-dir",
         str(tmp / "outputs"),
+        "--lora-dir",
+        str(tmp / "loras"),
     ]
     with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
         proc = subprocess.Popen(
@@ -138,6 +142,19 @@ def test_a_clip_from_two_processes_is_one_process_clip(served, tiny_2b, tmp_path
     video, seed, settings = client.predict(**{**GOOD, "seed": -1}, api_name="/generate")
     assert settings["seed"] == seed != 7 and settings["parallel"] == {"cfg": 2, "sp": 1}
     assert read_mp4(video).shape == (9, 64, 96, 3)
+    # A visitor's LoRA (issue 24): set on both processes for this job, so the clip is one process's with it.
+    video, _, settings = client.predict(**GOOD, loras={"style": 0.8}, api_name="/generate")
+    assert [(x["name"], x["scale"]) for x in settings["loras"]] == [("style", 0.8)]
+    one.load_lora(_tmp / "loras" / "style.safetensors", 0.8)
+    styled = one(GOOD["prompt"], seed=7, num_frames=9, num_inference_steps=2, guidance_scale=6.0).frames
+    # The LoRA moves this tiny model's frames by ~1 level, under the codec's noise: compared through the same
+    # encoder, the clip is one process's with the LoRA, far closer than to one process's without (which a rank
+    # without the LoRA, half the CFG batch, would drift towards).
+    got = read_mp4(video).astype(int)
+    with_it = np.abs(got - read_mp4(write_mp4(styled, tmp_path / "styled.mp4", fps=8))).mean()
+    without = np.abs(got - read_mp4(write_mp4(frames, tmp_path / "plain.mp4", fps=8))).mean()
+    print(f"LoRA clip: {with_it:.3f} from one process's with it, {without:.3f} without")
+    assert with_it < without / 3
     client.close()  # its heartbeat stream would hold the server's close for seconds
 
 

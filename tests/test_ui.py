@@ -122,19 +122,21 @@ def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_
         note,
         smooth,
         strength,
+        loras,  # {name: strength}: none here (no --lora-dir, so no sliders before it)
         speed,
     ) = shown
     assert views[1] == "1234" and (seed, randomize, current) == (1234, False, clip)
     assert note == f"▶️ Your clip: {clips.caption(clip)}. Its settings are restored."  # a status line stays
-    assert (smooth, strength) == (False, SKIP)  # a text-to-video clip: Strength stays as it is
+    assert (smooth, strength, loras) == (False, SKIP, {})  # a text-to-video clip: Strength stays as it is
     assert speed == "Full"  # made without the step cache: Generate makes it again
-    assert event(demo, "final_inputs")(clip)[2:] == (1234, 50, 6.0, 9, False, False, SKIP)
+    assert event(demo, "final_inputs")(clip)[2:] == (1234, 50, 6.0, 9, False, False, SKIP, {})
     # A smooth draft made from a video: shown again or rendered in full, it keeps Smooth and its Strength.
     smoothed = a_clip(out, seed=99, smooth=True, strength=0.6)
-    assert event(demo, "final_inputs")(smoothed)[2:] == (99, 50, 6.0, 9, False, True, 0.6)
-    assert event(demo, "show_clip")([clip, smoothed], gr.EventData(None, {"index": 1}))[-3:] == (
+    assert event(demo, "final_inputs")(smoothed)[2:] == (99, 50, 6.0, 9, False, True, 0.6, {})
+    assert event(demo, "show_clip")([clip, smoothed], gr.EventData(None, {"index": 1}))[-4:] == (
         True,
         0.6,
+        {},
         "Full",
     )
     # A clip made at Faster or Fastest restores that Speed; an API threshold that is no choice leaves Speed alone.
@@ -142,7 +144,7 @@ def test_a_gallery_clip_or_a_final_render_fixes_the_seed_and_seed_used_is_empty_
         cached = a_clip(out, seed=7, step_cache=cache)
         assert event(demo, "show_clip")([cached], gr.EventData(None, {"index": 0}))[-1] == speed
     assert event(demo, "show_clip")([clip], gr.EventData(None, {"index": 5})) == SKIP
-    assert event(demo, "final_inputs")(None) == (SKIP,) * 9
+    assert event(demo, "final_inputs")(None) == (SKIP,) * 10
     seed_used = next(c for c in demo.config["components"] if c["props"].get("elem_id") == "seed-used")
     assert seed_used["props"].get("value") in ("", None)
     assert clips.views(None, 50)[1] == ""  # cleared by Cancel: empty, not 0

@@ -262,7 +262,7 @@ def test_an_image_to_video_model_needs_its_image_and_takes_a_png(i2v_server, fil
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"][
         "parameters"
     ]
-    assert [p["parameter_name"] for p in params][-1] == "image"
+    assert [p["parameter_name"] for p in params][-2:] == ["image", "loras"]  # then the LoRAs (issue 24)
     assert "Image to video" in httpx.get(i2v_server.local_url).text  # the masthead says what this model does
     with pytest.raises(ValidationError, match="image: is required: this model makes a video from an image"):
         client.predict(**TEXT, api_name="/generate")

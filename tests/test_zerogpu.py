@@ -26,7 +26,7 @@ from gradio_client.exceptions import AppError
 import app
 from cogvideox import CogVideoXPipeline
 from cogvideox.pipeline import GenerationCancelled
-from cogvideox.testing import free_port
+from cogvideox.testing import free_port, write_tiny_lora
 from cogvideox.video import read_mp4
 from webapp import jobs, validation
 
@@ -231,6 +231,19 @@ def test_the_gpu_function_takes_and_returns_only_what_pickles(gpu_pipe, monkeypa
     assert result.settings["num_inference_steps"] == 1 and "denoise" in result.timings
 
 
+def test_the_gpu_function_sets_the_jobs_loras_in_the_worker(gpu_pipe, tiny_2b, tmp_path, monkeypatch):
+    """Issue 24: the job's LoRA scales go to the worker with its kwargs and are set there, beside the weights."""
+    monkeypatch.setattr(jobs, "PIPELINE", gpu_pipe)
+    gpu_pipe.load_lora(write_tiny_lora(tmp_path / "style.safetensors", tiny_2b), 0.0)
+    try:
+        kwargs, _ = validation.check_inputs(gpu_pipe, "a red fox", "", 7, 1, 6.0, 9)
+        pickle.dumps((kwargs, {"style": 0.8}, gr.Progress()))
+        result = jobs.render_on_gpu(kwargs, {"style": 0.8})
+        assert [(x["name"], x["scale"]) for x in result.settings["loras"]] == [("style", 0.8)]
+    finally:
+        gpu_pipe.unload_lora()
+
+
 class Failing:
     def __init__(self, error):
         self.error, self.released = error, 0
@@ -240,6 +253,9 @@ class Failing:
 
     def release(self):
         self.released += 1
+
+    def set_loras(self, scales):
+        pass
 
 
 @pytest.mark.parametrize(

@@ -318,6 +318,19 @@ class Attacker:
                 ok, why = self.run_event(fn, payload, queued=True)
                 refused = not ok and ("HTTP 4" in why or field.split("_")[0] in why or "prompt" in why)
                 results.append((refused, f"{field}={str(value)[:20]}: {why[:160]}"))
+        # LoRAs (issue 24): only the operator's --lora-dir files, by name; never a path, a URL or a Hub id.
+        for value in (
+            {"../x": 1.0},
+            {"/etc/passwd": 1.0},
+            {"https://example.org/x.safetensors": 1.0},
+            "../x",
+            {"nosuch": 1},
+        ):
+            data = self._generate_data()
+            data[-1] = value  # /generate's last input: loras
+            ok, why = self.run_event(fn, data, queued=True)
+            refused = not ok and ("HTTP 4" in why or "LoRA" in why)
+            results.append((refused, f"loras={str(value)[:30]}: {why[:160]}"))
         self.record("bad values per /generate field", results)
 
     def spoofed_media(self) -> None:

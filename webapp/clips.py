@@ -21,6 +21,7 @@ import gradio as gr
 import numpy as np
 
 from cogvideox.video import read_mp4, save_result, write_gif, write_mp4
+from webapp import loras
 from webapp.validation import check_inputs
 
 CLIP_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{16}\.(mp4|gif|json)$")
@@ -91,6 +92,8 @@ def done_text(clip: dict) -> str:
         done += f", from {used['frames']} frames of your video (strength {s.get('strength')})"
     if s.get("smooth") is True:
         done += f", smoothed to {s['frames_written']} frames at {s['fps']} fps"
+    if used := loras.described(s):
+        done += f", with {', '.join(used)}"
     return done + "."
 
 
@@ -113,7 +116,14 @@ def _checked(values: dict, pipe) -> dict | None:
     )
     if errors or kwargs["seed"] is None:
         return None
-    return {**{k: kwargs[k] for k in SETTINGS}, "smooth": values.get("smooth") is True}
+    settings = {**{k: kwargs[k] for k in SETTINGS}, "smooth": values.get("smooth") is True}
+    # Its LoRAs, where this server still offers them all (else the clip is kept without: Generate would differ).
+    used = values.get("loras")
+    if isinstance(used, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in used):
+        pairs, problem = loras.check(pipe, {e["name"]: e.get("scale") for e in used})
+        if not problem and pairs:
+            settings["loras"] = [{"name": n, "scale": v} for n, v in pairs]
+    return settings
 
 
 def _read_sidecar(path: Path, pipe) -> dict | None:
@@ -162,6 +172,8 @@ def browser_copy(clips: list[dict]) -> list[dict]:
         entry = {"name": clip["name"], **{k: clip["settings"][k] for k in SETTINGS}}
         if clip["settings"].get("smooth") is True:
             entry["smooth"] = True
+        if used := [{"name": e["name"], "scale": e["scale"]} for e in clip["settings"].get("loras") or []]:
+            entry["loras"] = used  # by name: what the page offers (a file's hash is the sidecar's)
         size += len(json.dumps(entry, ensure_ascii=False).encode()) + 1
         if size > SAVED_BYTES:
             break
@@ -188,7 +200,7 @@ def _shorten(text: str, limit: int) -> str:
 def caption(clip: dict) -> str:
     """The start of the prompt, then frames, steps and seed, then each setting that changed the clip and is not
     the default (speed, smoothing, a video or image it started from and its strength, guidance, a negative
-    prompt): what tells one clip from another."""
+    prompt, its LoRAs): what tells one clip from another."""
     s = clip["settings"]
     line = f"{_shorten(s['prompt'], 28)} · {s['num_frames']} frames · {s['num_inference_steps']} steps · seed {s['seed']}"
     extras = [] if s.get("step_cache") is None else [speed_name(s)]
@@ -202,6 +214,7 @@ def caption(clip: dict) -> str:
         extras.append(f"guidance {s['guidance_scale']:g}")
     if s.get("negative_prompt"):
         extras.append(f"not: {_shorten(s['negative_prompt'], 16)}")
+    extras.extend(loras.described(s))  # its LoRAs and their strengths
     line = " · ".join([line, *extras])
     return f"⌛ expired · {line}" if expired(clip) else line
 

@@ -20,7 +20,7 @@ from cogvideox.arguments import max_size, size_follows_image
 from cogvideox.enhance import EnhanceError, EnhanceResult, PromptEnhancer
 from cogvideox.pipeline import MAX_SEED, CogVideoXPipeline
 from webapp import clips as gallery_store
-from webapp import uploads
+from webapp import loras, uploads
 from webapp.clips import MAX_GALLERY, OUTPUT_TTL_S
 from webapp.jobs import Renderer, display_name, user_error
 from webapp.request import RequestError, named
@@ -40,6 +40,7 @@ FIELD_NAMES = {
     "smooth": "Smooth",
     "video": "Your video",
     "image": "Your image",
+    "loras": loras.LABEL,
 }
 
 
@@ -156,9 +157,17 @@ class PageEvents:
 
     def final_inputs(self, clip):
         if not isinstance(clip, dict):
-            return (gr.skip(),) * (len(FIELDS) + 3)
+            return (gr.skip(),) * (len(FIELDS) + 4 + len(loras.names(self.pipe)))
         inputs = {**clip["settings"], "num_inference_steps": self.full_steps}
-        return *(inputs[k] for k in gallery_store.SETTINGS), False, *kept_options(clip)
+        return *(inputs[k] for k in gallery_store.SETTINGS), False, *self.kept(clip)
+
+    @staticmethod
+    def kept_outputs(c) -> list:
+        """The inputs a clip's own options go back to (`kept`): Smooth, Strength, each LoRA's slider, the LoRAs."""
+        return [c.smooth, c.strength, *c.lora_sliders, c.loras]
+
+    def kept(self, clip) -> tuple:
+        return *kept_options(clip), *loras.restored(clip["settings"], loras.names(self.pipe))
 
     def show_source(self, value, field):
         note, count = uploads.describe(self.pipe, value, field)
@@ -206,7 +215,7 @@ class PageEvents:
             False,
             clip,
             note,
-            *kept_options(clip),
+            *self.kept(clip),
             speed_of(clip),
         )
 

@@ -156,13 +156,15 @@ def gpu_seconds(pipe: CogVideoXPipeline | None, settings: dict) -> int:
     return min(ZERO_GPU_MAX_S, int(60 + GPU_S_PER_STEP_FRAME * work))
 
 
-def render_on_gpu(settings: dict, progress=_progress) -> GenerationResult:
-    """ZeroGPU's GPU function: validated pipeline kwargs in; frames, seed, settings and timings out.
+def render_on_gpu(settings: dict, loras: dict | None = None, progress=_progress) -> GenerationResult:
+    """ZeroGPU's GPU function: validated pipeline kwargs and the job's LoRA scales in; frames, seed, settings and
+    timings out. The scales are set here, in the worker, beside the weights they change.
 
     Nothing can cancel it: the forked worker sees neither the Cancel button nor a closed tab.
     """
     try:
         on_stage, on_step = progress_reporters(settings["num_inference_steps"], progress)
+        PIPELINE.set_loras(loras or {})
         return PIPELINE(**settings, callback=on_step, on_stage=on_stage)
     except gr.Error:
         raise
@@ -339,7 +341,7 @@ class Renderer:
     def _job(self, run: Run, job: Request, wanted, progress):
         started = time.perf_counter()
         try:
-            result = self._on_a_device(run, job.pipeline_kwargs(), wanted, progress)
+            result = self._on_a_device(run, job, wanted, progress)
             progress(1.0, desc="Writing the MP4")  # the device is free again: the next job starts meanwhile
             run.clip = save_clip(result, self.output_dir, started, **job.clip_options())
         except Exception as e:
@@ -347,13 +349,14 @@ class Renderer:
             run.error = e if isinstance(e, GenerationCancelled) else known_error(e) or e
         run.done.set()
 
-    def _on_a_device(self, run: Run, kwargs, wanted, progress) -> GenerationResult:
+    def _on_a_device(self, run: Run, job: Request, wanted, progress) -> GenerationResult:
         """Render on the first device free, held until the render ends (whatever the end); out of memory frees that
         device's cache only."""
+        kwargs, loras = job.pipeline_kwargs(), job.lora_scales()
         progress(0.0, desc="Waiting for the GPU")
         with self.pool.take(wanted, poll_s=HEARTBEAT_S) as pipe:
             try:
-                return self._render(pipe, run, kwargs, wanted, progress)
+                return self._render(pipe, run, kwargs, loras, wanted, progress)
             except Exception as e:
                 if self.parallel is not None and self.parallel.broken:
                     raise self._stop_all() from e
@@ -362,25 +365,29 @@ class Renderer:
             pipe.release()  # outside the except block, whose traceback still holds the step's tensors
             raise out_of_memory_error()
 
-    def _render(self, pipe: CogVideoXPipeline, run: Run, kwargs, wanted, progress) -> GenerationResult:
+    def _render(
+        self, pipe: CogVideoXPipeline, run: Run, kwargs, loras: dict, wanted, progress
+    ) -> GenerationResult:
         if not wanted():
             raise GenerationCancelled("cancelled while waiting for the GPU")
         if self.enhancer is not None:
             self.enhancer.release()  # a local prompt model makes room for the video model
         if ZERO_GPU:  # in ZeroGPU's forked worker, which reports its own progress and errors
-            result = render_on_gpu(kwargs)
+            result = render_on_gpu(kwargs, loras)
             if not wanted():
                 raise GenerationCancelled("cancelled while the GPU worker ran")
             return result
         # CUDA calls that name no device (compiled kernels, events) mean this job's GPU, in this thread.
         with torch.cuda.device(pipe.device) if pipe.device.type == "cuda" else contextlib.nullcontext():
             if self.parallel is not None:
-                return self._render_parallel(pipe, run, kwargs, wanted, progress)
+                return self._render_parallel(pipe, run, kwargs, loras, wanted, progress)
             if not pipe.loaded:
                 try:
                     pipe.load(progress=lambda stage, f: progress(f, desc=f"Loading the model: {stage}"))
                 except (OSError, ValueError) as e:
                     raise load_error(pipe, e) from e
+            # This job's LoRAs, whatever the last job on this pipeline had (only the layers that change are written).
+            pipe.set_loras(loras)
             on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
             # The preview: the predicted clean video about ten times in the run (ZeroGPU's forked worker cannot
             # stream it back, so there is none there).
@@ -390,7 +397,7 @@ class Renderer:
             )
 
     def _render_parallel(
-        self, pipe: CogVideoXPipeline, run: Run, kwargs, wanted, progress
+        self, pipe: CogVideoXPipeline, run: Run, kwargs, loras: dict, wanted, progress
     ) -> GenerationResult:
         """The job on every process of --parallel (ranks.py): they load the weights together, then denoise."""
         on_stage, on_step = progress_reporters(kwargs["num_inference_steps"], progress, wanted)
@@ -398,6 +405,7 @@ class Renderer:
             return self.parallel.run(
                 pipe,
                 kwargs,
+                loras=loras,
                 callback=on_step,
                 on_stage=on_stage,
                 preview=run.on_preview,

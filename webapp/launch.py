@@ -10,7 +10,7 @@ from pathlib import Path
 
 from starlette.middleware import Middleware
 
-from webapp import fairness, uploads
+from webapp import fairness, loras, uploads
 from webapp.guard import Guard, parse_networks
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         default=env("COGVIDEOX_QUANTIZE"),
         help="int8 or fp8: the transformer's and T5's Linear weights in 8 bits (int8 needs torchao)",
     )
+    p.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=env("COGVIDEOX_LORA_DIR"),
+        help="a folder of LoRA .safetensors files, each offered on the page by its file name (loaded at start-up)",
+    )
     p.add_argument("--output-dir", type=Path, default=Path(env("COGVIDEOX_OUTPUT_DIR", "outputs")))
     return p
 
@@ -122,6 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         # A typo in these is the operator's: said now, in one line.
         parse_networks(os.environ.get("COGVIDEOX_TRUSTED_PROXIES", ""))
         fairness.settings()
+        args.lora_files = [] if args.lora_dir is None else loras.offered_files(args.lora_dir)
     except ValueError as e:
         p.error(str(e))
     if args.share and not args.auth and not args.insecure_share:

@@ -168,17 +168,26 @@ class Session:
     # -- a job -----------------------------------------------------------------------------------------------
 
     def run(
-        self, pipe, kwargs: dict, callback, on_stage, preview=None, preview_every: int = 1, load_progress=None
+        self,
+        pipe,
+        kwargs: dict,
+        callback,
+        on_stage,
+        preview=None,
+        preview_every: int = 1,
+        load_progress=None,
+        loras: dict | None = None,
     ):
-        """Rank 0: the job on every rank; its result (frames here). Raises what `pipe` raises, and LoadFailed."""
+        """Rank 0: the job on every rank, with its LoRA scales (`pipe.set_loras` on each); its result (frames here).
+        Raises what `pipe` raises, and LoadFailed."""
         layout = self.layout(kwargs)
         with self._lock:
             if self.stopping.is_set() or self.broken:
                 raise GenerationCancelled("cancelled: the server is stopping")
             seed = secrets.randbelow(MAX_SEED) if kwargs.get("seed") is None else kwargs["seed"]
             kwargs = {**kwargs, "seed": seed}
-            self._send(kwargs)
-            self._check(pipe, kwargs)
+            self._send((kwargs, loras or {}))
+            self._check(pipe, kwargs, loras or {})
             self._agree_loaded(pipe, load_progress)
 
             def step(i: int, total: int) -> bool:  # a server stopping stops the job: every rank, at this step
@@ -197,9 +206,10 @@ class Session:
     def serve(self, pipe) -> None:
         """Ranks > 0: run rank 0's jobs until it says stop. A job that fails on every rank alike is over; one that
         leaves the ranks apart (see the module's notes) ends this process, and torchrun then stops the others."""
-        while (kwargs := self._receive()) is not None:
+        while (job := self._receive()) is not None:
+            kwargs, loras = job
             try:
-                self._check(pipe, kwargs)
+                self._check(pipe, kwargs, loras)
                 self._agree_loaded(pipe)
                 self._call(pipe, kwargs, self.layout(kwargs))
             except (ValueError, GenerationCancelled, LoadFailed):
@@ -230,9 +240,10 @@ class Session:
                 self.broken = f"process {self.rank} of {self.world} failed mid-run ({one_line(e)})"
             raise
 
-    def _check(self, pipe, kwargs: dict) -> None:
+    def _check(self, pipe, kwargs: dict, loras: dict) -> None:
         """Every rank: the library's checks of the job, on the same kwargs, before any weights or collectives (so
-        a ValueError is every rank's)."""
+        a ValueError is every rank's); then the job's LoRA scales (every rank loaded the same LoRAs at start-up),
+        folded now if the weights are loaded, else as they load."""
         d = pipe.defaults
         size = kwargs.get("num_frames"), kwargs.get("height", d["height"]), kwargs.get("width", d["width"])
         pipe.validate(
@@ -251,6 +262,7 @@ class Session:
         self.layout(kwargs).check(
             pipe.transformer_config, pipe.vae_config, *size, kwargs["guidance_scale"] > 1, pipe.compile
         )
+        pipe.set_loras(loras)
 
     def _agree_loaded(self, pipe, progress=None) -> None:
         """Each rank loads the weights if it has not yet; LoadFailed on every rank if any could not."""

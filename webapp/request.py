@@ -17,13 +17,14 @@ from collections.abc import Callable
 
 import gradio as gr
 
+from webapp import loras as offered
 from webapp import uploads
 from webapp.validation import FULL, check_inputs
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What a visitor asks for, checked (`Request.check`). The fields up to `image` are the page's inputs and, in
+    """What a visitor asks for, checked (`Request.check`). The fields up to `loras` are the page's inputs and, in
     this order and with these defaults, /generate's parameters."""
 
     prompt: str
@@ -37,6 +38,8 @@ class Request:
     strength: float | None = None
     smooth: bool = False  # a frame interpolated between each two, written at twice the fps
     image: dict | None = None  # the first frame, for an image-to-video model
+    # {name: strength} of the operator's LoRAs (webapp/loras.py); checked: ((name, strength), ...) of those not 0
+    loras: dict | tuple | None = None
     # What `check` made of them: the pipeline's keyword arguments (the upload read, once) and the file read.
     kwargs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     source: uploads.Source | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -47,7 +50,10 @@ class Request:
         Cheap for the values; an upload is read here (cogvideox.media), so a file that cannot be used is refused
         before the job is queued, by its field."""
         values = {name: values.get(name, field.default) for name, field in INPUTS.items()}
-        kwargs, errors = check_inputs(pipe, **values)
+        kwargs, errors = check_inputs(pipe, **{k: v for k, v in values.items() if k != "loras"})
+        loras, problem = offered.check(pipe, values["loras"])
+        if problem:
+            errors = {**(errors or {}), "loras": problem}
         if not errors and parallel is not None:  # what torchrun's processes can split
             errors = parallel.problems(pipe, kwargs)
         if errors:
@@ -62,12 +68,17 @@ class Request:
             smooth=extras["smooth"],
             guidance_scale=kwargs["guidance_scale"],
             num_frames=kwargs["num_frames"],
+            loras=loras,
         )
         return cls(**{**values, **typed}, kwargs=kwargs, source=extras["source"])
 
     def pipeline_kwargs(self) -> dict:
         """What the pipeline is called with (`pipe(**request.pipeline_kwargs())`)."""
         return dict(self.kwargs)
+
+    def lora_scales(self) -> dict[str, float]:
+        """What the job sets on its pipeline before it renders (`pipe.set_loras`): the offered LoRAs not named are 0."""
+        return dict(self.loras or ())
 
     def clip_options(self) -> dict:
         """How the clip's file is written (clips.save_clip): smoothed or not, and the file it started from."""

@@ -13,7 +13,7 @@ from gradio.tunneling import CURRENT_TUNNELS
 
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.pipeline import CogVideoXPipeline
-from webapp import ZERO_GPU
+from webapp import ZERO_GPU, loras
 from webapp.events import pipelines
 from webapp.jobs import display_name
 from webapp.launch import guard_origins, launch_options
@@ -45,6 +45,8 @@ def open_pipeline(args: argparse.Namespace, device=None) -> tuple[CogVideoXPipel
         compile=compile,
         quantize=getattr(args, "quantize", None),
     )
+    # The operator's LoRAs, on every pipeline (and every torchrun process) alike; a bad file stops the start-up.
+    loras.load_offered(pipe, getattr(args, "lora_files", []))
     if ZERO_GPU:
         pipe.load()
     return pipe, notice
@@ -153,6 +155,8 @@ def startup_lines(args: argparse.Namespace, pipe, demo: gr.Blocks, parallel=None
         if parallel is not None:
             where = f"{parallel.describe(pipe.device)}, {dtype}"
         lines.append(f"  model: {args.model} ({where}); memory mode: {mode}")
+        if offered := loras.names(pipe):
+            lines.append(f"  LoRAs offered on the page ({len(offered)}): {', '.join(offered)}")
     users = len(args.auth or [])
     login = (
         f"login required ({users} user{'s' * (users > 1)})"
