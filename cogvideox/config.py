@@ -276,6 +276,13 @@ class GenerationDefaults:
         return dataclasses.asdict(self)
 
 
+def latent_frames(num_frames: int, transformer: TransformerConfig, vae: VAEConfig) -> tuple[int, int]:
+    """(latent frames of a `num_frames` video, frames added in front so that CogVideoX 1.5's temporal patches
+    (`patch_size_t`) tile them: 0 for 1.0)."""
+    frames = (num_frames - 1) // int(vae.temporal_compression_ratio) + 1
+    return frames, -frames % transformer.temporal_patch
+
+
 # The released models' (2B and 5B alike: 49 frames of 720x480), for whoever has no pipeline at hand.
 RELEASE_DEFAULTS = GenerationDefaults.for_model(TransformerConfig(), VAEConfig())
 

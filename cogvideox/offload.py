@@ -75,12 +75,10 @@ def denoise_working_bytes(rotary: bool, tokens: int, width: int) -> int:
 def default_working_bytes(transformer, vae) -> int:
     """The denoising step's working memory at the model's default size (CFG on, 16-bit), from its configs
     (`config.TransformerConfig`, `VAEConfig`): what the memory mode is picked for."""
-    from .config import GenerationDefaults
+    from .config import GenerationDefaults, latent_frames
 
-    d = GenerationDefaults.for_model(transformer, vae)
-    temporal, s = int(vae.temporal_compression_ratio), vae.spatial_compression
-    frames = (d.num_frames - 1) // temporal + 1
-    frames += -frames % transformer.temporal_patch  # CogVideoX 1.5's padding
+    d, s = GenerationDefaults.for_model(transformer, vae), vae.spatial_compression
+    frames = sum(latent_frames(d.num_frames, transformer, vae))  # CogVideoX 1.5's padding included
     tokens = frames // transformer.temporal_patch * (d.height // s // transformer.patch_size)
     tokens *= d.width // s // transformer.patch_size
     rotary = transformer.use_rotary_positional_embeddings

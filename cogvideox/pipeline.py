@@ -24,7 +24,14 @@ from . import quantize as _quantize
 from .arguments import MAX_SEED as MAX_SEED
 from .arguments import Call, check_arguments, check_device, prepare
 from .cache import StepCache
-from .config import GenerationDefaults, SchedulerConfig, TransformerConfig, VAEConfig, read_json
+from .config import (
+    GenerationDefaults,
+    SchedulerConfig,
+    TransformerConfig,
+    VAEConfig,
+    latent_frames,
+    read_json,
+)
 from .layers import fastest_sdpa_backend
 from .loading import ALL_PATTERNS, load_module, release_freed_memory, resolve_model
 from .lora import LoraSet
@@ -529,15 +536,14 @@ class CogVideoXPipeline:
     def padding_frames(self, num_frames: int) -> int:
         """Latent frames added in front so that CogVideoX 1.5's temporal patches (`patch_size_t`) tile them; 0 for
         1.0. The transformer denoises them with the rest; `sample` drops them (diffusers' `additional_frames`)."""
-        frames = (num_frames - 1) // int(self.vae_config.temporal_compression_ratio) + 1
-        return -frames % self.transformer_config.temporal_patch
+        return latent_frames(num_frames, self.transformer_config, self.vae_config)[1]
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """(1, F, C, h, w) of the latents denoised for one video of this size, CogVideoX 1.5's padding included."""
-        s, temporal = self.vae_config.spatial_compression, int(self.vae_config.temporal_compression_ratio)
+        s = self.vae_config.spatial_compression
         return (
             1,
-            (num_frames - 1) // temporal + 1 + self.padding_frames(num_frames),
+            sum(latent_frames(num_frames, self.transformer_config, self.vae_config)),
             self.transformer_config.out_channels,
             height // s,
             width // s,
